@@ -1,0 +1,411 @@
+"""The only code that talks to DashScope.
+
+It turns the dashscope 2.0 ``Client``'s stream into a few plain events, and every way a
+call can fail (an API error before or during the stream, a refused connection, a stall,
+a cut) into one ``QwenAPIError`` with a line a person can act on. dashscope and httpx are
+imported here, lazily, so that ``%load_ext`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Union
+
+if TYPE_CHECKING:  # pragma: no cover
+    import dashscope
+
+NO_KEY_HELP = (
+    "No DashScope API key is set. Provide one in any of three ways: "
+    "run %qwen login (asks for it with a hidden prompt and keeps it for this session only); "
+    "set the environment variable DASHSCOPE_API_KEY before starting Jupyter; "
+    "or put api_key = \"sk-...\" in ~/.dashscope/config.toml. "
+    "Keys are per region: a Beijing key does not work in Singapore."
+)
+
+# What to do about each DashScope error code, in one sentence.
+ERROR_ADVICE: dict[str, str] = {
+    "InvalidApiKey": (
+        "Check the key: keys are region-specific (mainland vs international), so use the key "
+        "of the region you call; set it with %qwen login or DASHSCOPE_API_KEY."
+    ),
+    "InvalidParameter": "Check the cell's options and the model name (%qwen help).",
+    "DataInspectionFailed": (
+        "Content moderation rejected the input or the answer; rephrase the prompt."
+    ),
+    "Arrearage": "The account is in arrears: top it up in the Model Studio console, then retry.",
+    "AccessDenied": "This key may not use this model or workspace; check its permissions.",
+    "AccessDenied.Unpurchased": "This model is not activated for the account; activate it first.",
+    "AllocationQuota.FreeTierOnly": (
+        "The free quota is used up and the account allows free tier only; "
+        "turn off free-tier-only in the console to be billed, or pick another model."
+    ),
+    "ModelNotFound": "No such model; check the name with -m (see the Model Studio model list).",
+    "Model.NotExist": "No such model; check the name with -m (see the Model Studio model list).",
+    "Throttling": "Too many requests: wait a moment and run the cell again.",
+    "Throttling.RateQuota": "The model's requests or tokens per minute are exceeded: wait a minute.",
+    "Throttling.AllocationQuota": "The quota for this model is exhausted: wait or raise the quota.",
+    "InternalError": "A server-side error: try again shortly.",
+    "ServiceUnavailable": "The service is unavailable for now: try again shortly.",
+    "GatewayTimeout": "The server timed out: try again, or ask for a shorter answer.",
+    "ConnectionError": "Check DASHSCOPE_BASE_URL / QwenMagic.base_url and the network.",
+    "Timeout": "The server did not answer in time: try again, or raise QwenMagic.timeout.",
+    "StreamStalled": "The stream stopped sending: try again, or raise QwenMagic.timeout.",
+    "StreamCut": "The connection closed before the answer ended: run the cell again.",
+}
+_ADVICE_BY_STATUS = {
+    401: ERROR_ADVICE["InvalidApiKey"],
+    429: ERROR_ADVICE["Throttling"],
+    500: ERROR_ADVICE["InternalError"],
+    502: ERROR_ADVICE["ServiceUnavailable"],
+    503: ERROR_ADVICE["ServiceUnavailable"],
+    504: ERROR_ADVICE["GatewayTimeout"],
+}
+
+
+class QwenAPIError(Exception):
+    """A failed call, shown as one line with its code, message, request id and advice."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        request_id: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.status = status
+        self.retry_after = retry_after
+        self.advice = ERROR_ADVICE.get(code) or _ADVICE_BY_STATUS.get(status or 0, "")
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        parts = [f"DashScope error {self.code}: {self.message.rstrip('.')}."]
+        if self.request_id:
+            parts.append(f"(request id {self.request_id})")
+        if self.advice:
+            parts.append(self.advice)
+        return " ".join(parts)
+
+    @property
+    def retryable(self) -> bool:
+        """Worth another try before any text was shown: rate limits and server trouble."""
+        return self.status in (408, 409, 429) or (self.status or 0) >= 500 or self.code in (
+            "ConnectionError",
+            "Timeout",
+        )
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows this instead of a traceback.
+        return [self.line()]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token figures of one call; the server's, once it sends them."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+
+    @classmethod
+    def from_sdk(cls, usage: Any) -> "Usage":
+        """Read the SDK's ``Usage`` (native or compatible names; details as extras)."""
+        if usage is None:
+            return cls()
+        data = usage.model_dump() if hasattr(usage, "model_dump") else dict(usage)
+        output_details = data.get("output_tokens_details") or data.get("completion_tokens_details")
+        input_details = data.get("prompt_tokens_details") or data.get("input_tokens_details")
+        return cls(
+            input_tokens=int(data.get("input_tokens") or data.get("prompt_tokens") or 0),
+            output_tokens=int(data.get("output_tokens") or data.get("completion_tokens") or 0),
+            reasoning_tokens=int((output_details or {}).get("reasoning_tokens") or 0),
+            cached_tokens=int((input_details or {}).get("cached_tokens") or 0),
+        )
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+Event = Union[TextDelta, ReasoningDelta]
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One call: model, messages and the parameters given (SDK names)."""
+
+    model: str
+    messages: tuple[Mapping[str, Any], ...]
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    stream: bool = True
+
+
+@dataclass
+class CallState:
+    """What is known of a call so far; kept when it fails or is interrupted."""
+
+    usage: Usage = field(default_factory=Usage)
+    request_id: str | None = None
+    finish_reason: str | None = None
+    search_results: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where and how to connect; a change of any field builds a new SDK client."""
+
+    api_key: str | None = None
+    base_url: str | None = None
+    protocol: str = "native"
+    timeout: float | None = None
+
+
+def key_source(session_key: str | None) -> tuple[str | None, str]:
+    """The key the SDK would use and where it comes from (same order as dashscope 2.0)."""
+    if session_key:
+        return session_key, "%qwen login (this session only)"
+    if os.environ.get("DASHSCOPE_API_KEY"):
+        return os.environ["DASHSCOPE_API_KEY"], "environment variable DASHSCOPE_API_KEY"
+    from dashscope.v2._config import resolve_config
+
+    key = resolve_config().api_key
+    if key:
+        return key, "~/.dashscope (config.toml or api_key file)"
+    return None, "set it with %qwen login or DASHSCOPE_API_KEY"
+
+
+def mask_key(key: str | None) -> str:
+    """Enough to tell two keys apart, never enough to use one."""
+    if not key:
+        return "(not set)"
+    return f"{key[:3]}…{key[-4:]}" if len(key) > 12 else "…"
+
+
+def redact(text: str, secret: str | None) -> str:
+    return text.replace(secret, mask_key(secret)) if secret else text
+
+
+class QwenClient:
+    """One dashscope ``Client`` per effective configuration, reused across cells.
+
+    The configuration is resolved again for every call (explicit settings, then
+    dashscope's environment variables and files), so a key exported in a cell after a
+    failed attempt is picked up, while the client and its connection pool are reused.
+    """
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[Any, ...], "dashscope.Client"] = {}
+        self._lock = threading.Lock()
+
+    def sdk_client(self, connection: Connection) -> "dashscope.Client":
+        from dashscope.v2._config import resolve_config
+
+        with warnings.catch_warnings():
+            # dashscope suggests a workspace on every client; notebooks need not see it.
+            warnings.filterwarnings("ignore", message="no workspace configured")
+            config = resolve_config(
+                api_key=connection.api_key,
+                base_url=connection.base_url,
+                protocol=connection.protocol,
+                timeout=connection.timeout,
+            )
+            identity = (
+                config.api_key,
+                config.protocol_base_url,
+                config.protocol,
+                config.timeout,
+                config.workspace,
+                config.region,
+            )
+            with self._lock:
+                client = self._clients.get(identity)
+                if client is None:
+                    import dashscope
+
+                    client = dashscope.Client(
+                        api_key=config.api_key,
+                        base_url=config.configured_base_url,
+                        workspace=config.workspace,
+                        region=config.region,
+                        protocol=config.protocol,
+                        timeout=config.timeout,
+                        # Streams are never retried by the SDK; retries are ours, before any text.
+                        max_retries=0,
+                    )
+                    self._clients[identity] = client
+                return client
+
+    def resolved_key(self, connection: Connection) -> str | None:
+        return self.sdk_client(connection).config.api_key
+
+    def resolved_base_url(self, connection: Connection) -> str:
+        return self.sdk_client(connection).config.protocol_base_url
+
+    def stream(
+        self, connection: Connection, request: ChatRequest, state: CallState
+    ) -> Iterator[Event]:
+        """Yield the answer's events; raise ``QwenAPIError`` for any failure.
+
+        ``state`` is filled as frames arrive, so a caller that stops early (an interrupt)
+        or catches an error still has the usage and request id seen so far.
+        """
+        client = self.sdk_client(connection)
+        key = client.config.api_key
+        try:
+            if request.stream:
+                yield from self._stream_events(client, request, state)
+            else:
+                yield from self._whole_answer(client, request, state)
+        except QwenAPIError:
+            raise
+        except Exception as error:  # every SDK / transport failure becomes one line
+            raise self._translate(error, client, state, key) from None
+
+    def _stream_events(
+        self, client: "dashscope.Client", request: ChatRequest, state: CallState
+    ) -> Iterator[Event]:
+        stream = client.chat.completions.create(
+            model=request.model,
+            messages=list(request.messages),
+            stream=True,
+            **request.parameters,
+        )
+        try:
+            for chunk in stream:
+                if chunk.request_id:
+                    state.request_id = chunk.request_id
+                if chunk.usage is not None:
+                    state.usage = Usage.from_sdk(chunk.usage)
+                if chunk.search_info is not None and chunk.search_info.search_results:
+                    state.search_results = [r.model_dump() for r in chunk.search_info.search_results]
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                delta = choice.delta
+                if delta.reasoning_content:
+                    yield ReasoningDelta(delta.reasoning_content)
+                if delta.content:
+                    yield TextDelta(delta.content)
+                if choice.finish_reason and choice.finish_reason != "null":
+                    state.finish_reason = choice.finish_reason
+        finally:
+            stream.close()
+        if state.finish_reason is None:
+            raise QwenAPIError(
+                "StreamCut",
+                "the stream ended before the answer was finished",
+                request_id=state.request_id,
+            )
+
+    def _whole_answer(
+        self, client: "dashscope.Client", request: ChatRequest, state: CallState
+    ) -> Iterator[Event]:
+        completion = client.chat.completions.create(
+            model=request.model,
+            messages=list(request.messages),
+            stream=False,
+            **request.parameters,
+        )
+        state.request_id = completion.request_id
+        state.usage = Usage.from_sdk(completion.usage)
+        if completion.search_info is not None:
+            state.search_results = [r.model_dump() for r in completion.search_info.search_results]
+        if completion.choices:
+            choice = completion.choices[0]
+            state.finish_reason = choice.finish_reason or "stop"
+            if choice.message.reasoning_content:
+                yield ReasoningDelta(choice.message.reasoning_content)
+            if choice.message.content:
+                yield TextDelta(choice.message.content)
+        else:
+            state.finish_reason = "stop"
+
+    def _translate(
+        self, error: Exception, client: "dashscope.Client", state: CallState, key: str | None
+    ) -> QwenAPIError:
+        import httpx
+        from dashscope.v2 import errors as sdk_errors
+
+        base_url = client.config.protocol_base_url
+        if isinstance(error, sdk_errors.APITimeoutError):
+            translated = QwenAPIError("Timeout", f"no answer from {base_url} in time")
+        elif isinstance(error, sdk_errors.APIConnectionError):
+            translated = QwenAPIError("ConnectionError", f"cannot reach {base_url} ({_reason(error)})")
+        elif isinstance(error, sdk_errors.DashScopeError) and error.code:
+            translated = QwenAPIError(
+                error.code,
+                error.message or "no message",
+                request_id=error.request_id or state.request_id,
+                status=error.status_code,
+                retry_after=_retry_after(error.headers),
+            )
+        elif isinstance(error, sdk_errors.DashScopeError):
+            translated = QwenAPIError(
+                f"HTTP{error.status_code}" if error.status_code else "DashScopeError",
+                error.message or str(error),
+                request_id=error.request_id or state.request_id,
+                status=error.status_code,
+            )
+        elif isinstance(error, httpx.TimeoutException):
+            translated = QwenAPIError(
+                "StreamStalled",
+                f"no data from {base_url} for {client.config.timeout:g} s",
+                request_id=state.request_id,
+            )
+        elif isinstance(error, (httpx.TransportError, httpx.StreamError)):
+            translated = QwenAPIError(
+                "StreamCut",
+                f"the connection to {base_url} closed mid-answer ({type(error).__name__})",
+                request_id=state.request_id,
+            )
+        else:
+            translated = QwenAPIError(type(error).__name__, str(error) or "unexpected failure")
+        translated.message = redact(translated.message, key)
+        translated.args = (translated.line(),)
+        return translated
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
+
+
+def _reason(error: Exception) -> str:
+    """The innermost cause, e.g. 'Connection refused', without the SDK's prefix."""
+    cause: BaseException = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = str(cause) or type(cause).__name__
+    return text.split("] ", 1)[-1]
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    if not headers:
+        return None
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                return max(0.0, float(value) * scale)
+            except ValueError:
+                return None
+    return None

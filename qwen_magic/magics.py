@@ -1,0 +1,140 @@
+"""``%%qwen`` and ``%qwen``: parse, delegate, return. The work is in engine and commands."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import parse_argstring
+from traitlets import Enum, Float, Unicode, validate
+
+from .commands import run_command
+from .engine import QwenSession, Settings
+from .options import CellOptions, cell_arguments
+
+
+@magics_class
+class QwenMagic(Magics):
+    """Ask Qwen models from IPython and Jupyter (settings: ``%config QwenMagic``)."""
+
+    model = Unicode("qwen-plus", help="Model used when a cell gives no -m/--model.").tag(config=True)
+    system = Unicode(
+        None, allow_none=True, help="Default system prompt of a new chat (None: the model's own)."
+    ).tag(config=True)
+    display = Enum(
+        ["auto", "widget", "markdown", "text"],
+        default_value="auto",
+        help=(
+            "How answers stream: auto (widgets in Jupyter, text in a terminal), widget, "
+            "markdown (plain display updates, no widgets) or text (printed)."
+        ),
+    ).tag(config=True)
+    timeout = Float(
+        None,
+        allow_none=True,
+        help="Seconds to wait for data before giving up (None: dashscope's setting, 300 s).",
+    ).tag(config=True)
+    base_url = Unicode(
+        None,
+        allow_none=True,
+        help="DashScope endpoint, e.g. http://127.0.0.1:8765/api/v1 (None: dashscope's setting).",
+    ).tag(config=True)
+    protocol = Enum(
+        ["native", "openai"],
+        default_value="native",
+        help="Wire protocol: DashScope native, or the OpenAI-compatible mode.",
+    ).tag(config=True)
+
+    @validate("model")
+    def _valid_model(self, proposal: dict[str, Any]) -> str:
+        value = proposal["value"].strip()
+        if not value:
+            from traitlets import TraitError
+
+            raise TraitError("QwenMagic.model needs a model name, such as 'qwen-plus'.")
+        return value
+
+    @validate("timeout")
+    def _valid_timeout(self, proposal: dict[str, Any]) -> float | None:
+        value = proposal["value"]
+        if value is not None and value <= 0:
+            from traitlets import TraitError
+
+            raise TraitError("QwenMagic.timeout must be a positive number of seconds.")
+        return value
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self.session = QwenSession()
+
+    def settings(self) -> Settings:
+        return Settings(
+            model=self.model,
+            system=self.system,
+            display=self.display,
+            timeout=self.timeout,
+            base_url=self.base_url,
+            protocol=self.protocol,
+        )
+
+    @cell_arguments
+    @line_cell_magic
+    def qwen(self, line: str, cell: str | None = None) -> Any:
+        """Ask a Qwen model; the answer streams into the cell's output.
+
+        As a cell magic, the cell's text is the question::
+
+            %%qwen
+            用一句话解释什么是 Transformer。
+
+            %%qwen -m qwen-max -t 0.2 --max-tokens 300 -o answer
+            Summarise the plot of Hamlet in three bullet points.
+
+        Under the answer, a footer gives the model, input and output tokens (the server's
+        figures), the time and the speed. ``-o VAR`` keeps a result object with ``.text``,
+        ``.usage``, ``.request_id`` and ``.elapsed``.
+
+        As a line magic: ``%qwen help``, ``%qwen config``, ``%qwen login``.
+
+        Settings (``%config QwenMagic.model = "qwen-max"`` or ipython_config.py):
+        model, system, display, timeout, base_url, protocol. The key comes from
+        ``%qwen login``, DASHSCOPE_API_KEY, or ~/.dashscope/config.toml.
+        """
+        if cell is None:
+            return run_command(self, line)
+        options = CellOptions.from_namespace(parse_argstring(self.qwen, line))
+        result = self.session.ask(
+            cell,
+            options,
+            self.settings(),
+            cell_id=self._cell_id(),
+            in_kernel=getattr(self.shell, "kernel", None) is not None,
+            display=_display,
+        )
+        if options.out:
+            self.shell.user_ns[options.out] = result
+        return None
+
+    def _cell_id(self) -> str | None:
+        """The Jupyter cell's id, from the execute request (JupyterLab, Notebook 7)."""
+        kernel = getattr(self.shell, "kernel", None)
+        if kernel is None:
+            return None
+        try:
+            parent = kernel.get_parent()
+        except Exception:  # older ipykernel, or no request in flight
+            return None
+        cell_id = (parent or {}).get("metadata", {}).get("cellId")
+        return str(cell_id) if cell_id else None
+
+    def close(self) -> None:
+        """Called on %unload_ext: release connections and the configurable slot."""
+        self.session.close()
+        if self.shell is not None and self in self.shell.configurables:
+            self.shell.configurables.remove(self)
+
+
+def _display(*objs: Any, **kwargs: Any) -> Any:
+    from IPython.display import display
+
+    return display(*objs, **kwargs)

@@ -1,0 +1,110 @@
+"""Cell options: parsed by ``magic_arguments``, checked, and frozen into a dataclass.
+
+Every mistake becomes a one-line ``UsageError``; nothing here talks to the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+from IPython.core.error import UsageError
+from IPython.core.magic_arguments import argument, magic_arguments
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_CELL_ARGUMENTS = (
+    argument("-m", "--model", help="Model to ask (default: QwenMagic.model), e.g. qwen-max."),
+    argument("-s", "--system", help="System prompt for this request."),
+    argument("-t", "--temperature", type=float, help="Sampling temperature, 0 <= T < 2."),
+    argument("--top-p", type=float, dest="top_p", help="Nucleus sampling, 0 < P <= 1."),
+    argument("--max-tokens", type=int, dest="max_tokens", help="Longest answer, in tokens."),
+    argument("--seed", type=int, help="Seed for repeatable sampling."),
+    argument(
+        "--stop",
+        action="append",
+        default=None,
+        help="Stop the answer at this string (repeat the option for several).",
+    ),
+    argument(
+        "--no-stream",
+        action="store_false",
+        dest="stream",
+        help="Wait for the whole answer instead of streaming it.",
+    ),
+    argument("-o", "--out", metavar="VAR", help="Store the result object in this variable."),
+)
+
+
+def cell_arguments(func: F) -> F:
+    """All ``%%qwen`` options in one decorator, so the magic's help lists them."""
+    for decorator in reversed(_CELL_ARGUMENTS):
+        func = decorator(func)
+    return magic_arguments()(func)
+
+
+@dataclass(frozen=True)
+class CellOptions:
+    """What the ``%%qwen`` line asked for; ``None`` means "use the setting"."""
+
+    model: str | None = None
+    system: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    stream: bool = True
+    out: str | None = None
+
+    @classmethod
+    def from_namespace(cls, namespace: argparse.Namespace) -> "CellOptions":
+        options = cls(
+            model=_strip_quotes(namespace.model),
+            system=_strip_quotes(namespace.system),
+            temperature=namespace.temperature,
+            top_p=namespace.top_p,
+            max_tokens=namespace.max_tokens,
+            seed=namespace.seed,
+            stop=tuple(_strip_quotes(s) or "" for s in (namespace.stop or ())),
+            stream=namespace.stream,
+            out=namespace.out,
+        )
+        options.validate()
+        return options
+
+    def validate(self) -> None:
+        """Refuse values DashScope would reject, before anything is sent."""
+        if self.model is not None and not self.model.strip():
+            raise UsageError("-m/--model needs a model name, e.g. -m qwen-plus.")
+        if self.temperature is not None and not 0 <= self.temperature < 2:
+            raise UsageError(f"-t/--temperature must be in [0, 2), not {self.temperature}.")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p must be in (0, 1], not {self.top_p}.")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise UsageError(f"--max-tokens must be a positive number, not {self.max_tokens}.")
+        if self.seed is not None and not 0 <= self.seed < 2**31:
+            raise UsageError(f"--seed must be in [0, 2**31), not {self.seed}.")
+        if any(not s for s in self.stop):
+            raise UsageError("--stop needs a non-empty string.")
+        if self.out is not None and not self.out.isidentifier():
+            raise UsageError(f"-o/--out needs a variable name, not {self.out!r}.")
+
+    def parameters(self) -> dict[str, Any]:
+        """The sampling parameters that were given, as the SDK names them."""
+        given = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+            "stop": list(self.stop) or None,
+        }
+        return {name: value for name, value in given.items() if value is not None}
+
+
+def _strip_quotes(value: str | None) -> str | None:
+    """arg_split keeps quotes inside tokens like -s="be brief"; drop one matching pair."""
+    if value and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value

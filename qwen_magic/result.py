@@ -1,0 +1,79 @@
+"""The result of one ``%%qwen`` cell: what ``-o VAR`` holds and what tests assert on."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .client import Usage
+
+COMPLETE = "complete"
+INTERRUPTED = "interrupted"
+FAILED = "failed"
+
+
+@dataclass
+class QwenResult:
+    """An answer with its model, usage (the server's figures), request id and timing."""
+
+    text: str
+    model: str
+    usage: Usage = field(default_factory=Usage)
+    request_id: str | None = None
+    elapsed: float = 0.0
+    first_text_after: float | None = None
+    status: str = COMPLETE
+    finish_reason: str | None = None
+    reasoning: str = ""
+    error: str | None = None
+    search_results: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def streaming_seconds(self) -> float:
+        """Time from the first text to the end (what tokens per second is measured over)."""
+        if self.first_text_after is None:
+            return 0.0
+        return max(self.elapsed - self.first_text_after, 0.0)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        seconds = self.streaming_seconds
+        if seconds <= 0.0 or not self.usage.output_tokens:
+            return None
+        return self.usage.output_tokens / seconds
+
+    def footer(self) -> str:
+        """The quiet line under every answer."""
+        usage = self.usage
+        parts = [self.model, f"{usage.input_tokens:,} in / {usage.output_tokens:,} out tokens"]
+        if usage.reasoning_tokens:
+            parts[-1] += f" ({usage.reasoning_tokens:,} thinking)"
+        parts.append(f"{self.elapsed:.1f} s")
+        rate = self.tokens_per_second
+        if rate is not None:
+            parts.append(f"{rate:,.0f} tok/s")
+        if self.status == INTERRUPTED:
+            parts.append("interrupted: partial answer")
+        elif self.status == FAILED:
+            parts.append(f"failed: {self.error}" if self.error else "failed")
+        elif self.finish_reason == "length":
+            parts.append("cut at --max-tokens")
+        return " · ".join(parts)
+
+    def metadata(self) -> dict[str, Any]:
+        """What the output's metadata carries, so a saved notebook knows its answers."""
+        data = asdict(self)
+        data.pop("search_results")
+        return data
+
+    def __str__(self) -> str:
+        return self.text
+
+    def _repr_markdown_(self) -> str:
+        return f"{self.text}\n\n*{self.footer()}*"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        if cycle:
+            printer.text("QwenResult(...)")
+            return
+        printer.text(f"{self.text}\n[{self.footer()}]")

@@ -1,0 +1,248 @@
+"""How an answer appears: a live view while it streams, a durable output when it ends.
+
+* ``WidgetView`` (Jupyter): a box of HTML widgets. Finished Markdown blocks are rendered
+  once into a widget that is never touched again; only the open block is re-rendered.
+  Updates are coalesced to a message budget (~20 messages a second, the last update
+  always sent). At the end the box is replaced, under the same display id, by a plain
+  ``text/markdown`` + ``text/html`` output, so a saved notebook needs no widget state.
+* ``MarkdownView``: the same durable output, updated in place without widgets.
+* ``TerminalView``: text printed as it comes, then the footer.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TextIO
+
+from .markdown import BlockSplitter, escape, render_markdown
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .result import QwenResult
+
+# One message every 50 ms at most, on average: ~20 a second.
+MESSAGE_INTERVAL = 0.05
+# Frozen blocks are grouped so that adding one re-sends a short list of children, not all.
+GROUP_SIZE = 16
+
+FOOTER_STYLE = "color: var(--jp-ui-font-color2, #777); font-size: 0.85em; margin-top: 0.4em;"
+
+
+class View(Protocol):
+    """What the engine drives while one answer streams."""
+
+    def waiting(self, text: str) -> None:
+        """Before the first text: say what is being waited for (called from a timer thread)."""
+
+    def add_text(self, delta: str) -> None: ...
+
+    def add_reasoning(self, delta: str) -> None: ...
+
+    def tick(self) -> None:
+        """While streaming, called every ~100 ms from a timer thread: send what is pending."""
+
+    def finish(self, result: "QwenResult", footer: str) -> None:
+        """The answer ended (complete, interrupted or failed): show what lasts."""
+
+
+def durable_bundle(result: "QwenResult", footer: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """The output a saved notebook keeps: Markdown for readers, safe HTML for display."""
+    markdown = f"{result.text}\n\n*{footer}*" if result.text else f"*{footer}*"
+    answer_html = render_markdown(result.text) if result.text else ""
+    html = (
+        f'<div class="qwen-answer">{answer_html}</div>'
+        f'<div class="qwen-footer" style="{FOOTER_STYLE}">{escape(footer)}</div>'
+    )
+    metadata = {"qwen_magic": result.metadata()}
+    return {"text/markdown": markdown, "text/html": html}, metadata
+
+
+class _Pacer:
+    """Spaces updates by the number of messages the last one cost."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._next = 0.0
+
+    def due(self) -> bool:
+        return self._clock() >= self._next
+
+    def spent(self, messages: int) -> None:
+        self._next = self._clock() + MESSAGE_INTERVAL * max(messages, 1)
+
+
+class WidgetView:
+    """Live ipywidgets view that freezes finished blocks and re-renders only the open one."""
+
+    def __init__(self, display: Callable[..., Any], *, clock: Callable[[], float] = time.monotonic):
+        import ipywidgets as widgets
+
+        self._widgets = widgets
+        # Shared layout and style: one comm each, instead of two more per block.
+        self._layout = widgets.Layout()
+        self._style = widgets.HTMLStyle()
+        self._open = self._html("")
+        self._groups: list[Any] = []
+        self._box = widgets.VBox(children=[self._open], layout=self._layout)
+        self._handle = display(self._box, display_id=True)
+        self._splitter = BlockSplitter()
+        self._unsent_blocks: list[str] = []
+        self._pacer = _Pacer(clock)
+        self._dirty = False
+        self._has_text = False
+        # The timer thread's tick() and the stream's add_text() both flush.
+        self._lock = threading.Lock()
+
+    def _html(self, value: str) -> Any:
+        return self._widgets.HTML(value=value, layout=self._layout, style=self._style)
+
+    def waiting(self, text: str) -> None:
+        if not self._has_text:
+            self._open.value = f'<div class="qwen-waiting" style="{FOOTER_STYLE}">{escape(text)}</div>'
+
+    def add_reasoning(self, delta: str) -> None:
+        """Reasoning is kept in the result; the live view shows the answer only."""
+
+    def add_text(self, delta: str) -> None:
+        with self._lock:
+            self._has_text = True
+            self._unsent_blocks.extend(self._splitter.feed(delta))
+            self._dirty = True
+            if self._pacer.due():
+                self._flush()
+
+    def tick(self) -> None:
+        with self._lock:
+            if self._dirty and self._pacer.due():
+                self._flush()
+
+    def _flush(self) -> None:
+        messages = 0
+        if self._unsent_blocks:
+            messages += self._freeze("\n\n".join(self._unsent_blocks))
+            self._unsent_blocks = []
+        self._open.value = render_markdown(self._splitter.open_block)
+        self._pacer.spent(messages + 1)
+        self._dirty = False
+
+    def _freeze(self, blocks: str) -> int:
+        """Add finished blocks as a widget that is never updated again; return messages sent."""
+        frozen = self._html(render_markdown(blocks))
+        if self._groups and len(self._groups[-1].children) < GROUP_SIZE:
+            group = self._groups[-1]
+            group.children = (*group.children, frozen)
+            return 2
+        self._groups.append(self._widgets.VBox(children=[frozen], layout=self._layout))
+        self._box.children = (*self._groups, self._open)
+        return 3
+
+    def finish(self, result: "QwenResult", footer: str) -> None:
+        with self._lock:
+            self._dirty = False
+        bundle, metadata = durable_bundle(result, footer)
+        self._handle.update(bundle, raw=True, metadata=metadata)
+        # The durable output replaced the view: release the widgets' comms.
+        for group in self._groups:
+            for child in group.children:
+                child.close()
+            group.close()
+        for widget in (self._open, self._box, self._style, self._layout):
+            widget.close()
+
+
+class MarkdownView:
+    """Plain display updates of the whole answer, for front ends without widgets."""
+
+    UPDATE_INTERVAL = 0.25
+
+    def __init__(self, display: Callable[..., Any], *, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._handle = display({"text/markdown": "", "text/html": ""}, raw=True, display_id=True)
+        self._parts: list[str] = []
+        self._next = 0.0
+        self._has_text = False
+        self._dirty = False
+        self._lock = threading.Lock()
+
+    def waiting(self, text: str) -> None:
+        if not self._has_text:
+            self._handle.update({"text/plain": text, "text/html": f"<em>{escape(text)}</em>"}, raw=True)
+
+    def add_reasoning(self, delta: str) -> None:
+        """Reasoning is kept in the result; the live view shows the answer only."""
+
+    def add_text(self, delta: str) -> None:
+        with self._lock:
+            self._has_text = True
+            self._parts.append(delta)
+            self._dirty = True
+            self._update_if_due()
+
+    def tick(self) -> None:
+        with self._lock:
+            self._update_if_due()
+
+    def _update_if_due(self) -> None:
+        if self._dirty and self._clock() >= self._next:
+            text = "".join(self._parts)
+            self._handle.update({"text/markdown": text, "text/html": render_markdown(text)}, raw=True)
+            self._next = self._clock() + self.UPDATE_INTERVAL
+            self._dirty = False
+
+    def finish(self, result: "QwenResult", footer: str) -> None:
+        with self._lock:
+            self._dirty = False
+        bundle, metadata = durable_bundle(result, footer)
+        self._handle.update(bundle, raw=True, metadata=metadata)
+
+
+class TerminalView:
+    """Text printed as it arrives; the footer on its own line."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+        self._ends_with_newline = True
+
+    @property
+    def _out(self) -> TextIO:
+        # Resolved at each write: IPython and tests swap sys.stdout.
+        return self._stream or sys.stdout
+
+    def waiting(self, text: str) -> None:
+        """Nothing: a terminal keeps its scrollback clean until text comes."""
+
+    def add_reasoning(self, delta: str) -> None:
+        """Reasoning is kept in the result; the terminal shows the answer only."""
+
+    def tick(self) -> None:
+        """Nothing pending: text is written as it arrives."""
+
+    def add_text(self, delta: str) -> None:
+        self._out.write(delta)
+        self._out.flush()
+        self._ends_with_newline = delta.endswith("\n")
+
+    def finish(self, result: "QwenResult", footer: str) -> None:
+        prefix = "" if self._ends_with_newline else "\n"
+        self._out.write(f"{prefix}\n[{footer}]\n")
+        self._out.flush()
+
+
+def make_view(mode: str, *, in_kernel: bool, display: Callable[..., Any]) -> View:
+    """Pick the view for a display mode (auto: widgets in a kernel, text in a terminal)."""
+    if mode == "text" or (mode == "auto" and not in_kernel):
+        return TerminalView()
+    if mode == "markdown":
+        return MarkdownView(display)
+    try:
+        return WidgetView(display)
+    except ImportError:
+        if mode == "widget":
+            from IPython.core.error import UsageError
+
+            raise UsageError(
+                "QwenMagic.display is 'widget' but ipywidgets cannot be imported; "
+                "pip install ipywidgets, or set QwenMagic.display = 'auto'."
+            ) from None
+        return MarkdownView(display)

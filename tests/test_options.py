@@ -1,0 +1,66 @@
+"""Cell options become a frozen dataclass; every mistake is a one-line UsageError."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.magic_arguments import parse_argstring
+
+from qwen_magic.magics import QwenMagic
+from qwen_magic.options import CellOptions
+
+
+def parse(line: str) -> CellOptions:
+    return CellOptions.from_namespace(parse_argstring(QwenMagic.qwen, line))
+
+
+def test_defaults_leave_everything_to_the_settings() -> None:
+    options = parse("")
+    assert options == CellOptions()
+    assert options.parameters() == {}
+    assert options.stream is True
+
+
+def test_every_option_is_read() -> None:
+    options = parse(
+        '-m qwen-max -s "be brief" -t 0.3 --top-p 0.9 --max-tokens 50 --seed 7 '
+        "--stop END --stop STOP --no-stream -o answer"
+    )
+    assert options.model == "qwen-max"
+    assert options.system == "be brief"
+    assert options.stream is False
+    assert options.out == "answer"
+    assert options.parameters() == {
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "max_tokens": 50,
+        "seed": 7,
+        "stop": ["END", "STOP"],
+    }
+
+
+def test_options_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        parse("").model = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("-t 2.5", "temperature"),
+        ("-t -1", "temperature"),
+        ("--top-p 0", "top-p"),
+        ("--top-p 1.5", "top-p"),
+        ("--max-tokens 0", "max-tokens"),
+        ("--seed -3", "seed"),
+        ("-o 2x", "variable name"),
+        ("-t warm", "invalid float"),
+        ("--nonsense", "unrecognized"),
+        ('--stop ""', "--stop"),
+    ],
+)
+def test_bad_values_are_usage_errors(line: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse(line)

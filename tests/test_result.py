@@ -1,0 +1,66 @@
+"""The footer and the result object that -o keeps."""
+
+from __future__ import annotations
+
+from qwen_magic.client import Usage
+from qwen_magic.result import FAILED, INTERRUPTED, QwenResult
+
+
+def make(**overrides: object) -> QwenResult:
+    fields = dict(
+        text="Hello **there**",
+        model="qwen-plus",
+        usage=Usage(input_tokens=1234, output_tokens=200),
+        request_id="req-1",
+        elapsed=2.5,
+        first_text_after=0.5,
+    )
+    fields.update(overrides)
+    return QwenResult(**fields)  # type: ignore[arg-type]
+
+
+def test_footer_has_model_tokens_time_and_speed() -> None:
+    footer = make().footer()
+    assert footer == "qwen-plus · 1,234 in / 200 out tokens · 2.5 s · 100 tok/s"
+
+
+def test_footer_marks_interrupted_failed_and_cut_answers() -> None:
+    assert make(status=INTERRUPTED).footer().endswith("interrupted: partial answer")
+    assert make(status=FAILED, error="StreamCut").footer().endswith("failed: StreamCut")
+    assert make(finish_reason="length").footer().endswith("cut at --max-tokens")
+
+
+def test_thinking_tokens_are_named() -> None:
+    result = make(usage=Usage(input_tokens=10, output_tokens=90, reasoning_tokens=60))
+    assert "90 out tokens (60 thinking)" in result.footer()
+
+
+def test_no_speed_without_streaming_time() -> None:
+    assert "tok/s" not in make(first_text_after=None).footer()
+
+
+def test_reprs_show_the_text_and_the_footer() -> None:
+    result = make()
+    assert str(result) == "Hello **there**"
+    assert result._repr_markdown_().startswith("Hello **there**\n\n*qwen-plus")
+    from IPython.lib.pretty import pretty
+
+    assert pretty(result) == "Hello **there**\n[" + result.footer() + "]"
+
+
+def test_metadata_is_plain_json() -> None:
+    import json
+
+    data = json.loads(json.dumps(make().metadata()))
+    assert data["usage"] == {"input_tokens": 1234, "output_tokens": 200, "reasoning_tokens": 0, "cached_tokens": 0}
+    assert data["request_id"] == "req-1"
+
+
+def test_usage_reads_native_and_compatible_names() -> None:
+    native = Usage.from_sdk(
+        {"input_tokens": 5, "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 3},
+         "prompt_tokens_details": {"cached_tokens": 2}}
+    )
+    assert native == Usage(5, 7, 3, 2)
+    compatible = Usage.from_sdk({"prompt_tokens": 4, "completion_tokens": 6})
+    assert compatible == Usage(4, 6) and compatible.total_tokens == 10
