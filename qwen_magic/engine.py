@@ -56,7 +56,7 @@ class _Ticker(threading.Thread):
         super().__init__(name="qwen-magic-ticker", daemon=True)
         self._view = view
         self._model = model
-        self._started = started
+        self._since = started
         self._stop_event = threading.Event()
         self.text_started = False
 
@@ -66,7 +66,7 @@ class _Ticker(threading.Thread):
             if self.text_started:
                 self._view.tick()
                 continue
-            second = int(time.monotonic() - self._started)
+            second = int(time.monotonic() - self._since)
             if second != shown_second:
                 shown_second = second
                 self._view.waiting(f"Waiting for {self._model}… {second} s")
@@ -107,6 +107,8 @@ class QwenSession:
         display: Callable[..., Any],
     ) -> QwenResult:
         """Send one cell, stream the answer into its view, record the turn."""
+        # Blank lines around the cell's text are not part of the question (and cost tokens).
+        prompt = prompt.strip("\n").rstrip()
         if not prompt.strip():
             raise UsageError("The %%qwen cell is empty: write a question below the %%qwen line.")
         model = options.model or settings.model

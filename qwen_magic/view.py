@@ -77,11 +77,12 @@ class WidgetView:
 
     def __init__(self, display: Callable[..., Any], *, clock: Callable[[], float] = time.monotonic):
         import ipywidgets as widgets
+        from ipywidgets.widgets.widget_string import HTMLStyle
 
         self._widgets = widgets
         # Shared layout and style: one comm each, instead of two more per block.
         self._layout = widgets.Layout()
-        self._style = widgets.HTMLStyle()
+        self._style = HTMLStyle()
         self._open = self._html("")
         self._groups: list[Any] = []
         self._box = widgets.VBox(children=[self._open], layout=self._layout)

@@ -1,0 +1,55 @@
+"""Shared fixtures: the offline gateway, a real IPython shell, a real kernel."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from qwen_magic.gateway import Gateway
+
+TEST_KEY = "sk-test-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def gateway_server() -> Iterator[Gateway]:
+    with Gateway() as server:
+        yield server
+
+
+@pytest.fixture
+def gateway(gateway_server: Gateway) -> Iterator[Gateway]:
+    """The session's gateway, with no scripts or recorded requests left from other tests."""
+    gateway_server.reset()
+    yield gateway_server
+    gateway_server.reset()
+
+
+@pytest.fixture
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No dashscope settings of the developer's own: HOME and DASHSCOPE_* are the test's."""
+    for name in list(os.environ):
+        if name.startswith("DASHSCOPE_"):
+            monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def shell(gateway: Gateway, isolated_env: Path, monkeypatch: pytest.MonkeyPatch):
+    """A real InteractiveShell with qwen_magic freshly loaded, pointed at the gateway."""
+    from IPython.testing import globalipapp
+
+    globalipapp.start_ipython()  # once per process; later calls do nothing
+    ip = globalipapp.get_ipython()
+    monkeypatch.setenv("DASHSCOPE_API_KEY", TEST_KEY)
+    monkeypatch.setenv("DASHSCOPE_BASE_URL", gateway.base_url)
+    ip.config.pop("QwenMagic", None)  # %config of an earlier test lives in the shell's config
+    ip.run_line_magic("reload_ext", "qwen_magic")
+    yield ip
+    ip.run_line_magic("unload_ext", "qwen_magic")
+    ip.config.pop("QwenMagic", None)

@@ -1,0 +1,203 @@
+"""%%qwen in a real kernel, seen from the front end's side of jupyter_client."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from qwen_magic.gateway import Gateway, Reply
+
+from .conftest import TEST_KEY
+from .kernel_harness import Execution, KernelSession, Message, kernel_env
+
+pytestmark = pytest.mark.kernel
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+@pytest.fixture(scope="module")
+def kernel(gateway_server: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelSession]:
+    tmp = tmp_path_factory.mktemp("kernel")
+    env = kernel_env(tmp, DASHSCOPE_API_KEY=TEST_KEY, DASHSCOPE_BASE_URL=gateway_server.base_url)
+    session = KernelSession(env, cwd=tmp)
+    yield session
+    session.shutdown()
+
+
+class Cells:
+    """Runs cells in the module's kernel, each test with a freshly loaded extension."""
+
+    def __init__(self, kernel: KernelSession) -> None:
+        self.kernel = kernel
+
+    def run(self, code: str, **kwargs) -> Execution:
+        execution = self.kernel.execute(code, **kwargs)
+        everything = json.dumps([m.content for m in execution.messages], default=str)
+        assert TEST_KEY not in everything, "the API key reached the front end"
+        return execution
+
+
+@pytest.fixture
+def cells(kernel: KernelSession, gateway: Gateway) -> Cells:
+    cells = Cells(kernel)
+    setup = cells.run("%reload_ext qwen_magic\n%config QwenMagic.display = 'auto'\n%config QwenMagic.timeout = None")
+    assert setup.status == "ok", setup.outputs
+    return cells
+
+
+def final_answer(execution: Execution) -> dict:
+    """The one durable display output the cell leaves."""
+    displays = [o for o in execution.outputs if o["output_type"] == "display_data"]
+    assert len(displays) == 1, execution.outputs
+    return displays[0]
+
+
+def test_the_answer_streams_before_the_last_frame_is_sent(cells: Cells, gateway: Gateway) -> None:
+    paragraphs = [f"Paragraph {n} of the streamed answer.\n\n" for n in range(1, 11)]
+    gateway.script(Reply(chunks=paragraphs, frame_delay=0.15))
+    execution = cells.run("%%qwen\nTell me ten things.")
+    assert execution.status == "ok"
+
+    updates = execution.widget_value_updates()
+    final_update = execution.of_type("update_display_data")[-1]
+    early = [(at, value) for at, value in updates if "Paragraph 1 " in value and "Paragraph 10" not in value]
+    assert early, "no partial answer reached the front end"
+    # The first partial view arrived while at least 8 more frames (>= 1.2 s) were still to come.
+    assert final_update.received - early[0][0] > 1.0
+    # The answer grew in several visible steps, not all at once.
+    steps = {value for _, value in updates if "Paragraph" in value}
+    assert len(steps) >= 3
+
+
+def test_the_durable_output_replaces_the_widget_and_carries_a_footer(cells: Cells, gateway: Gateway) -> None:
+    gateway.script(Reply(text="# Title\n\nSome **bold** text.", usage={"input_tokens": 30, "output_tokens": 9}))
+    execution = cells.run("%%qwen\nFormat something.")
+    output = final_answer(execution)
+    data = output["data"]
+    assert WIDGET_VIEW not in data
+    assert data["text/markdown"].startswith("# Title\n\nSome **bold** text.")
+    assert "<h1>Title</h1>" in data["text/html"] and "<strong>bold</strong>" in data["text/html"]
+    for shown in (data["text/markdown"], data["text/html"]):
+        assert "qwen-plus · 30 in / 9 out tokens ·" in shown
+    meta = output["metadata"]["qwen_magic"]
+    assert meta["status"] == "complete" and meta["usage"]["output_tokens"] == 9
+    # The widget comms are closed once the durable output is in place.
+    opened = {m.content["comm_id"] for m in execution.of_type("comm_open")}
+    closed = {m.content["comm_id"] for m in execution.of_type("comm_close")}
+    assert opened and opened <= closed
+
+
+def test_the_view_says_it_is_waiting_until_the_first_text(cells: Cells, gateway: Gateway) -> None:
+    gateway.script(Reply(text="Finally.", first_token_delay=1.6))
+    execution = cells.run("%%qwen\nTake your time.")
+    waiting = [value for _, value in execution.widget_value_updates() if "Waiting for qwen-plus" in value]
+    assert any("1 s" in value for value in waiting), waiting
+    assert "Finally." in final_answer(execution)["data"]["text/markdown"]
+
+
+def test_hostile_markup_in_an_answer_stays_text(cells: Cells, gateway: Gateway) -> None:
+    gateway.script(Reply(text="Look: <script>alert(1)</script> and <img src=x onerror=alert(2)>"))
+    execution = cells.run("%%qwen\nBe naughty.")
+    html = final_answer(execution)["data"]["text/html"]
+    assert "<script" not in html and "<img" not in html and "&lt;script&gt;" in html
+    for _, value in execution.widget_value_updates():
+        assert "<script" not in value and "<img" not in value
+
+
+def test_markdown_display_mode_streams_without_widgets(cells: Cells, gateway: Gateway) -> None:
+    cells.run("%config QwenMagic.display = 'markdown'")
+    gateway.script(Reply(chunks=["One. ", "Two. ", "Three."], frame_delay=0.3))
+    execution = cells.run("%%qwen\nCount.")
+    assert not execution.of_type("comm_open")
+    assert len(execution.of_type("update_display_data")) >= 3
+    assert final_answer(execution)["data"]["text/markdown"].startswith("One. Two. Three.")
+
+
+def test_an_api_error_is_one_line_and_the_kernel_lives_on(cells: Cells, gateway: Gateway) -> None:
+    gateway.script(Reply(status=401, error_code="InvalidApiKey", request_id="req-401"))
+    execution = cells.run("%%qwen\nHi")
+    assert execution.status == "error"
+    error = execution.error
+    assert error["traceback"] == [
+        "DashScope error InvalidApiKey: Invalid API-key provided. (request id req-401) "
+        + "Check the key: keys are region-specific (mainland vs international), so use the key "
+        "of the region you call; set it with %qwen login or DASHSCOPE_API_KEY."
+    ]
+    assert cells.run("%%qwen\nStill there?").status == "ok"
+
+
+def test_a_cut_mid_stream_keeps_the_partial_answer_marked_failed(cells: Cells, gateway: Gateway) -> None:
+    gateway.script(Reply(chunks=["Half ", "an ", "answer"], cut_after=2))
+    execution = cells.run("%%qwen\nHi")
+    assert execution.status == "error"
+    data = final_answer(execution)["data"]
+    assert data["text/markdown"].startswith("Half an ")
+    assert "failed: StreamCut" in data["text/markdown"]
+    assert execution.error["traceback"][0].startswith("DashScope error StreamCut:")
+
+
+def test_a_usage_error_has_no_traceback(cells: Cells, gateway: Gateway) -> None:
+    execution = cells.run("%%qwen --temperature hot\nHi")
+    assert execution.status == "error"
+    text = execution.stdout + "".join(o.get("text", "") for o in execution.outputs if o["output_type"] == "stream")
+    assert "UsageError: argument -t/--temperature: invalid float value: 'hot'" in text
+    assert execution.error is None
+    assert gateway.requests == []
+
+
+def test_interrupt_keeps_the_partial_answer_and_stops_run_all(cells: Cells, kernel: KernelSession, gateway: Gateway) -> None:
+    gateway.script(Reply(chunks=[f"word{n} " for n in range(200)], frame_delay=0.05))
+    streaming = kernel.submit("%%qwen\nTalk for a long time.")
+    queued = kernel.submit("after_interrupt = True")  # the next cell of a Run All
+
+    interrupted = []
+
+    def interrupt_once_text_shows(message: Message) -> None:
+        if not interrupted and "word3" in json.dumps(message.content):
+            interrupted.append(message.received)
+            kernel.interrupt()
+
+    execution = kernel.collect(streaming, during=interrupt_once_text_shows, timeout=30)
+    assert interrupted, "no text streamed before the interrupt"
+    assert execution.status == "error"
+    assert execution.error["ename"] == "QwenInterrupted"
+    assert len(execution.error["traceback"]) == 1 and "partial text is kept" in execution.error["traceback"][0]
+    data = final_answer(execution)["data"]
+    assert data["text/markdown"].startswith("word0 word1 word2 word3")
+    assert "word199" not in data["text/markdown"]
+    assert "interrupted: partial answer" in data["text/markdown"]
+
+    assert kernel.collect(queued).status == "aborted"
+    check = cells.run("print('after_interrupt' in globals())")
+    assert check.stdout.strip() == "False"
+    gateway.reset()
+    assert cells.run("%%qwen\nAre you still there?").status == "ok"
+
+
+def test_a_notebook_runs_under_nbclient_and_saves_plain_outputs(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [
+        nbformat.v4.new_code_cell("%load_ext qwen_magic"),
+        nbformat.v4.new_code_cell("%%qwen -o answer\n你好，请介绍一下你自己。"),
+        nbformat.v4.new_code_cell("answer.usage.output_tokens > 0, answer.status"),
+    ]
+    env = kernel_env(tmp_path, DASHSCOPE_API_KEY=TEST_KEY, DASHSCOPE_BASE_URL=gateway.base_url)
+    NotebookClient(notebook, timeout=60, store_widget_state=True).execute(env=env, cwd=str(tmp_path))
+    path = tmp_path / "executed.ipynb"
+    nbformat.write(notebook, path)
+
+    saved = nbformat.read(path, as_version=4)
+    (answer_output,) = saved.cells[1].outputs
+    assert answer_output.output_type == "display_data"
+    assert WIDGET_VIEW not in answer_output.data
+    assert "离线网关" in answer_output.data["text/markdown"]
+    assert "qwen-plus ·" in answer_output.data["text/html"]
+    assert saved.cells[2].outputs[0].data["text/plain"] == "(True, 'complete')"

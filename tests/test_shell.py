@@ -1,0 +1,264 @@
+"""%%qwen in a real InteractiveShell, through the real SDK, against the offline gateway."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from qwen_magic.client import QwenAPIError
+from qwen_magic.gateway import Gateway, Reply
+from qwen_magic.result import COMPLETE, FAILED
+
+from .conftest import TEST_KEY
+
+
+def run(shell, cell: str):
+    """Run a cell; return IPython's ExecutionResult."""
+    return shell.run_cell(cell, store_history=False)
+
+
+def test_load_ext_registers_the_magics_without_importing_dashscope() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        from IPython.testing.globalipapp import start_ipython
+        ip = start_ipython()
+        ip.run_line_magic("load_ext", "qwen_magic")
+        ip.run_line_magic("load_ext", "qwen_magic")  # a second time is harmless
+        magics = ip.magics_manager.magics
+        assert "qwen" in magics["cell"] and "qwen" in magics["line"]
+        heavy = [m for m in ("dashscope", "httpx", "ipywidgets", "markdown_it", "tiktoken") if m in sys.modules]
+        assert not heavy, heavy
+        ip.run_line_magic("unload_ext", "qwen_magic")
+        assert "qwen" not in ip.magics_manager.magics["cell"]
+        assert "qwen" not in ip.magics_manager.magics["line"]
+        assert not any(type(c).__name__ == "QwenMagic" for c in ip.configurables)
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("ok")
+
+
+def test_answer_streams_to_the_terminal_with_a_footer(shell, gateway: Gateway, capsys) -> None:
+    gateway.script(Reply(text="Hello from Qwen, streamed.", chunk_size=5, usage={"input_tokens": 21, "output_tokens": 7}))
+    outcome = run(shell, "%%qwen -o answer\nSay hello")
+    assert outcome.success
+    printed = capsys.readouterr().out
+    assert "Hello from Qwen, streamed." in printed
+    assert "[qwen-plus · 21 in / 7 out tokens ·" in printed
+    answer = shell.user_ns["answer"]
+    assert answer.text == "Hello from Qwen, streamed."
+    assert answer.status == COMPLETE
+    assert answer.usage.input_tokens == 21 and answer.usage.output_tokens == 7
+    assert answer.request_id
+    (request,) = gateway.requests
+    assert request.protocol == "native"
+    assert request.messages == [{"role": "user", "content": "Say hello"}]
+    assert request.parameters["incremental_output"] is True
+    assert request.headers.get("x-dashscope-sse") == "enable" or request.headers.get("X-DashScope-SSE") == "enable"
+
+
+def test_options_reach_the_request(shell, gateway: Gateway) -> None:
+    run(
+        shell,
+        '%%qwen -m qwen-max -s "Answer in French." -t 0.2 --top-p 0.5 --max-tokens 64 --seed 3 --stop END\nHi',
+    )
+    (request,) = gateway.requests
+    assert request.model == "qwen-max"
+    assert request.messages[0] == {"role": "system", "content": "Answer in French."}
+    parameters = request.parameters
+    assert parameters["temperature"] == 0.2 and parameters["top_p"] == 0.5
+    assert parameters["max_tokens"] == 64 and parameters["seed"] == 3
+    assert parameters["stop"] == ["END"]
+
+
+def test_the_model_trait_is_the_default_and_config_changes_it(shell, gateway: Gateway) -> None:
+    shell.run_line_magic("config", 'QwenMagic.model = "qwen-turbo"')
+    run(shell, "%%qwen\nHi")
+    assert gateway.requests[-1].model == "qwen-turbo"
+
+
+def test_no_stream_asks_for_the_whole_answer(shell, gateway: Gateway, capsys) -> None:
+    gateway.script(Reply(text="All at once."))
+    run(shell, "%%qwen --no-stream -o answer\nHi")
+    assert "All at once." in capsys.readouterr().out
+    (request,) = gateway.requests
+    assert "x-dashscope-sse" not in {name.lower() for name in request.headers}
+    assert shell.user_ns["answer"].text == "All at once."
+
+
+def test_the_second_cell_carries_the_first_turn(shell, gateway: Gateway) -> None:
+    gateway.script(Reply(text="Paris."))
+    run(shell, "%%qwen\nCapital of France?")
+    run(shell, "%%qwen\nAnd of Italy?")
+    assert gateway.requests[-1].messages == [
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("%%qwen --frobnicate\nHi", "unrecognized arguments: --frobnicate"),
+        ("%%qwen\n   \n", "The %%qwen cell is empty"),
+        ("%%qwen -t 9\nHi", "-t/--temperature must be in [0, 2), not 9.0."),
+        ("%qwen dance", "%qwen has no command 'dance'"),
+    ],
+)
+def test_mistakes_are_one_line_usage_errors(shell, gateway: Gateway, capsys, line: str, expected: str) -> None:
+    outcome = run(shell, line)
+    assert not outcome.success
+    shown = capsys.readouterr()
+    text = shown.out + shown.err
+    assert f"UsageError: {expected}" in text
+    assert "Traceback" not in text
+    assert gateway.requests == []
+
+
+def test_no_key_names_the_three_ways_to_set_one(shell, gateway: Gateway, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("DASHSCOPE_API_KEY")
+    outcome = run(shell, "%%qwen\nHi")
+    assert not outcome.success
+    shown = capsys.readouterr()
+    text = shown.out + shown.err
+    assert "UsageError: No DashScope API key is set." in text
+    for way in ("%qwen login", "DASHSCOPE_API_KEY", "~/.dashscope/config.toml"):
+        assert way in text
+    assert gateway.requests == []
+
+
+def test_the_sdk_config_file_key_is_honoured(shell, gateway: Gateway, monkeypatch, isolated_env) -> None:
+    monkeypatch.delenv("DASHSCOPE_API_KEY")
+    config = isolated_env / ".dashscope" / "config.toml"
+    config.parent.mkdir()
+    config.write_text('api_key = "sk-from-config-file-1234"\n')
+    assert run(shell, "%%qwen\nHi").success
+    assert gateway.requests[-1].api_key == "sk-from-config-file-1234"
+
+
+def test_a_key_exported_after_a_failure_is_used(shell, gateway: Gateway, monkeypatch) -> None:
+    monkeypatch.delenv("DASHSCOPE_API_KEY")
+    assert not run(shell, "%%qwen\nHi").success
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-exported-later-5678")
+    assert run(shell, "%%qwen\nHi").success
+    assert gateway.requests[-1].api_key == "sk-exported-later-5678"
+
+
+def test_login_keeps_the_key_in_memory_only(shell, gateway: Gateway, monkeypatch, capsys, isolated_env) -> None:
+    monkeypatch.delenv("DASHSCOPE_API_KEY")
+    secret = "sk-typed-at-the-prompt-9999"
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": secret)
+    shell.run_line_magic("qwen", "login")
+    assert run(shell, "%%qwen\nHi").success
+    assert gateway.requests[-1].api_key == secret
+    config = shell.run_line_magic("qwen", "config")
+    from IPython.lib.pretty import pretty
+
+    shown = pretty(config) + config._repr_html_() + capsys.readouterr().out
+    assert secret not in shown and "…9999" in shown
+    assert "%qwen login" in shown
+    assert not any(secret in p.read_text(errors="ignore") for p in isolated_env.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize(
+    ("reply", "code", "advice"),
+    [
+        (Reply(status=401, error_code="InvalidApiKey"), "InvalidApiKey", "region-specific"),
+        (Reply(status=400, error_code="Arrearage"), "Arrearage", "arrears"),
+        (Reply(status=400, error_code="DataInspectionFailed"), "DataInspectionFailed", "moderation"),
+        (Reply(status=400, error_code="InvalidParameter"), "InvalidParameter", "options"),
+        (Reply(status=403, error_code="AccessDenied"), "AccessDenied", "permissions"),
+        (Reply(status=403, error_code="AllocationQuota.FreeTierOnly"), "AllocationQuota.FreeTierOnly", "free"),
+        (Reply(status=404, error_code="ModelNotFound"), "ModelNotFound", "No such model"),
+        (Reply(status=429, error_code="Throttling.RateQuota"), "Throttling.RateQuota", "per minute"),
+        (Reply(status=429, error_code="Throttling.AllocationQuota"), "Throttling.AllocationQuota", "quota"),
+        (Reply(status=500, error_code="InternalError"), "InternalError", "try again"),
+        (Reply(status=503, error_code="ServiceUnavailable"), "ServiceUnavailable", "try again"),
+        (Reply(status=504, error_code="GatewayTimeout"), "GatewayTimeout", "try again"),
+        (Reply(status=429, error_code="Throttling", error_as_sse=True), "Throttling", "wait"),
+    ],
+)
+def test_dashscope_errors_are_one_clear_line(shell, gateway: Gateway, capsys, reply: Reply, code: str, advice: str) -> None:
+    gateway.script(reply)
+    outcome = run(shell, "%%qwen -o answer\nHi")
+    assert not outcome.success
+    assert isinstance(outcome.error_in_exec, QwenAPIError)
+    text = capsys.readouterr().out
+    error_lines = [line for line in text.splitlines() if line.startswith("DashScope error")]
+    assert len(error_lines) == 1, text
+    (line,) = error_lines
+    assert line.startswith(f"DashScope error {code}: ")
+    assert "request id " in line and advice in line
+    assert "Traceback" not in text and TEST_KEY not in text
+
+
+def test_an_error_mid_stream_keeps_the_partial_answer(shell, gateway: Gateway, capsys) -> None:
+    gateway.script(Reply(chunks=["First part. ", "Second part. ", "never"], error_after=2, status=500, error_code="InternalError"))
+    outcome = run(shell, "%%qwen\nHi")
+    assert not outcome.success
+    text = capsys.readouterr().out
+    assert "First part. Second part." in text and "never" not in text
+    assert "failed: InternalError" in text
+    assert "DashScope error InternalError" in text
+    magics = shell.magics_manager.registry["QwenMagic"]
+    (turn,) = magics.session.chat().turns
+    assert turn.result.status == FAILED
+    assert turn.result.text == "First part. Second part. "
+
+
+def test_a_cut_stream_is_a_clear_line_and_keeps_the_text(shell, gateway: Gateway, capsys) -> None:
+    gateway.script(Reply(chunks=["Kept ", "text ", "lost"], cut_after=2))
+    outcome = run(shell, "%%qwen\nHi")
+    assert not outcome.success
+    text = capsys.readouterr().out
+    assert "Kept text" in text and "lost" not in text
+    assert "DashScope error StreamCut:" in text
+    assert "Traceback" not in text
+
+
+def test_a_stalled_stream_times_out_with_a_clear_line(shell, gateway: Gateway, capsys) -> None:
+    shell.run_line_magic("config", "QwenMagic.timeout = 0.5")
+    gateway.script(Reply(chunks=["Before ", "the stall"], stall_after=1, stall=10))
+    outcome = run(shell, "%%qwen\nHi")
+    assert not outcome.success
+    text = capsys.readouterr().out
+    assert "Before" in text
+    assert "DashScope error StreamStalled: no data from" in text and "0.5 s" in text
+
+
+def test_connection_refused_is_a_clear_line(shell, monkeypatch, capsys) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("DASHSCOPE_BASE_URL", f"http://127.0.0.1:{port}/api/v1")
+    outcome = run(shell, "%%qwen\nHi")
+    assert not outcome.success
+    text = capsys.readouterr().out
+    assert f"DashScope error ConnectionError: cannot reach http://127.0.0.1:{port}/api/v1" in text
+    assert "Traceback" not in text
+
+
+def test_help_and_config_are_objects_with_text_and_html(shell) -> None:
+    from IPython.lib.pretty import pretty
+
+    help_table = shell.run_line_magic("qwen", "help")
+    assert "%qwen config" in pretty(help_table) and "<table>" in help_table._repr_html_()
+    config = shell.run_line_magic("qwen", "config")
+    text = pretty(config)
+    assert "qwen-plus" in text and "127.0.0.1" in text
+    assert TEST_KEY not in text and "…cdef" in text
+
+
+def test_cell_help_lists_options_and_examples(shell) -> None:
+    doc = shell.magics_manager.magics["cell"]["qwen"].__doc__
+    for piece in ("--max-tokens", "--no-stream", "-o VAR", "%%qwen -m qwen-max"):
+        assert piece in doc
