@@ -172,7 +172,7 @@ class CallState:
 class Connection:
     """Where and how to connect; a change of any field builds a new SDK client."""
 
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in a repr or a log line
     base_url: str | None = None
     protocol: str = "native"
     timeout: float | None = None

@@ -1108,6 +1108,8 @@ class Gateway:
                 daemon=True,
             )
             self._thread.start()
+            # Load the tokenizer (~0.4 s) now, not during the first request's headers.
+            threading.Thread(target=count_text, args=("warm up",), daemon=True).start()
         return self
 
     def stop(self) -> None:

@@ -35,6 +35,7 @@ class Execution:
     messages: list[Message] = field(default_factory=list)
     started: float = 0.0
     stdin_prompts: list[str] = field(default_factory=list)
+    stdin_hidden: list[bool] = field(default_factory=list)  # was each prompt a password prompt
 
     @property
     def status(self) -> str:
@@ -161,6 +162,7 @@ class KernelSession:
                     asked = client.stdin_channel.get_msg(timeout=0.001)
                     prompt = asked["content"]["prompt"]
                     execution.stdin_prompts.append(prompt)
+                    execution.stdin_hidden.append(bool(asked["content"].get("password")))
                     client.input(stdin(prompt))
                 except queue.Empty:
                     pass

@@ -139,6 +139,17 @@ def test_a_cut_mid_stream_keeps_the_partial_answer_marked_failed(cells: Cells, g
     assert execution.error["traceback"][0].startswith("DashScope error StreamCut:")
 
 
+def test_login_asks_at_a_hidden_prompt_and_the_key_is_used(cells: Cells, gateway: Gateway) -> None:
+    typed = "sk-typed-in-the-notebook-4242"
+    login = cells.run("%qwen login", stdin=lambda prompt: typed)
+    assert login.stdin_hidden == [True]
+    assert "DashScope API key" in login.stdin_prompts[0]
+    assert typed not in json.dumps([m.content for m in login.messages])
+    assert "…4242" in login.stdout and "not saved" in login.stdout
+    assert cells.run("%%qwen\nHi").status == "ok"
+    assert gateway.requests[-1].api_key == typed
+
+
 def test_a_usage_error_has_no_traceback(cells: Cells, gateway: Gateway) -> None:
     execution = cells.run("%%qwen --temperature hot\nHi")
     assert execution.status == "error"

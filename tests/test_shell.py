@@ -165,6 +165,8 @@ def test_login_keeps_the_key_in_memory_only(shell, gateway: Gateway, monkeypatch
     assert secret not in shown and "…9999" in shown
     assert "%qwen login" in shown
     assert not any(secret in p.read_text(errors="ignore") for p in isolated_env.rglob("*") if p.is_file())
+    magics = shell.magics_manager.registry["QwenMagic"]
+    assert secret not in repr(magics.session.connection(magics.settings()))
 
 
 @pytest.mark.parametrize(
