@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Union
 
 if TYPE_CHECKING:  # pragma: no cover
     import dashscope
+
+    from .limits import RetryPolicy
 
 NO_KEY_HELP = (
     "No DashScope API key is set. Provide one in any of three ways: "
@@ -96,6 +99,8 @@ class QwenAPIError(Exception):
     @property
     def retryable(self) -> bool:
         """Worth another try before any text was shown: rate limits and server trouble."""
+        if self.code == "Throttling.AllocationQuota":  # an exhausted quota does not come back in seconds
+            return False
         return self.status in (408, 409, 429) or (self.status or 0) >= 500 or self.code in (
             "ConnectionError",
             "Timeout",
@@ -260,13 +265,41 @@ class QwenClient:
         return self.sdk_client(connection).config.protocol_base_url
 
     def stream(
-        self, connection: Connection, request: ChatRequest, state: CallState
+        self,
+        connection: Connection,
+        request: ChatRequest,
+        state: CallState,
+        *,
+        retry: "RetryPolicy | None" = None,
+        on_retry: Callable[[QwenAPIError, float, int], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> Iterator[Event]:
         """Yield the answer's events; raise ``QwenAPIError`` for any failure.
 
+        A rate limit or server error that comes before anything was shown is retried as
+        ``retry`` allows (``on_retry`` is told first); once text has been shown, never.
         ``state`` is filled as frames arrive, so a caller that stops early (an interrupt)
         or catches an error still has the usage and request id seen so far.
         """
+        attempt = 0
+        while True:
+            shown = False
+            try:
+                for event in self._attempt(connection, request, state):
+                    shown = True
+                    yield event
+                return
+            except QwenAPIError as error:
+                if shown or not error.retryable or retry is None or attempt >= retry.max_retries:
+                    raise
+                attempt += 1
+                delay = retry.delay(attempt, error.retry_after)
+                if on_retry is not None:
+                    on_retry(error, delay, attempt)
+                sleep(delay)
+                state.request_id = None
+
+    def _attempt(self, connection: Connection, request: ChatRequest, state: CallState) -> Iterator[Event]:
         client = self.sdk_client(connection)
         key = client.config.api_key
         try:

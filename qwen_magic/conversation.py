@@ -52,19 +52,20 @@ class Chat:
         before = self.turns if index is None else self.turns[:index]
         return [turn for turn in before if turn.gives_context]
 
-    def record(self, turn: Turn) -> None:
-        """Replace the cell's earlier turn in place, or append: re-runs never duplicate."""
+    def record(self, turn: Turn) -> int:
+        """Replace the cell's earlier turn in place, or append; return its 1-based number."""
         index = self._index_of(turn.cell_id)
         if index is None:
             self.turns.append(turn)
-        else:
-            self.turns[index] = turn
+            return len(self.turns)
+        self.turns[index] = turn
+        return index + 1
 
-    def messages_for(self, prompt: str, cell_id: str | None) -> list[dict[str, Any]]:
+    def messages_for(self, prompt: str, cell_id: str | None, *, system: str | None) -> list[dict[str, Any]]:
         """System prompt, the context turns, then this cell's question."""
         messages: list[dict[str, Any]] = []
-        if self.system:
-            messages.append({"role": "system", "content": self.system})
+        if system:
+            messages.append({"role": "system", "content": system})
         for turn in self.context_for(cell_id):
             messages.extend(turn.messages())
         messages.append({"role": "user", "content": prompt})

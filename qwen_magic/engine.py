@@ -1,18 +1,20 @@
 """One cell's flow, as plain code the magic delegates to.
 
-options -> chat context -> client stream -> view -> turn. The kernel-wide state (the SDK
-client, the session's key, the chats) lives in one ``QwenSession`` per shell.
+options -> chat context -> preflight (tokens, limit, cost, budget) -> rate limit -> client
+stream (retried before any text) -> view -> turn and ledger. The kernel-wide state (the SDK
+client, the session's key, the chats, the ledger) lives in one ``QwenSession`` per shell.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 from IPython.core.error import UsageError
 
+from .catalog import Catalog, load_catalog
 from .client import (
     NO_KEY_HELP,
     CallState,
@@ -21,10 +23,16 @@ from .client import (
     QwenAPIError,
     QwenClient,
     TextDelta,
+    Usage,
 )
 from .conversation import Chat, Turn
+from .ledger import Ledger
+from .limits import RateLimiter, RetryPolicy
 from .options import CellOptions
+from .preflight import DryRun, Preflight, check_cost, check_input_limit, prepare
+from .pricing import UNKNOWN_PRICE_HINT, call_cost
 from .result import COMPLETE, FAILED, INTERRUPTED, QwenResult
+from .tokens import count_text
 from .view import View, make_view
 
 
@@ -45,6 +53,9 @@ class Settings:
     timeout: float | None = None
     base_url: str | None = None
     protocol: str = "native"
+    budget: float | None = None
+    max_retries: int = 3
+    models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 class _Ticker(threading.Thread):
@@ -84,6 +95,11 @@ class QwenSession:
         self.client = QwenClient()
         self.session_key: str | None = None
         self.chats: dict[str, Chat] = {}
+        self.ledger = Ledger()
+        self.limiter = RateLimiter()
+        self.budget: float | None = None  # set by %qwen budget; None falls back to the trait
+        self.budget_off = False
+        self.retry_base_delay = 1.0
 
     def chat(self, name: str = "default") -> Chat:
         return self.chats.setdefault(name, Chat(name))
@@ -96,6 +112,19 @@ class QwenSession:
             timeout=settings.timeout,
         )
 
+    def catalog(self, settings: Settings) -> Catalog:
+        from .catalog import CatalogError
+
+        try:
+            return load_catalog(settings.models)
+        except CatalogError as error:
+            raise UsageError(f"The model catalog cannot be used: {error}") from None
+
+    def effective_budget(self, settings: Settings) -> float | None:
+        if self.budget_off:
+            return None
+        return self.budget if self.budget is not None else settings.budget
+
     def ask(
         self,
         prompt: str,
@@ -103,32 +132,60 @@ class QwenSession:
         settings: Settings,
         *,
         cell_id: str | None,
+        cell_label: str,
         in_kernel: bool,
         display: Callable[..., Any],
-    ) -> QwenResult:
+    ) -> QwenResult | DryRun:
         """Send one cell, stream the answer into its view, record the turn."""
         # Blank lines around the cell's text are not part of the question (and cost tokens).
         prompt = prompt.strip("\n").rstrip()
         if not prompt.strip():
             raise UsageError("The %%qwen cell is empty: write a question below the %%qwen line.")
-        model = options.model or settings.model
+        model_name = options.model or settings.model
+        model = self.catalog(settings).get(model_name)
         chat = self.chat()
         system = options.system or chat.system or settings.system
-        chat.system = system
-        request = ChatRequest(
-            model=model,
-            messages=tuple(chat.messages_for(prompt, cell_id)),
-            parameters=options.parameters(),
-            stream=options.stream,
+        messages = chat.messages_for(prompt, cell_id, system=system)
+        preflight = prepare(model_name, model, messages, max_tokens=options.max_tokens, thinking=False)
+        if options.dry_run:
+            return DryRun(preflight)
+        check_input_limit(preflight)
+        check_cost(
+            preflight,
+            spent=self.ledger.total_cost,
+            budget=self.effective_budget(settings),
+            max_cost=options.max_cost,
         )
         connection = self.connection(settings)
         if settings.protocol == "native" and not self.client.resolved_key(connection):
             raise UsageError(NO_KEY_HELP)
 
+        request = ChatRequest(
+            model=model_name,
+            messages=tuple(messages),
+            parameters=options.parameters(),
+            stream=options.stream,
+        )
         view = make_view(settings.display, in_kernel=in_kernel, display=display)
-        result, error = self._stream(request, connection, view)
-        view.finish(result, result.footer())
-        chat.record(Turn(prompt=prompt, result=result, cell_id=cell_id))
+        chat.system = system
+        try:
+            self._wait_for_rate_limit(preflight, view)
+        except KeyboardInterrupt:
+            raise QwenInterrupted("stopped while waiting for the rate limit; nothing was sent.") from None
+        sent = self.limiter.record(model_name, preflight.input_tokens)
+        retry = RetryPolicy(settings.max_retries, base_delay=self.retry_base_delay)
+        result, error = self._stream(request, connection, view, retry, preflight)
+        self.limiter.settle(sent, result.usage.total_tokens)
+
+        result.cost = call_cost(model, result.usage)
+        if result.cost is None:
+            result.notes.append(UNKNOWN_PRICE_HINT.format(model=model_name))
+        self.ledger.add(cell=cell_label, chat=chat.name, model=model_name, usage=result.usage,
+                        cost=result.cost, status=result.status, elapsed=result.elapsed)
+        result.session_cost = self.ledger.total_cost
+        result.chat = chat.name
+        result.turn = chat.record(Turn(prompt=prompt, result=result, cell_id=cell_id))
+        view.finish(result)
 
         if result.status == INTERRUPTED:
             raise QwenInterrupted(
@@ -138,8 +195,28 @@ class QwenSession:
             raise error
         return result
 
+    def _wait_for_rate_limit(self, preflight: Preflight, view: View) -> None:
+        """Wait, saying so, until the model's QPM and TPM windows have room for this call."""
+        model = preflight.model
+        if model is not None and model.tpm is not None and preflight.input_tokens > model.tpm:
+            raise UsageError(
+                f"Refused, nothing sent: {preflight.input_tokens:,} input tokens is more than "
+                f"{model.name}'s whole limit of {model.tpm:,} tokens per minute."
+            )
+        while True:
+            wait, reason = self.limiter.wait_needed(model, preflight.input_tokens)
+            if wait <= 0:
+                return
+            view.notice(f"Rate limit of {preflight.model_name} ({reason}): waiting {wait:.1f} s before sending.")
+            time.sleep(min(wait, 0.5))
+
     def _stream(
-        self, request: ChatRequest, connection: Connection, view: View
+        self,
+        request: ChatRequest,
+        connection: Connection,
+        view: View,
+        retry: RetryPolicy,
+        preflight: Preflight,
     ) -> tuple[QwenResult, QwenAPIError | None]:
         """Drive the view from the stream; an interrupt or a failure keeps the partial text."""
         state = CallState()
@@ -148,10 +225,17 @@ class QwenSession:
         started = time.monotonic()
         first_text_after: float | None = None
         status, failure = COMPLETE, None
+
+        def on_retry(error: QwenAPIError, delay: float, attempt: int) -> None:
+            view.notice(
+                f"{error.code} from the server: retrying in {delay:.1f} s "
+                f"(try {attempt + 1} of {retry.max_retries + 1})."
+            )
+
         ticker = _Ticker(view, request.model, started)
         ticker.start()
         try:
-            for event in self.client.stream(connection, request, state):
+            for event in self.client.stream(connection, request, state, retry=retry, on_retry=on_retry):
                 if isinstance(event, TextDelta):
                     if first_text_after is None:
                         first_text_after = time.monotonic() - started
@@ -167,10 +251,14 @@ class QwenSession:
             status, failure = FAILED, error
         finally:
             ticker.stop()
+        usage = state.usage
+        if status == INTERRUPTED and not usage.input_tokens:
+            # Cut off before the server reported usage: it still bills what it read and wrote.
+            usage = Usage(input_tokens=preflight.input_tokens, output_tokens=count_text("".join(text)))
         result = QwenResult(
             text="".join(text),
             model=request.model,
-            usage=state.usage,
+            usage=usage,
             request_id=state.request_id,
             elapsed=time.monotonic() - started,
             first_text_after=first_text_after,

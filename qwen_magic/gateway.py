@@ -373,11 +373,27 @@ _USAGE_ALIASES = {
 }
 
 
-def _final_usage(messages: list[dict], text: str, reasoning: str, override: Mapping[str, Any] | None) -> dict:
+def _template_extra_tokens(model: str, thinking: bool) -> int:
+    """What the server's template adds for this model (the catalog knows), as billing does."""
+    from .catalog import builtin_catalog
+
+    info = builtin_catalog().get(model)
+    return info.extra_input_tokens(thinking) if info else 0
+
+
+def _final_usage(
+    messages: list[dict],
+    text: str,
+    reasoning: str,
+    override: Mapping[str, Any] | None,
+    *,
+    model: str,
+    thinking: bool,
+) -> dict:
     """Billing figures in native names; a scripted override wins key by key."""
     reasoning_tokens = count_text(reasoning)
     usage: dict[str, Any] = {
-        "input_tokens": count_chat_input(messages),
+        "input_tokens": count_chat_input(messages, extra_tokens=_template_extra_tokens(model, thinking)),
         "output_tokens": count_text(text) + reasoning_tokens,
     }
     if reasoning:
@@ -434,7 +450,7 @@ class _Answer:
             text=text,
             reasoning=reasoning,
             pieces=pieces,
-            usage=_final_usage(messages, text, reasoning, reply.usage),
+            usage=_final_usage(messages, text, reasoning, reply.usage, model=model, thinking=thinking),
         )
 
     def usage_after(self, sent: int) -> dict[str, Any]:

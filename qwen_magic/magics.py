@@ -6,10 +6,11 @@ from typing import Any
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import parse_argstring
-from traitlets import Enum, Float, Unicode, validate
+from traitlets import Dict, Enum, Float, Int, TraitError, Unicode, validate
 
 from .commands import run_command
 from .engine import QwenSession, Settings
+from .preflight import DryRun
 from .options import CellOptions, cell_arguments
 
 
@@ -44,24 +45,50 @@ class QwenMagic(Magics):
         default_value="native",
         help="Wire protocol: DashScope native, or the OpenAI-compatible mode.",
     ).tag(config=True)
+    budget = Float(
+        None,
+        allow_none=True,
+        help="Session budget in yuan: a call whose worst case would pass it is refused (None: no budget).",
+    ).tag(config=True)
+    max_retries = Int(
+        3, help="Retries of a rate-limited or failed call before any text was shown (0: none)."
+    ).tag(config=True)
+    models = Dict(
+        help=(
+            "Catalog overrides and additions, e.g. {'my-model': {'input': 1.0, 'output': 2.0, "
+            "'max_input': 30000}} (prices in yuan per 1M tokens; qpm/tpm set rate limits)."
+        ),
+    ).tag(config=True)
 
     @validate("model")
     def _valid_model(self, proposal: dict[str, Any]) -> str:
         value = proposal["value"].strip()
         if not value:
-            from traitlets import TraitError
-
             raise TraitError("QwenMagic.model needs a model name, such as 'qwen-plus'.")
         return value
 
-    @validate("timeout")
-    def _valid_timeout(self, proposal: dict[str, Any]) -> float | None:
+    @validate("timeout", "budget")
+    def _valid_positive(self, proposal: dict[str, Any]) -> float | None:
         value = proposal["value"]
         if value is not None and value <= 0:
-            from traitlets import TraitError
-
-            raise TraitError("QwenMagic.timeout must be a positive number of seconds.")
+            raise TraitError(f"QwenMagic.{proposal['trait'].name} must be a positive number.")
         return value
+
+    @validate("max_retries")
+    def _valid_retries(self, proposal: dict[str, Any]) -> int:
+        if not 0 <= proposal["value"] <= 10:
+            raise TraitError("QwenMagic.max_retries must be between 0 and 10.")
+        return proposal["value"]
+
+    @validate("models")
+    def _valid_models(self, proposal: dict[str, Any]) -> dict[str, Any]:
+        from .catalog import CatalogError, builtin_catalog
+
+        try:
+            builtin_catalog().with_overrides(proposal["value"], "QwenMagic.models")
+        except CatalogError as error:
+            raise TraitError(str(error)) from None
+        return proposal["value"]
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -75,6 +102,9 @@ class QwenMagic(Magics):
             timeout=self.timeout,
             base_url=self.base_url,
             protocol=self.protocol,
+            budget=self.budget,
+            max_retries=self.max_retries,
+            models=dict(self.models),
         )
 
     @cell_arguments
@@ -108,9 +138,12 @@ class QwenMagic(Magics):
             options,
             self.settings(),
             cell_id=self._cell_id(),
+            cell_label=f"In [{self.shell.execution_count}]",
             in_kernel=getattr(self.shell, "kernel", None) is not None,
             display=_display,
         )
+        if isinstance(result, DryRun):
+            return result
         if options.out:
             self.shell.user_ns[options.out] = result
         return None

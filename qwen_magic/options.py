@@ -34,6 +34,17 @@ _CELL_ARGUMENTS = (
         help="Wait for the whole answer instead of streaming it.",
     ),
     argument("-o", "--out", metavar="VAR", help="Store the result object in this variable."),
+    argument(
+        "--dry-run",
+        action="store_true",
+        help="Show what would be sent, its tokens and its cost range; send nothing.",
+    ),
+    argument(
+        "--max-cost",
+        type=float,
+        metavar="YUAN",
+        help="Refuse this call if its worst case (with the longest answer) could cost more.",
+    ),
 )
 
 
@@ -57,6 +68,8 @@ class CellOptions:
     stop: tuple[str, ...] = field(default_factory=tuple)
     stream: bool = True
     out: str | None = None
+    dry_run: bool = False
+    max_cost: float | None = None
 
     @classmethod
     def from_namespace(cls, namespace: argparse.Namespace) -> "CellOptions":
@@ -70,6 +83,8 @@ class CellOptions:
             stop=tuple(_strip_quotes(s) or "" for s in (namespace.stop or ())),
             stream=namespace.stream,
             out=namespace.out,
+            dry_run=namespace.dry_run,
+            max_cost=namespace.max_cost,
         )
         options.validate()
         return options
@@ -88,6 +103,8 @@ class CellOptions:
             raise UsageError(f"--seed must be in [0, 2**31), not {self.seed}.")
         if any(not s for s in self.stop):
             raise UsageError("--stop needs a non-empty string.")
+        if self.max_cost is not None and not self.max_cost > 0:
+            raise UsageError(f"--max-cost must be a positive amount of yuan, not {self.max_cost}.")
         if self.out is not None and not self.out.isidentifier():
             raise UsageError(f"-o/--out needs a variable name, not {self.out!r}.")
 

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .client import Usage
+from .pricing import format_yuan
 
 COMPLETE = "complete"
 INTERRUPTED = "interrupted"
@@ -27,6 +28,11 @@ class QwenResult:
     reasoning: str = ""
     error: str | None = None
     search_results: list[dict[str, Any]] = field(default_factory=list)
+    cost: float | None = None  # yuan, from the server's usage at the request's tier
+    chat: str = "default"
+    turn: int | None = None
+    session_cost: float | None = None  # the session's running total after this call
+    notes: list[str] = field(default_factory=list)  # lines shown under the footer
 
     @property
     def streaming_seconds(self) -> float:
@@ -48,6 +54,11 @@ class QwenResult:
         parts = [self.model, f"{usage.input_tokens:,} in / {usage.output_tokens:,} out tokens"]
         if usage.reasoning_tokens:
             parts[-1] += f" ({usage.reasoning_tokens:,} thinking)"
+        parts.append(format_yuan(self.cost) if self.cost is not None else "cost unknown")
+        if self.turn is not None:
+            parts.append(f"chat {self.chat}, turn {self.turn}")
+        if self.session_cost is not None:
+            parts.append(f"session {format_yuan(self.session_cost)}")
         parts.append(f"{self.elapsed:.1f} s")
         rate = self.tokens_per_second
         if rate is not None:
@@ -69,11 +80,15 @@ class QwenResult:
     def __str__(self) -> str:
         return self.text
 
+    def footer_lines(self) -> list[str]:
+        """The footer, then any notes (an unknown price, turns left out of the context)."""
+        return [self.footer(), *self.notes]
+
     def _repr_markdown_(self) -> str:
-        return f"{self.text}\n\n*{self.footer()}*"
+        return self.text + "".join(f"\n\n*{line}*" for line in self.footer_lines())
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         if cycle:
             printer.text("QwenResult(...)")
             return
-        printer.text(f"{self.text}\n[{self.footer()}]")
+        printer.text(self.text + "".join(f"\n[{line}]" for line in self.footer_lines()))

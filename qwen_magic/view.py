@@ -42,18 +42,22 @@ class View(Protocol):
     def tick(self) -> None:
         """While streaming, called every ~100 ms from a timer thread: send what is pending."""
 
-    def finish(self, result: "QwenResult", footer: str) -> None:
+    def notice(self, text: str) -> None:
+        """Before any text: a wait or a retry the user should know about."""
+
+    def finish(self, result: "QwenResult") -> None:
         """The answer ended (complete, interrupted or failed): show what lasts."""
 
 
-def durable_bundle(result: "QwenResult", footer: str) -> tuple[dict[str, str], dict[str, Any]]:
+def durable_bundle(result: "QwenResult") -> tuple[dict[str, str], dict[str, Any]]:
     """The output a saved notebook keeps: Markdown for readers, safe HTML for display."""
-    markdown = f"{result.text}\n\n*{footer}*" if result.text else f"*{footer}*"
+    markdown = result._repr_markdown_().lstrip("\n")
     answer_html = render_markdown(result.text) if result.text else ""
-    html = (
-        f'<div class="qwen-answer">{answer_html}</div>'
-        f'<div class="qwen-footer" style="{FOOTER_STYLE}">{escape(footer)}</div>'
+    footer_html = "".join(
+        f'<div class="qwen-footer" style="{FOOTER_STYLE}">{escape(line)}</div>' for line in result.footer_lines()
     )
+    html = f'<div class="qwen-answer">{answer_html}</div>{footer_html}'
+
     metadata = {"qwen_magic": result.metadata()}
     return {"text/markdown": markdown, "text/html": html}, metadata
 
@@ -94,13 +98,22 @@ class WidgetView:
         self._has_text = False
         # The timer thread's tick() and the stream's add_text() both flush.
         self._lock = threading.Lock()
+        self._notices: list[str] = []
 
     def _html(self, value: str) -> Any:
         return self._widgets.HTML(value=value, layout=self._layout, style=self._style)
 
     def waiting(self, text: str) -> None:
-        if not self._has_text:
-            self._open.value = f'<div class="qwen-waiting" style="{FOOTER_STYLE}">{escape(text)}</div>'
+        with self._lock:
+            if not self._has_text:
+                notices = "".join(f"<div>{escape(n)}</div>" for n in self._notices)
+                self._open.value = (
+                    f'<div class="qwen-waiting" style="{FOOTER_STYLE}">{notices}{escape(text)}</div>'
+                )
+
+    def notice(self, text: str) -> None:
+        self._notices.append(text)
+        self.waiting(text)
 
     def add_reasoning(self, delta: str) -> None:
         """Reasoning is kept in the result; the live view shows the answer only."""
@@ -138,10 +151,10 @@ class WidgetView:
         self._box.children = (*self._groups, self._open)
         return 3
 
-    def finish(self, result: "QwenResult", footer: str) -> None:
+    def finish(self, result: "QwenResult") -> None:
         with self._lock:
             self._dirty = False
-        bundle, metadata = durable_bundle(result, footer)
+        bundle, metadata = durable_bundle(result)
         self._handle.update(bundle, raw=True, metadata=metadata)
         # The durable output replaced the view: release the widgets' comms.
         for group in self._groups:
@@ -170,6 +183,9 @@ class MarkdownView:
         if not self._has_text:
             self._handle.update({"text/plain": text, "text/html": f"<em>{escape(text)}</em>"}, raw=True)
 
+    def notice(self, text: str) -> None:
+        self.waiting(text)
+
     def add_reasoning(self, delta: str) -> None:
         """Reasoning is kept in the result; the live view shows the answer only."""
 
@@ -191,10 +207,10 @@ class MarkdownView:
             self._next = self._clock() + self.UPDATE_INTERVAL
             self._dirty = False
 
-    def finish(self, result: "QwenResult", footer: str) -> None:
+    def finish(self, result: "QwenResult") -> None:
         with self._lock:
             self._dirty = False
-        bundle, metadata = durable_bundle(result, footer)
+        bundle, metadata = durable_bundle(result)
         self._handle.update(bundle, raw=True, metadata=metadata)
 
 
@@ -213,6 +229,10 @@ class TerminalView:
     def waiting(self, text: str) -> None:
         """Nothing: a terminal keeps its scrollback clean until text comes."""
 
+    def notice(self, text: str) -> None:
+        self._out.write(f"[{text}]\n")
+        self._out.flush()
+
     def add_reasoning(self, delta: str) -> None:
         """Reasoning is kept in the result; the terminal shows the answer only."""
 
@@ -224,9 +244,10 @@ class TerminalView:
         self._out.flush()
         self._ends_with_newline = delta.endswith("\n")
 
-    def finish(self, result: "QwenResult", footer: str) -> None:
+    def finish(self, result: "QwenResult") -> None:
         prefix = "" if self._ends_with_newline else "\n"
-        self._out.write(f"{prefix}\n[{footer}]\n")
+        footer = "".join(f"[{line}]\n" for line in result.footer_lines())
+        self._out.write(f"{prefix}\n{footer}")
         self._out.flush()
 
 

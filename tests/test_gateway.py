@@ -15,6 +15,7 @@ import pytest
 from dashscope.v2 import errors
 
 from qwen_magic.gateway import Gateway, RecordedRequest, Reply
+from qwen_magic.catalog import builtin_catalog
 from qwen_magic.tokens import count_chat_input, count_text
 
 USER_HELLO = [{"role": "user", "content": "Hello there, who are you?"}]
@@ -61,12 +62,25 @@ def test_unscripted_answer_names_the_model_and_echoes_the_prompt(gw, client):
     assert final.choices[0].finish_reason == "stop"
 
 
+def billed_input(messages, model="qwen-plus", thinking=False):
+    """Input tokens the server bills: the chat template, plus the model's empty think block."""
+    return count_chat_input(messages, extra_tokens=builtin_catalog().get(model).extra_input_tokens(thinking))
+
+
 def test_unscripted_chinese_prompt_gets_a_chinese_answer_billed_like_the_server(gw, client):
-    final = stream(client, messages=[{"role": "user", "content": "你是谁？"}]).get_final_message()
-    assert final.output_text.startswith("这是 qwen_magic 离线网关（模型 qwen-plus）的回答。你说：你是谁？")
+    final = stream(client, model="qwen-max", messages=[{"role": "user", "content": "你是谁？"}]).get_final_message()
+    assert final.output_text.startswith("这是 qwen_magic 离线网关（模型 qwen-max）的回答。你说：你是谁？")
     assert final.usage.input_tokens == 22  # what DashScope billed for this exact prompt
     assert final.usage.output_tokens == count_text(final.output_text)
     assert final.usage.total_tokens == 22 + final.usage.output_tokens
+
+
+def test_qwen3_hybrid_models_bill_an_empty_think_block_unless_thinking(gw, client):
+    asked = [{"role": "user", "content": "你是谁？"}]
+    plain = stream(client, model="qwen-plus", messages=asked).get_final_message()
+    thinking = stream(client, model="qwen-plus", messages=asked, enable_thinking=True).get_final_message()
+    assert plain.usage.input_tokens == 22 + 4
+    assert thinking.usage.input_tokens == 22
 
 
 def test_unscripted_thinking_request_streams_default_reasoning_first(gw, client):
@@ -117,7 +131,7 @@ def test_native_usage_is_a_running_total_in_every_frame(gw, client):
     chunks = list(stream(client))
     inputs = {c.usage.input_tokens for c in chunks}
     outputs = [c.usage.output_tokens for c in chunks]
-    assert inputs == {count_chat_input(USER_HELLO)}
+    assert inputs == {billed_input(USER_HELLO)}
     assert outputs == [10, 20, 30, 40]
     assert [c.usage.total_tokens - c.usage.input_tokens for c in chunks] == outputs
     assert [c.choices[0].finish_reason for c in chunks] == ["null", "null", "null", "stop"]
@@ -150,7 +164,7 @@ def test_non_streaming_request_gets_the_whole_answer_in_one_body(gw, client):
     assert completion.choices[0].finish_reason == "length"
     assert completion.request_id == "req-whole"
     assert completion.headers["x-request-id"] == "req-whole"
-    assert completion.usage.input_tokens == count_chat_input(USER_HELLO)
+    assert completion.usage.input_tokens == billed_input(USER_HELLO)
     assert gw.requests[-1].stream is False
 
 
@@ -170,7 +184,7 @@ def test_multimodal_request_uses_its_endpoint_and_list_content(gw, client):
     recorded = gw.requests[-1]
     assert recorded.path == "/api/v1/services/aigc/multimodal-generation/generation"
     assert recorded.messages[0]["content"] == [{"image": "https://example.com/cat.png"}, {"text": "What is this?"}]
-    assert final.usage.input_tokens == count_chat_input([{"role": "user", "content": "What is this?"}])
+    assert final.usage.input_tokens == billed_input([{"role": "user", "content": "What is this?"}], "qwen-vl-plus")
 
 
 def test_search_results_reach_the_final_message(gw, client):
@@ -418,7 +432,7 @@ def test_compatible_stream_ends_with_a_usage_frame_and_done(gw):
     assert frames[-2]["choices"][0]["finish_reason"] == "stop"
     usage_frame = frames[-1]
     assert usage_frame["choices"] == []
-    assert usage_frame["usage"]["prompt_tokens"] == count_chat_input(USER_HELLO)
+    assert usage_frame["usage"]["prompt_tokens"] == billed_input(USER_HELLO)
     assert usage_frame["usage"]["completion_tokens"] == count_text("Hello") + count_text("hmm")
     assert usage_frame["usage"]["total_tokens"] == sum(usage_frame["usage"][k] for k in
                                                        ("prompt_tokens", "completion_tokens"))
@@ -429,7 +443,7 @@ def test_compatible_mode_through_the_sdk(gw, compatible):
     chat = compatible.chat.completions.create(model="qwen-plus", messages=USER_HELLO, stream=True)
     final = chat.get_final_message()
     assert final.output_text == "Bonjour !"
-    assert final.usage.input_tokens == count_chat_input(USER_HELLO)
+    assert final.usage.input_tokens == billed_input(USER_HELLO)
     recorded = gw.requests[-1]
     assert (recorded.protocol, recorded.path) == ("openai", "/compatible-mode/v1/chat/completions")
     assert recorded.parameters["stream_options"] == {"include_usage": True}

@@ -19,9 +19,16 @@ def make(**overrides: object) -> QwenResult:
     return QwenResult(**fields)  # type: ignore[arg-type]
 
 
-def test_footer_has_model_tokens_time_and_speed() -> None:
-    footer = make().footer()
-    assert footer == "qwen-plus · 1,234 in / 200 out tokens · 2.5 s · 100 tok/s"
+def test_footer_has_model_tokens_cost_chat_session_time_and_speed() -> None:
+    footer = make(cost=0.00042, turn=3, session_cost=0.0123).footer()
+    assert footer == (
+        "qwen-plus · 1,234 in / 200 out tokens · ¥0.00042 · chat default, turn 3 · "
+        "session ¥0.0123 · 2.5 s · 100 tok/s"
+    )
+
+
+def test_footer_says_when_the_cost_is_unknown() -> None:
+    assert "· cost unknown ·" in make(cost=None).footer()
 
 
 def test_footer_marks_interrupted_failed_and_cut_answers() -> None:
@@ -43,9 +50,11 @@ def test_reprs_show_the_text_and_the_footer() -> None:
     result = make()
     assert str(result) == "Hello **there**"
     assert result._repr_markdown_().startswith("Hello **there**\n\n*qwen-plus")
+    result.notes.append("a note")
+    assert result._repr_markdown_().endswith("*\n\n*a note*")
     from IPython.lib.pretty import pretty
 
-    assert pretty(result) == "Hello **there**\n[" + result.footer() + "]"
+    assert pretty(result) == "Hello **there**\n[" + result.footer() + "]\n[a note]"
 
 
 def test_metadata_is_plain_json() -> None:

@@ -188,6 +188,7 @@ def test_login_keeps_the_key_in_memory_only(shell, gateway: Gateway, monkeypatch
     ],
 )
 def test_dashscope_errors_are_one_clear_line(shell, gateway: Gateway, capsys, reply: Reply, code: str, advice: str) -> None:
+    shell.run_line_magic("config", "QwenMagic.max_retries = 0")  # the error itself, not a retry
     gateway.script(reply)
     outcome = run(shell, "%%qwen -o answer\nHi")
     assert not outcome.success

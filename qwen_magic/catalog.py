@@ -1,0 +1,184 @@
+"""The model catalog: limits, prices and rate limits, as data.
+
+The built-in ``models.toml`` ships with the package; a user's ``models.toml`` (in the
+config directory, or the file named by ``QWEN_MAGIC_MODELS``) and the
+``QwenMagic.models`` trait override any figure or add models, because prices change.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BUILTIN_PATH = Path(__file__).with_name("models.toml")
+THINKING_MODES = ("none", "hybrid", "only")
+
+
+class CatalogError(ValueError):
+    """A catalog file or override that cannot be used; the message names where and why."""
+
+
+@dataclass(frozen=True)
+class PriceTier:
+    """Prices in yuan per 1,000,000 tokens for requests of up to ``up_to`` input tokens."""
+
+    input: float
+    output: float
+    up_to: int | None = None
+    thinking_output: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    tiers: tuple[PriceTier, ...] = ()
+    context: int | None = None
+    max_input: int | None = None
+    max_output: int | None = None
+    thinking: str = "none"
+    template_extra_tokens: int = 0
+    vision: bool = False
+    retired: bool = False
+    free_quota: int | None = None
+    free_quota_days: int | None = None
+    qpm: int | None = None
+    tpm: int | None = None
+    source: str = ""
+    as_of: str = ""
+
+    @property
+    def priced(self) -> bool:
+        return bool(self.tiers)
+
+    def tier_for(self, input_tokens: int) -> PriceTier | None:
+        """The tier a request with this many input tokens is billed at."""
+        for tier in self.tiers:
+            if tier.up_to is None or input_tokens <= tier.up_to:
+                return tier
+        return self.tiers[-1] if self.tiers else None
+
+    def extra_input_tokens(self, thinking: bool) -> int:
+        """Tokens the server's chat template adds (an empty think block when not thinking)."""
+        return 0 if thinking else self.template_extra_tokens
+
+
+_MODEL_FIELDS = {f.name for f in fields(ModelInfo)} - {"name", "tiers"}
+_SHORTHAND = {"input", "output", "thinking_output"}  # one flat tier, for user additions
+_TIER_FIELDS = {f.name for f in fields(PriceTier)}
+
+
+def _model_from(name: str, data: Mapping[str, Any], base: ModelInfo | None, where: str) -> ModelInfo:
+    unknown = set(data) - _MODEL_FIELDS - _SHORTHAND - {"tiers"}
+    if unknown:
+        raise CatalogError(f"{where}: model {name!r} has unknown keys {sorted(unknown)}")
+    values: dict[str, Any] = {key: data[key] for key in data if key in _MODEL_FIELDS}
+    for key in ("context", "max_input", "max_output", "free_quota", "free_quota_days", "qpm", "tpm",
+                "template_extra_tokens"):
+        if key in values and values[key] is not None:
+            if not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 0:
+                raise CatalogError(f"{where}: {name}.{key} must be a whole number >= 0, not {values[key]!r}")
+    if values.get("thinking", "none") not in THINKING_MODES:
+        raise CatalogError(f"{where}: {name}.thinking must be one of {THINKING_MODES}")
+    if "tiers" in data:
+        values["tiers"] = _tiers_from(name, data["tiers"], where)
+    elif _SHORTHAND & set(data):
+        if not {"input", "output"} <= set(data):
+            raise CatalogError(f"{where}: {name} needs both 'input' and 'output' prices (yuan per 1M tokens)")
+        values["tiers"] = _tiers_from(name, [{k: data[k] for k in _SHORTHAND if k in data}], where)
+    if base is not None:
+        return replace(base, **values)
+    return ModelInfo(name=name, **values)
+
+
+def _tiers_from(name: str, raw: Any, where: str) -> tuple[PriceTier, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise CatalogError(f"{where}: {name}.tiers must be a non-empty list")
+    tiers = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, Mapping) or set(item) - _TIER_FIELDS or not {"input", "output"} <= set(item):
+            raise CatalogError(f"{where}: {name}.tiers[{index}] needs input and output prices, and nothing else "
+                               f"but up_to and thinking_output")
+        prices = [item["input"], item["output"], item.get("thinking_output", 0)]
+        if any(not isinstance(p, (int, float)) or isinstance(p, bool) or p < 0 for p in prices):
+            raise CatalogError(f"{where}: {name}.tiers[{index}] prices must be numbers >= 0")
+        tiers.append(PriceTier(input=float(item["input"]), output=float(item["output"]),
+                               up_to=item.get("up_to"),
+                               thinking_output=None if item.get("thinking_output") is None
+                               else float(item["thinking_output"])))
+    bounds = [t.up_to for t in tiers]
+    if bounds[-1] is not None or any(b is None for b in bounds[:-1]) or bounds[:-1] != sorted(bounds[:-1]):
+        raise CatalogError(f"{where}: {name}.tiers need rising up_to bounds, and none on the last tier")
+    return tuple(tiers)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    models: Mapping[str, ModelInfo]
+    sources: tuple[str, ...] = ()
+
+    def get(self, name: str) -> ModelInfo | None:
+        return self.models.get(name)
+
+    def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]], where: str) -> "Catalog":
+        """A catalog where ``overrides`` change figures of known models or add new ones."""
+        if not overrides:
+            return self
+        models = dict(self.models)
+        for name, data in overrides.items():
+            if not isinstance(data, Mapping):
+                raise CatalogError(f"{where}: {name!r} must map to a table of figures")
+            models[name] = _model_from(name, data, models.get(name), where)
+        return Catalog(models, (*self.sources, where))
+
+    def vision_models(self) -> list[str]:
+        return [m.name for m in self.models.values() if m.vision and not m.retired]
+
+
+def _read(path: Path) -> Mapping[str, Mapping[str, Any]]:
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise CatalogError(f"{path}: not valid TOML ({error})") from None
+    models = document.get("models", {})
+    if not isinstance(models, Mapping):
+        raise CatalogError(f"{path}: [models] must be a table of model names")
+    return models
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_catalog() -> Catalog:
+    """The shipped catalog, read and checked once per process."""
+    catalog = Catalog({}, ()).with_overrides(_read(BUILTIN_PATH), str(BUILTIN_PATH))
+    for model in catalog.models.values():
+        if not model.priced or model.max_input is None:
+            raise CatalogError(f"{BUILTIN_PATH}: {model.name} lacks prices or limits")
+    return Catalog(catalog.models, ("built-in models.toml",))
+
+
+def user_catalog_path() -> Path:
+    """Where a user's catalog overrides live (QWEN_MAGIC_MODELS names another file)."""
+    named = os.environ.get("QWEN_MAGIC_MODELS")
+    if named:
+        return Path(named).expanduser()
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("qwen-magic")) / "models.toml"
+
+
+def load_catalog(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Catalog:
+    """Built-in figures, then the user's file, then the trait's overrides."""
+    catalog = builtin_catalog()
+    path = user_catalog_path()
+    if path.is_file():
+        catalog = catalog.with_overrides(_read(path), str(path))
+    return catalog.with_overrides(overrides or {}, "QwenMagic.models")

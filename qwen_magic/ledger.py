@@ -1,0 +1,116 @@
+"""Every call of the session, with its tokens and cost: what ``%qwen usage`` shows."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import Any
+
+from .client import Usage
+from .pricing import format_yuan
+from .tables import aligned, html_table
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    number: int
+    cell: str
+    chat: str
+    model: str
+    usage: Usage
+    cost: float | None
+    status: str
+    elapsed: float
+
+
+@dataclass
+class ModelTotals:
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    unpriced_calls: int = 0
+
+
+@dataclass
+class Ledger:
+    records: list[CallRecord] = field(default_factory=list)
+
+    def add(self, *, cell: str, chat: str, model: str, usage: Usage, cost: float | None,
+            status: str, elapsed: float) -> CallRecord:
+        record = CallRecord(len(self.records) + 1, cell, chat, model, usage, cost, status, elapsed)
+        self.records.append(record)
+        return record
+
+    @property
+    def total_cost(self) -> float:
+        """Yuan spent this session (calls of unknown price count as 0, and are flagged)."""
+        return sum(r.cost or 0.0 for r in self.records)
+
+    def per_model(self) -> dict[str, ModelTotals]:
+        totals: dict[str, ModelTotals] = {}
+        for record in self.records:
+            entry = totals.setdefault(record.model, ModelTotals())
+            entry.calls += 1
+            entry.input_tokens += record.usage.input_tokens
+            entry.output_tokens += record.usage.output_tokens
+            if record.cost is None:
+                entry.unpriced_calls += 1
+            else:
+                entry.cost += record.cost
+        return totals
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """``%qwen usage``: calls, totals per model and overall, and a bar per call."""
+
+    ledger: Ledger
+
+    def _rows(self) -> list[tuple[str, ...]]:
+        return [
+            (str(r.number), r.cell, r.chat, r.model, f"{r.usage.input_tokens:,}", f"{r.usage.output_tokens:,}",
+             format_yuan(r.cost), r.status)
+            for r in self.ledger.records
+        ]
+
+    def _totals(self) -> list[tuple[str, ...]]:
+        rows = []
+        for model, totals in self.ledger.per_model().items():
+            cost = format_yuan(totals.cost) + (f" (+{totals.unpriced_calls} unpriced)" if totals.unpriced_calls else "")
+            rows.append((model, str(totals.calls), f"{totals.input_tokens:,}", f"{totals.output_tokens:,}", cost))
+        return rows
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        if not self.ledger.records:
+            printer.text("No calls yet this session.")
+            return
+        header = ("#", "cell", "chat", "model", "in", "out", "cost", "status")
+        lines = aligned([header, *self._rows()])
+        lines.append("")
+        lines.extend(aligned([("model", "calls", "in", "out", "cost"), *self._totals()]))
+        lines.append(f"total: {format_yuan(self.ledger.total_cost)} in {len(self.ledger.records)} calls")
+        printer.text("\n".join(lines))
+
+    def _repr_html_(self) -> str:
+        if not self.ledger.records:
+            return "<p>No calls yet this session.</p>"
+        biggest = max(r.usage.total_tokens for r in self.ledger.records) or 1
+        rows = []
+        for record, cells in zip(self.ledger.records, self._rows()):
+            width_in = 100 * record.usage.input_tokens / biggest
+            width_out = 100 * record.usage.output_tokens / biggest
+            bar = (
+                f"<div style='display:flex;width:12em;height:0.8em' title='input / output tokens'>"
+                f"<div style='width:{width_in:.1f}%;background:#7aa6d6'></div>"
+                f"<div style='width:{width_out:.1f}%;background:#e39b4d'></div></div>"
+            )
+            rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + f"<td>{bar}</td></tr>")
+        totals = html_table(self._totals(), ("model", "calls", "in", "out", "cost"))
+        return (
+            "<table><tr><th>#</th><th>cell</th><th>chat</th><th>model</th><th>in</th><th>out</th>"
+            "<th>cost</th><th>status</th><th>tokens (<span style='color:#7aa6d6'>in</span> / "
+            "<span style='color:#e39b4d'>out</span>)</th></tr>" + "".join(rows) + "</table>"
+            + totals
+            + f"<p><strong>total: {format_yuan(self.ledger.total_cost)}</strong> in {len(self.ledger.records)} calls</p>"
+        )

@@ -1,0 +1,142 @@
+"""Before anything is sent: count the tokens, check the model's limit, the budget and the cost.
+
+Every refusal here is a ``UsageError`` that says what the call could cost or how far over
+the limit it is, and how to proceed; the server receives nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from IPython.core.error import UsageError
+
+from .catalog import ModelInfo
+from .pricing import Estimate, estimate, format_yuan, output_tokens_affordable
+from .tables import aligned, html_table
+from .tokens import count_chat_input
+
+# With no --max-tokens and no catalog figure, the worst case assumes this long an answer.
+DEFAULT_WORST_OUTPUT = 8192
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What a request will carry and may cost."""
+
+    model_name: str
+    model: ModelInfo | None
+    messages: tuple[Mapping[str, Any], ...]
+    input_tokens: int
+    estimate: Estimate
+    thinking: bool
+
+    @property
+    def max_input(self) -> int | None:
+        return self.model.max_input if self.model else None
+
+
+def prepare(
+    model_name: str,
+    model: ModelInfo | None,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    max_tokens: int | None,
+    thinking: bool,
+) -> Preflight:
+    """Count the request's input tokens (chat template included) and estimate its cost."""
+    thinking = thinking or (model is not None and model.thinking == "only")
+    extra = model.extra_input_tokens(thinking) if model else 0
+    input_tokens = count_chat_input(messages, extra_tokens=extra)
+    max_output = max_tokens or (model.max_output if model and model.max_output else DEFAULT_WORST_OUTPUT)
+    return Preflight(
+        model_name, model, tuple(messages), input_tokens,
+        estimate(model, input_tokens, max_output, thinking=thinking), thinking,
+    )
+
+
+def check_input_limit(preflight: Preflight) -> None:
+    limit = preflight.max_input
+    if limit is not None and preflight.input_tokens > limit:
+        raise UsageError(
+            f"Refused, nothing sent: this request has {preflight.input_tokens:,} input tokens, over "
+            f"{preflight.model_name}'s limit of {limit:,}. Shorten the prompt or the chat "
+            f"(%qwen reset), or pick a model with a longer context (%qwen models)."
+        )
+
+
+def check_cost(preflight: Preflight, *, spent: float, budget: float | None, max_cost: float | None) -> None:
+    """Refuse a call whose worst case would pass --max-cost or the session's budget."""
+    if budget is None and max_cost is None:
+        return
+    worst = preflight.estimate.worst_cost
+    model = preflight.model
+    if worst is None or model is None:
+        raise UsageError(
+            f"Refused, nothing sent: a budget is set but {preflight.model_name}'s price is unknown, so "
+            f"its cost cannot be bounded. Add its price with %config QwenMagic.models = "
+            f"{{'{preflight.model_name}': {{'input': YUAN_PER_1M, 'output': YUAN_PER_1M}}}}, "
+            f"or turn the budget off (%qwen budget off)."
+        )
+    limits = []
+    if max_cost is not None:
+        limits.append((max_cost, f"--max-cost {format_yuan(max_cost)}", "raise --max-cost"))
+    if budget is not None:
+        left = max(budget - spent, 0.0)
+        limits.append((left, f"the session budget ({format_yuan(left)} left of {format_yuan(budget)})",
+                       f"raise the budget (%qwen budget {_suggest(budget + worst - left)})"))
+    for allowed, what, raise_it in limits:
+        if worst > allowed:
+            fits = output_tokens_affordable(model, preflight.input_tokens, allowed, thinking=preflight.thinking)
+            lower = (f"or lower --max-tokens to {fits:,} or less" if fits > 0
+                     else "or shorten the prompt and chat: the input alone is over it")
+            raise UsageError(
+                f"Refused, nothing sent: this call could cost up to {format_yuan(worst)} "
+                f"({preflight.input_tokens:,} input tokens and up to "
+                f"{preflight.estimate.max_output_tokens:,} output tokens on {preflight.model_name}), "
+                f"more than {what}. To go ahead, {raise_it}, {lower}."
+            )
+
+
+def _suggest(amount: float) -> str:
+    """A round figure at least ``amount``, for the user to type."""
+    for step in (0.01, 0.1, 1, 10, 100, 1000):
+        if amount <= step * 10:
+            rounded = -(-amount // step) * step
+            return f"{rounded:g}"
+    return f"{amount:.0f}"
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """``--dry-run``: what would be sent, its tokens and its cost range; nothing is sent."""
+
+    preflight: Preflight
+
+    def _summary(self) -> list[tuple[str, str]]:
+        p = self.preflight
+        limit = f"{p.max_input:,}" if p.max_input is not None else "unknown"
+        rows = [
+            ("model", p.model_name),
+            ("input tokens", f"{p.input_tokens:,} (model limit {limit})"),
+            ("cost now", f"{format_yuan(p.estimate.input_cost)} for the input"),
+            ("worst case", f"{format_yuan(p.estimate.worst_cost)} with {p.estimate.max_output_tokens:,} output tokens"),
+        ]
+        if p.model is None:
+            rows.append(("note", f"{p.model_name} is not in the catalog: its price is unknown"))
+        return rows
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        lines = ["Dry run: nothing was sent."]
+        lines += aligned([list(row) for row in self._summary()], "  ")
+        lines.append("Messages:")
+        for message in self.preflight.messages:
+            lines.append(f"  [{message['role']}] {message['content']}")
+        printer.text("\n".join(lines))
+
+    def _repr_html_(self) -> str:
+        messages = html_table([(str(m["role"]), str(m["content"])) for m in self.preflight.messages], ("role", "content"))
+        return (
+            f"<strong>Dry run: nothing was sent.</strong>{html_table(self._summary())}"
+            f"<details open><summary>Messages ({len(self.preflight.messages)})</summary>{messages}</details>"
+        )

@@ -1,0 +1,86 @@
+"""What a call costs, what it may cost before it is sent, and the session's budget."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .catalog import ModelInfo
+from .client import Usage
+
+PER_MILLION = 1_000_000
+
+
+def call_cost(model: ModelInfo | None, usage: Usage) -> float | None:
+    """Yuan for one call from its usage, at the tier of its input; None if the price is unknown.
+
+    In thinking mode the output is billed at the thinking price, but a thinking call that
+    produced no reasoning is billed at the ordinary price (DashScope's rule).
+    """
+    if model is None or not model.priced:
+        return None
+    tier = model.tier_for(usage.input_tokens)
+    assert tier is not None
+    output_price = tier.output
+    if usage.reasoning_tokens and tier.thinking_output is not None:
+        output_price = tier.thinking_output
+    return (usage.input_tokens * tier.input + usage.output_tokens * output_price) / PER_MILLION
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Before sending: the input's cost now, and the worst case with the longest answer."""
+
+    input_tokens: int
+    max_output_tokens: int
+    input_cost: float | None
+    worst_cost: float | None
+
+
+def estimate(model: ModelInfo | None, input_tokens: int, max_output_tokens: int, *, thinking: bool) -> Estimate:
+    if model is None or not model.priced:
+        return Estimate(input_tokens, max_output_tokens, None, None)
+    tier = model.tier_for(input_tokens)
+    assert tier is not None
+    output_price = tier.output
+    if (thinking or model.thinking == "only") and tier.thinking_output is not None:
+        output_price = tier.thinking_output
+    input_cost = input_tokens * tier.input / PER_MILLION
+    return Estimate(
+        input_tokens,
+        max_output_tokens,
+        input_cost,
+        input_cost + max_output_tokens * output_price / PER_MILLION,
+    )
+
+
+def output_tokens_affordable(model: ModelInfo, input_tokens: int, yuan: float, *, thinking: bool) -> int:
+    """The largest --max-tokens whose worst case stays within ``yuan`` (0 if none does)."""
+    base = estimate(model, input_tokens, 0, thinking=thinking)
+    per_token = estimate(model, input_tokens, PER_MILLION, thinking=thinking)
+    assert base.input_cost is not None and per_token.worst_cost is not None
+    price = (per_token.worst_cost - base.input_cost) / PER_MILLION
+    left = yuan - base.input_cost
+    if left <= 0:
+        return 0
+    return int(left / price) if price > 0 else PER_MILLION
+
+
+def format_yuan(amount: float | None) -> str:
+    """Yuan with enough digits to matter: ¥0.0004 never shows as ¥0.00."""
+    if amount is None:
+        return "¥?"
+    if amount == 0:
+        return "¥0"
+    if amount >= 1:
+        return f"¥{amount:,.2f}"
+    # At least 4 decimals, and always two significant digits.
+    decimals = max(4, 1 - math.floor(math.log10(amount)))
+    text = f"{amount:.{decimals}f}".rstrip("0").rstrip(".")
+    return f"¥{text}"
+
+
+UNKNOWN_PRICE_HINT = (
+    "cost unknown: add the model's price with "
+    "%config QwenMagic.models = {{'{model}': {{'input': YUAN_PER_1M, 'output': YUAN_PER_1M}}}}"
+)
