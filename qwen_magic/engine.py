@@ -203,11 +203,17 @@ class QwenSession:
                 f"Refused, nothing sent: {preflight.input_tokens:,} input tokens is more than "
                 f"{model.name}'s whole limit of {model.tpm:,} tokens per minute."
             )
+        announced = False
         while True:
             wait, reason = self.limiter.wait_needed(model, preflight.input_tokens)
             if wait <= 0:
                 return
-            view.notice(f"Rate limit of {preflight.model_name} ({reason}): waiting {wait:.1f} s before sending.")
+            message = f"Rate limit of {preflight.model_name} ({reason}): waiting {wait:.1f} s before sending."
+            if announced:
+                view.waiting(message)
+            else:
+                view.notice(message)
+                announced = True
             time.sleep(min(wait, 0.5))
 
     def _stream(

@@ -81,12 +81,21 @@ class UsageReport:
             rows.append((model, str(totals.calls), f"{totals.input_tokens:,}", f"{totals.output_tokens:,}", cost))
         return rows
 
+    def _text_bars(self, width: int = 20) -> list[str]:
+        """Tokens per call as a bar: █ input, ░ output, scaled to the biggest call."""
+        biggest = max(r.usage.total_tokens for r in self.ledger.records) or 1
+        return [
+            "█" * round(width * r.usage.input_tokens / biggest) + "░" * round(width * r.usage.output_tokens / biggest)
+            for r in self.ledger.records
+        ]
+
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         if not self.ledger.records:
             printer.text("No calls yet this session.")
             return
-        header = ("#", "cell", "chat", "model", "in", "out", "cost", "status")
-        lines = aligned([header, *self._rows()])
+        header = ("#", "cell", "chat", "model", "in", "out", "cost", "status", "tokens (█ in ░ out)")
+        rows = [(*row, bar) for row, bar in zip(self._rows(), self._text_bars())]
+        lines = aligned([header, *rows])
         lines.append("")
         lines.extend(aligned([("model", "calls", "in", "out", "cost"), *self._totals()]))
         lines.append(f"total: {format_yuan(self.ledger.total_cost)} in {len(self.ledger.records)} calls")

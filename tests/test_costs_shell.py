@@ -191,8 +191,9 @@ def test_usage_lists_every_call_with_totals(shell, gateway: Gateway) -> None:
     report = shell.run_line_magic("qwen", "usage")
     text = pretty(report)
     lines = text.splitlines()
-    assert lines[0].split() == ["#", "cell", "chat", "model", "in", "out", "cost", "status"]
+    assert lines[0].split()[:8] == ["#", "cell", "chat", "model", "in", "out", "cost", "status"]
     assert "qwen-max" in lines[1] and "1,000" in lines[1] and "¥0.0034" in lines[1] and "complete" in lines[1]
+    assert lines[1].endswith("█" * 18 + "░" * 2)  # 1,000 in and 100 out of the biggest call
     assert "qwen-plus" in lines[2] and "failed" in lines[2]
     assert "total: ¥0.0034 in 2 calls" in text
     html = report._repr_html_()

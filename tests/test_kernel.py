@@ -180,6 +180,9 @@ def test_interrupt_keeps_the_partial_answer_and_stops_run_all(cells: Cells, kern
     assert data["text/markdown"].startswith("word0 word1 word2 word3")
     assert "word199" not in data["text/markdown"]
     assert "interrupted: partial answer" in data["text/markdown"]
+    # What was sent and streamed is billed even when the stream is cut short: it is counted.
+    meta = final_answer(execution)["metadata"]["qwen_magic"]
+    assert meta["status"] == "interrupted" and meta["usage"]["input_tokens"] > 0 and meta["cost"] > 0
 
     assert kernel.collect(queued).status == "aborted"
     check = cells.run("print('after_interrupt' in globals())")
