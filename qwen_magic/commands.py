@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import getpass
 import shlex
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from IPython.core.error import UsageError
 
 from .catalog import ModelInfo, PriceTier, user_catalog_path
+from .conversation import Turn
+from .history import ChatHistory, chat_to_json, chat_to_markdown, turns_from_notebook
 from .client import key_source, mask_key
 from .ledger import UsageReport
 from .preflight import prepare
+from .store import Store, StoreError
 from .pricing import format_yuan
 from .tables import Table
 from .tokens import count_text
@@ -25,7 +29,13 @@ HELP = Table(
     (
         ("%%qwen [options]", "ask the model the cell's text (%%qwen? lists the options)"),
         ("%qwen models [NAME]", "the catalog: limits, prices, rate limits, free quota"),
-        ("%qwen usage", "every call of this session with its tokens and cost, totals per model"),
+        ("%qwen usage [--all]", "every call of this session with its tokens and cost; --all: all-time per model"),
+        ("%qwen chats", "the notebook's chats: turns, tokens, cost"),
+        ("%qwen history [CHAT]", "a chat, turn by turn, with tokens and cost"),
+        ("%qwen reset [CHAT]", "empty a chat (memory and history file)"),
+        ("%qwen undo [CHAT]", "remove a chat's last turn"),
+        ("%qwen export [CHAT] PATH", "write a chat as Markdown (.md) or JSON (.json)"),
+        ("%qwen resume [CHAT] [--from NB.ipynb]", "bring back a chat from the history file, or from a saved notebook"),
         ("%qwen budget [YUAN|off]", "show, set or remove the session's budget"),
         ("%qwen count TEXT", "tokens of TEXT, and of a one-message request, with its cost"),
         ("%qwen config", "the effective settings, the key masked"),
@@ -129,13 +139,164 @@ def _prices(tier: PriceTier, per: int) -> str:
     return f"{tier.input * scale:g}→{tier.output * scale:g}"
 
 
-def _usage(magics: "QwenMagic", args: list[str]) -> UsageReport:
+def _usage(magics: "QwenMagic", args: list[str]) -> UsageReport | Table:
+    if args == ["--all"]:
+        return _usage_all(magics)
     if args:
-        raise UsageError("%qwen usage takes no argument.")
+        raise UsageError("Use %qwen usage, or %qwen usage --all for all-time totals across notebooks.")
     return UsageReport(magics.session.ledger)
 
 
-def _budget(magics: "QwenMagic", args: list[str]) -> str:
+def _usage_all(magics: "QwenMagic") -> Table:
+    settings = magics.settings()
+    store = _store(magics)
+    catalog = magics.session.catalog(settings)
+    rows = []
+    total = 0.0
+    for model_name, calls, tokens_in, tokens_out, cost, unpriced in store.totals_by_model():
+        model = catalog.get(model_name)
+        quota = model.free_quota if model else None
+        used = f"{(tokens_in + tokens_out) / quota:.1%} of {quota:,}" if quota else "—"
+        shown = format_yuan(cost) + (f" (+{unpriced} unpriced)" if unpriced else "")
+        rows.append((model_name, f"{calls:,}", f"{tokens_in:,}", f"{tokens_out:,}", shown, used))
+        total += cost
+    return Table(
+        "All-time usage across notebooks",
+        tuple(rows),
+        ("model", "calls", "in", "out", "cost", "free quota used"),
+        (f"total {format_yuan(total)}; from {store.path}. The free quota is per account and region, and "
+         "expires: the console is authoritative.",),
+    )
+
+
+def _store(magics: "QwenMagic") -> Store:
+    try:
+        return magics.session.store(magics.settings())
+    except StoreError as error:
+        raise UsageError(str(error)) from None
+
+
+def _one_chat_name(args: list[str], command: str) -> str:
+    if len(args) > 1:
+        raise UsageError(f"%qwen {command} takes at most one chat name.")
+    return args[0] if args else "default"
+
+
+def _chats(magics: "QwenMagic", args: list[str]) -> Table:
+    if args:
+        raise UsageError("%qwen chats takes no argument.")
+    session = magics.session
+    rows = []
+    for chat in session.chats.values():
+        tokens_in, tokens_out, cost = chat.totals()
+        rows.append((chat.name, str(len(chat.turns)), f"{tokens_in:,}", f"{tokens_out:,}", format_yuan(cost),
+                     chat.system or ""))
+    notes = []
+    try:
+        stored = [name for name in _store(magics).chat_names(session.notebook) if name not in session.chats]
+    except UsageError:
+        stored = []
+    if stored:
+        notes.append(f"In the history file, not loaded: {', '.join(stored)} (%qwen resume NAME).")
+    if not rows and not notes:
+        notes.append("No chats yet: every %%qwen cell continues the chat 'default' (-c NAME for another).")
+    return Table(f"Chats of {session.notebook}", tuple(rows), ("chat", "turns", "in", "out", "cost", "system"),
+                 tuple(notes))
+
+
+def _history(magics: "QwenMagic", args: list[str]) -> ChatHistory:
+    name = _one_chat_name(args, "history")
+    chat = magics.session.chats.get(name)
+    if chat is None:
+        raise UsageError(f"No chat {name!r} in this kernel; %qwen chats lists them (%qwen resume {name} loads a stored one).")
+    return ChatHistory(chat)
+
+
+def _reset(magics: "QwenMagic", args: list[str]) -> Message:
+    name = _one_chat_name(args, "reset")
+    session = magics.session
+    chat = session.chat(name)
+    removed = len(chat.turns)
+    chat.reset()
+    chat.system = None
+    failure = session.persist(magics.settings(), lambda store: store.delete_chat(session.notebook, name))
+    return Message(f"Chat {name!r} reset: {removed} turn(s) removed." + (f" {failure}" if failure else ""))
+
+
+def _undo(magics: "QwenMagic", args: list[str]) -> Message:
+    name = _one_chat_name(args, "undo")
+    session = magics.session
+    chat = session.chats.get(name)
+    if chat is None or not chat.turns:
+        raise UsageError(f"Chat {name!r} has no turn to undo.")
+    position = len(chat.turns)
+    turn = chat.undo()
+    assert turn is not None
+    failure = session.persist(
+        magics.settings(), lambda store: store.delete_position(session.notebook, name, position)
+    )
+    preview = turn.prompt if len(turn.prompt) <= 60 else turn.prompt[:57] + "…"
+    return Message(f"Removed turn {position} of chat {name!r}: {preview!r}." + (f" {failure}" if failure else ""))
+
+
+def _export(magics: "QwenMagic", args: list[str]) -> Message:
+    if len(args) == 1:
+        name, target = "default", args[0]
+    elif len(args) == 2:
+        name, target = args
+    else:
+        raise UsageError("Use %qwen export [CHAT] PATH, with PATH ending in .md or .json.")
+    chat = magics.session.chats.get(name)
+    if chat is None or not chat.turns:
+        raise UsageError(f"Chat {name!r} has no turns to export.")
+    path = Path(target).expanduser()
+    if path.suffix.lower() == ".json":
+        text = chat_to_json(chat, magics.session.notebook)
+    elif path.suffix.lower() in (".md", ".markdown"):
+        text = chat_to_markdown(chat)
+    else:
+        raise UsageError(f"{target}: the format comes from the extension, .md or .json.")
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"Cannot write {path}: {error.strerror or error}") from None
+    return Message(f"Wrote chat {name!r} ({len(chat.turns)} turns) to {path}.")
+
+
+def _resume(magics: "QwenMagic", args: list[str]) -> Message:
+    source: str | None = None
+    if "--from" in args:
+        at = args.index("--from")
+        if at + 1 >= len(args):
+            raise UsageError("--from needs a notebook file, e.g. %qwen resume --from analysis.ipynb")
+        source = args[at + 1]
+        args = args[:at] + args[at + 2:]
+    name = _one_chat_name(args, "resume")
+    session = magics.session
+    if source is not None:
+        turns = turns_from_notebook(Path(source).expanduser(), name)
+        where = source
+        failure = session.persist(
+            magics.settings(),
+            lambda store: store.replace_chat(session.notebook, name, [(t.cell_id, t.to_record()) for t in turns]),
+        )
+    else:
+        store = _store(magics)
+        turns = [Turn.from_record(record) for record in store.turns(session.notebook, name)]
+        where, failure = str(store.path), None
+    if not turns:
+        raise UsageError(f"Nothing to resume: no turns of chat {name!r} for {session.notebook} in {where}.")
+    chat = session.chat(name)
+    chat.turns = turns
+    chat.system = turns[-1].system
+    tokens_in, tokens_out, cost = chat.totals()
+    return Message(
+        f"Restored chat {name!r}: {len(turns)} turn(s), {tokens_in:,} in / {tokens_out:,} out tokens, "
+        f"{format_yuan(cost)}, from {where}." + (f" {failure}" if failure else "")
+    )
+
+
+def _budget(magics: "QwenMagic", args: list[str]) -> Message:
     session = magics.session
     if len(args) > 1:
         raise UsageError("Use %qwen budget, %qwen budget YUAN or %qwen budget off.")
@@ -153,14 +314,14 @@ def _budget(magics: "QwenMagic", args: list[str]) -> str:
     spent = session.ledger.total_cost
     budget = session.effective_budget(magics.settings())
     if budget is None:
-        return BudgetReport(f"No budget set; spent {format_yuan(spent)} this session. Set one with %qwen budget YUAN.")
-    return BudgetReport(
+        return Message(f"No budget set; spent {format_yuan(spent)} this session. Set one with %qwen budget YUAN.")
+    return Message(
         f"Budget {format_yuan(budget)}: spent {format_yuan(spent)}, {format_yuan(max(budget - spent, 0))} left."
     )
 
 
-class BudgetReport(str):
-    """A sentence shown without quotes."""
+class Message(str):
+    """A sentence a command answers with, shown without quotes."""
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(str(self))
@@ -188,6 +349,12 @@ COMMANDS: dict[str, Callable[["QwenMagic", list[str]], Any]] = {
     "usage": _usage,
     "budget": _budget,
     "count": _count_command,
+    "chats": _chats,
+    "history": _history,
+    "reset": _reset,
+    "undo": _undo,
+    "export": _export,
+    "resume": _resume,
     "help": _help,
     "config": _config,
     "login": _login,

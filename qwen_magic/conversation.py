@@ -1,20 +1,30 @@
-"""Turns and chats: a notebook's conversation follows its cells, not the clock."""
+"""Turns and chats: a notebook's conversation follows its cells, not the clock.
+
+A turn belongs to the cell that asked (its Jupyter cell id). Re-running the cell replaces
+the turn in place, with only the turns before it as context; without a cell id (a
+terminal), turns append.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
+from .client import Usage
 from .result import COMPLETE, INTERRUPTED, QwenResult
+from .tokens import count_message
+
+RECORD_VERSION = 1
 
 
 @dataclass
 class Turn:
-    """One question and its answer, owned by the cell that asked (when there is a cell id)."""
+    """One question and its answer."""
 
     prompt: str
     result: QwenResult
     cell_id: str | None = None
+    system: str | None = None
 
     @property
     def gives_context(self) -> bool:
@@ -24,10 +34,60 @@ class Turn:
         )
 
     def messages(self) -> list[dict[str, Any]]:
+        """What later requests carry: the question and the answer (never the reasoning)."""
         return [
             {"role": "user", "content": self.prompt},
             {"role": "assistant", "content": self.result.text},
         ]
+
+    def tokens(self) -> int:
+        """Input tokens this turn adds to a later request (counts are cached per message)."""
+        return sum(count_message(m["role"], m["content"]) for m in self.messages())
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain JSON: what the history file and the notebook's output metadata keep."""
+        return {
+            "version": RECORD_VERSION,
+            "prompt": self.prompt,
+            "cell_id": self.cell_id,
+            "system": self.system,
+            **self.result.metadata(),
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "Turn":
+        usage = record.get("usage") or {}
+        result = QwenResult(
+            text=record.get("text", ""),
+            model=record.get("model", "?"),
+            usage=Usage(**{k: int(v) for k, v in usage.items() if k in Usage.__dataclass_fields__}),
+            request_id=record.get("request_id"),
+            elapsed=float(record.get("elapsed") or 0.0),
+            first_text_after=record.get("first_text_after"),
+            status=record.get("status", COMPLETE),
+            finish_reason=record.get("finish_reason"),
+            reasoning=record.get("reasoning", ""),
+            error=record.get("error"),
+            cost=record.get("cost"),
+            chat=record.get("chat", "default"),
+            turn=record.get("turn"),
+        )
+        return cls(prompt=record["prompt"], result=result, cell_id=record.get("cell_id"), system=record.get("system"))
+
+
+@dataclass
+class Window:
+    """The context turns a request carries, and how many older ones were left out (and why)."""
+
+    turns: list[Turn]
+    left_out: int = 0
+    reason: str = ""
+
+    def note(self) -> str | None:
+        if not self.left_out:
+            return None
+        turns = "turn" if self.left_out == 1 else "turns"
+        return f"{self.left_out} oldest {turns} of the chat left out of the request ({self.reason})."
 
 
 @dataclass
@@ -52,6 +112,11 @@ class Chat:
         before = self.turns if index is None else self.turns[:index]
         return [turn for turn in before if turn.gives_context]
 
+    def position_for(self, cell_id: str | None) -> int:
+        """The 1-based place the cell's turn will take: its old place, or the end."""
+        index = self._index_of(cell_id)
+        return len(self.turns) + 1 if index is None else index + 1
+
     def record(self, turn: Turn) -> int:
         """Replace the cell's earlier turn in place, or append; return its 1-based number."""
         index = self._index_of(turn.cell_id)
@@ -61,12 +126,66 @@ class Chat:
         self.turns[index] = turn
         return index + 1
 
-    def messages_for(self, prompt: str, cell_id: str | None, *, system: str | None) -> list[dict[str, Any]]:
-        """System prompt, the context turns, then this cell's question."""
-        messages: list[dict[str, Any]] = []
-        if system:
-            messages.append({"role": "system", "content": system})
-        for turn in self.context_for(cell_id):
-            messages.extend(turn.messages())
-        messages.append({"role": "user", "content": prompt})
-        return messages
+    def undo(self) -> Turn | None:
+        return self.turns.pop() if self.turns else None
+
+    def reset(self) -> None:
+        self.turns.clear()
+
+    def totals(self) -> tuple[int, int, float]:
+        """Input tokens, output tokens and yuan of the chat's turns as they stand."""
+        return (
+            sum(t.result.usage.input_tokens for t in self.turns),
+            sum(t.result.usage.output_tokens for t in self.turns),
+            sum(t.result.cost or 0.0 for t in self.turns),
+        )
+
+
+def fit_window(
+    context: list[Turn],
+    *,
+    fixed_tokens: int,
+    input_limit: int | None,
+    max_turns: int | None,
+    max_history_tokens: int | None,
+    model_name: str,
+) -> Window:
+    """Leave out the oldest turns until the request fits every limit that applies.
+
+    ``fixed_tokens`` is what the request costs without any history (system prompt, the
+    question, the template): only history is ever left out.
+    """
+    kept = list(context)
+    left_out, reason = 0, ""
+    if max_turns is not None and len(kept) > max_turns:
+        left_out = len(kept) - max_turns
+        kept = kept[left_out:]
+        reason = f"--max-history {max_turns}"
+    sizes = [turn.tokens() for turn in kept]
+    history = sum(sizes)
+    budgets = []
+    if max_history_tokens is not None:
+        budgets.append((max_history_tokens, f"QwenMagic.max_history_tokens = {max_history_tokens:,}"))
+    if input_limit is not None:
+        budgets.append((input_limit - fixed_tokens, f"{model_name}'s input limit of {input_limit:,} tokens"))
+    for allowed, why in budgets:
+        dropped = 0
+        while kept and history > allowed:
+            history -= sizes.pop(0)
+            kept.pop(0)
+            dropped += 1
+        if dropped:
+            left_out += dropped
+            reason = why
+    return Window(kept, left_out, reason)
+
+
+def messages_for(system: str | None, context: list[Turn], prompt: str) -> list[dict[str, Any]]:
+    """System prompt, the context turns, then this cell's question."""
+    messages: list[dict[str, Any]] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    for turn in context:
+        messages.extend(turn.messages())
+    messages.append({"role": "user", "content": prompt})
+    return messages

@@ -7,9 +7,11 @@ client, the session's key, the chats, the ledger) lives in one ``QwenSession`` p
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from IPython.core.error import UsageError
@@ -25,14 +27,15 @@ from .client import (
     TextDelta,
     Usage,
 )
-from .conversation import Chat, Turn
+from .conversation import Chat, Turn, fit_window, messages_for
 from .ledger import Ledger
 from .limits import RateLimiter, RetryPolicy
 from .options import CellOptions
 from .preflight import DryRun, Preflight, check_cost, check_input_limit, prepare
 from .pricing import UNKNOWN_PRICE_HINT, call_cost
 from .result import COMPLETE, FAILED, INTERRUPTED, QwenResult
-from .tokens import count_text
+from .store import Store, StoreError, default_store_path
+from .tokens import count_chat_input, count_text
 from .view import View, make_view
 
 
@@ -56,6 +59,8 @@ class Settings:
     budget: float | None = None
     max_retries: int = 3
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    max_history_tokens: int | None = None
+    store_path: str | None = None
 
 
 class _Ticker(threading.Thread):
@@ -100,9 +105,26 @@ class QwenSession:
         self.budget: float | None = None  # set by %qwen budget; None falls back to the trait
         self.budget_off = False
         self.retry_base_delay = 1.0
+        self.notebook = "ipython"  # the magic sets the notebook's key (its path) before each cell
+        self._stores: dict[Path, Store] = {}
 
     def chat(self, name: str = "default") -> Chat:
         return self.chats.setdefault(name, Chat(name))
+
+    def store(self, settings: Settings) -> Store:
+        """The history file (opened once per path); ``StoreError`` says why it cannot be used."""
+        path = Path(settings.store_path).expanduser() if settings.store_path else default_store_path()
+        if path not in self._stores:
+            self._stores[path] = Store(path)
+        return self._stores[path]
+
+    def persist(self, settings: Settings, action: Callable[[Store], None]) -> str | None:
+        """Write to the history; a failure is a note under the answer, never a lost answer."""
+        try:
+            action(self.store(settings))
+        except (StoreError, sqlite3.Error) as error:
+            return f"History not saved: {error}"
+        return None
 
     def connection(self, settings: Settings) -> Connection:
         return Connection(
@@ -143,12 +165,25 @@ class QwenSession:
             raise UsageError("The %%qwen cell is empty: write a question below the %%qwen line.")
         model_name = options.model or settings.model
         model = self.catalog(settings).get(model_name)
-        chat = self.chat()
+        chat = self.chat(options.chat)
+        if options.new and not options.dry_run:
+            chat.reset()
+            self.persist(settings, lambda store: store.delete_chat(self.notebook, chat.name))
         system = options.system or chat.system or settings.system
-        messages = chat.messages_for(prompt, cell_id, system=system)
-        preflight = prepare(model_name, model, messages, max_tokens=options.max_tokens, thinking=False)
+        thinking = False
+        extra = model.extra_input_tokens(thinking) if model else 0
+        window = fit_window(
+            [] if options.no_history else chat.context_for(cell_id),
+            fixed_tokens=count_chat_input(messages_for(system, [], prompt), extra_tokens=extra),
+            input_limit=model.max_input if model else None,
+            max_turns=options.max_history,
+            max_history_tokens=settings.max_history_tokens,
+            model_name=model_name,
+        )
+        messages = messages_for(system, window.turns, prompt)
+        preflight = prepare(model_name, model, messages, max_tokens=options.max_tokens, thinking=thinking)
         if options.dry_run:
-            return DryRun(preflight)
+            return DryRun(preflight, window.note())
         check_input_limit(preflight)
         check_cost(
             preflight,
@@ -167,7 +202,8 @@ class QwenSession:
             stream=options.stream,
         )
         view = make_view(settings.display, in_kernel=in_kernel, display=display)
-        chat.system = system
+        if not options.no_history:
+            chat.system = system
         try:
             self._wait_for_rate_limit(preflight, view)
         except KeyboardInterrupt:
@@ -180,12 +216,23 @@ class QwenSession:
         result.cost = call_cost(model, result.usage)
         if result.cost is None:
             result.notes.append(UNKNOWN_PRICE_HINT.format(model=model_name))
-        self.ledger.add(cell=cell_label, chat=chat.name, model=model_name, usage=result.usage,
-                        cost=result.cost, status=result.status, elapsed=result.elapsed)
+        if window.note():
+            result.notes.append(window.note())
+        self.ledger.add(cell=cell_label, chat=None if options.no_history else chat.name, model=model_name,
+                        usage=result.usage, cost=result.cost, status=result.status, elapsed=result.elapsed)
         result.session_cost = self.ledger.total_cost
-        result.chat = chat.name
-        result.turn = chat.record(Turn(prompt=prompt, result=result, cell_id=cell_id))
-        view.finish(result)
+        turn = Turn(prompt=prompt, result=result, cell_id=cell_id, system=system)
+        if options.no_history:
+            result.chat, result.turn = None, None
+        else:
+            result.chat = chat.name
+            result.turn = chat.record(turn)
+        record = turn.to_record()
+        notebook = self.notebook
+        failure = self.persist(settings, lambda store: self._save(store, notebook, result, turn, record))
+        if failure:
+            result.notes.append(failure)
+        view.finish(result, record)
 
         if result.status == INTERRUPTED:
             raise QwenInterrupted(
@@ -194,6 +241,14 @@ class QwenSession:
         if error is not None:
             raise error
         return result
+
+    @staticmethod
+    def _save(store: Store, notebook: str, result: QwenResult, turn: Turn, record: dict[str, Any]) -> None:
+        """The call always (it cost money); the turn when it belongs to a chat."""
+        store.add_call(notebook, result.chat, result.model, result.usage.input_tokens,
+                       result.usage.output_tokens, result.cost, result.status)
+        if result.chat is not None and result.turn is not None:
+            store.save_turn(notebook, result.chat, result.turn, turn.cell_id, record)
 
     def _wait_for_rate_limit(self, preflight: Preflight, view: View) -> None:
         """Wait, saying so, until the model's QPM and TPM windows have room for this call."""
@@ -278,3 +333,6 @@ class QwenSession:
 
     def close(self) -> None:
         self.client.close()
+        for store in self._stores.values():
+            store.close()
+        self._stores.clear()

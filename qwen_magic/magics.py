@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
@@ -53,6 +54,16 @@ class QwenMagic(Magics):
     max_retries = Int(
         3, help="Retries of a rate-limited or failed call before any text was shown (0: none)."
     ).tag(config=True)
+    max_history_tokens = Int(
+        None,
+        allow_none=True,
+        help="Most tokens of chat history a request carries; older turns are left out (None: the model's limit).",
+    ).tag(config=True)
+    store_path = Unicode(
+        None,
+        allow_none=True,
+        help="The history file (SQLite). None: QWEN_MAGIC_STORE, or history.sqlite3 in the user data directory.",
+    ).tag(config=True)
     models = Dict(
         help=(
             "Catalog overrides and additions, e.g. {'my-model': {'input': 1.0, 'output': 2.0, "
@@ -73,6 +84,12 @@ class QwenMagic(Magics):
         if value is not None and value <= 0:
             raise TraitError(f"QwenMagic.{proposal['trait'].name} must be a positive number.")
         return value
+
+    @validate("max_history_tokens")
+    def _valid_history_tokens(self, proposal: dict[str, Any]) -> int | None:
+        if proposal["value"] is not None and proposal["value"] < 0:
+            raise TraitError("QwenMagic.max_history_tokens must be 0 or more.")
+        return proposal["value"]
 
     @validate("max_retries")
     def _valid_retries(self, proposal: dict[str, Any]) -> int:
@@ -105,6 +122,8 @@ class QwenMagic(Magics):
             budget=self.budget,
             max_retries=self.max_retries,
             models=dict(self.models),
+            max_history_tokens=self.max_history_tokens,
+            store_path=self.store_path,
         )
 
     @cell_arguments
@@ -130,6 +149,7 @@ class QwenMagic(Magics):
         model, system, display, timeout, base_url, protocol. The key comes from
         ``%qwen login``, DASHSCOPE_API_KEY, or ~/.dashscope/config.toml.
         """
+        self.session.notebook = self.notebook_key()
         if cell is None:
             return run_command(self, line)
         options = CellOptions.from_namespace(parse_argstring(self.qwen, line))
@@ -147,6 +167,14 @@ class QwenMagic(Magics):
         if options.out:
             self.shell.user_ns[options.out] = result
         return None
+
+    def notebook_key(self) -> str:
+        """The notebook's identity for the history: its path, as Jupyter names it."""
+        name = os.environ.get("JPY_SESSION_NAME") or self.shell.user_ns.get("__session__")
+        if name:
+            return str(name)
+        # Terminal IPython: one history per working directory.
+        return f"ipython:{os.getcwd()}"
 
     def _cell_id(self) -> str | None:
         """The Jupyter cell's id, from the execute request (JupyterLab, Notebook 7)."""

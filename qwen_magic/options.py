@@ -16,7 +16,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _CELL_ARGUMENTS = (
     argument("-m", "--model", help="Model to ask (default: QwenMagic.model), e.g. qwen-max."),
-    argument("-s", "--system", help="System prompt for this request."),
+    argument("-s", "--system", help="System prompt of the chat, kept for its later turns."),
+    argument("-c", "--chat", default="default", metavar="NAME", help="The named chat to continue (default: default)."),
+    argument("-n", "--new", action="store_true", help="Start the chat afresh with this cell."),
+    argument(
+        "--no-history",
+        action="store_true",
+        dest="no_history",
+        help="A one-off question: not given the chat's history, not recorded in it.",
+    ),
+    argument(
+        "--max-history",
+        type=int,
+        metavar="N",
+        dest="max_history",
+        help="Send at most the last N turns of the chat as context.",
+    ),
     argument("-t", "--temperature", type=float, help="Sampling temperature, 0 <= T < 2."),
     argument("--top-p", type=float, dest="top_p", help="Nucleus sampling, 0 < P <= 1."),
     argument("--max-tokens", type=int, dest="max_tokens", help="Longest answer, in tokens."),
@@ -61,6 +76,10 @@ class CellOptions:
 
     model: str | None = None
     system: str | None = None
+    chat: str = "default"
+    new: bool = False
+    no_history: bool = False
+    max_history: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     max_tokens: int | None = None
@@ -76,6 +95,10 @@ class CellOptions:
         options = cls(
             model=_strip_quotes(namespace.model),
             system=_strip_quotes(namespace.system),
+            chat=_strip_quotes(namespace.chat) or "",
+            new=namespace.new,
+            no_history=namespace.no_history,
+            max_history=namespace.max_history,
             temperature=namespace.temperature,
             top_p=namespace.top_p,
             max_tokens=namespace.max_tokens,
@@ -93,6 +116,12 @@ class CellOptions:
         """Refuse values DashScope would reject, before anything is sent."""
         if self.model is not None and not self.model.strip():
             raise UsageError("-m/--model needs a model name, e.g. -m qwen-plus.")
+        if not self.chat.strip() or len(self.chat) > 100:
+            raise UsageError("-c/--chat needs a name of 1 to 100 characters.")
+        if self.new and self.no_history:
+            raise UsageError("-n/--new starts a chat and --no-history stays out of chats: use one of them.")
+        if self.max_history is not None and self.max_history < 0:
+            raise UsageError(f"--max-history must be 0 or more turns, not {self.max_history}.")
         if self.temperature is not None and not 0 <= self.temperature < 2:
             raise UsageError(f"-t/--temperature must be in [0, 2), not {self.temperature}.")
         if self.top_p is not None and not 0 < self.top_p <= 1:

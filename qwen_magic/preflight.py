@@ -112,6 +112,7 @@ class DryRun:
     """``--dry-run``: what would be sent, its tokens and its cost range; nothing is sent."""
 
     preflight: Preflight
+    window_note: str | None = None
 
     def _summary(self) -> list[tuple[str, str]]:
         p = self.preflight
@@ -124,6 +125,8 @@ class DryRun:
         ]
         if p.model is None:
             rows.append(("note", f"{p.model_name} is not in the catalog: its price is unknown"))
+        if self.window_note:
+            rows.append(("history", self.window_note))
         return rows
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:

@@ -29,7 +29,7 @@ class QwenResult:
     error: str | None = None
     search_results: list[dict[str, Any]] = field(default_factory=list)
     cost: float | None = None  # yuan, from the server's usage at the request's tier
-    chat: str = "default"
+    chat: str | None = "default"  # None: a one-off question (--no-history), not in any chat
     turn: int | None = None
     session_cost: float | None = None  # the session's running total after this call
     notes: list[str] = field(default_factory=list)  # lines shown under the footer
@@ -57,6 +57,8 @@ class QwenResult:
         parts.append(format_yuan(self.cost) if self.cost is not None else "cost unknown")
         if self.turn is not None:
             parts.append(f"chat {self.chat}, turn {self.turn}")
+        elif self.chat is None:
+            parts.append("one-off, not in a chat")
         if self.session_cost is not None:
             parts.append(f"session {format_yuan(self.session_cost)}")
         parts.append(f"{self.elapsed:.1f} s")
@@ -74,7 +76,8 @@ class QwenResult:
     def metadata(self) -> dict[str, Any]:
         """What the output's metadata carries, so a saved notebook knows its answers."""
         data = asdict(self)
-        data.pop("search_results")
+        for transient in ("search_results", "session_cost", "notes"):
+            data.pop(transient)
         return data
 
     def __str__(self) -> str:

@@ -45,11 +45,14 @@ class View(Protocol):
     def notice(self, text: str) -> None:
         """Before any text: a wait or a retry the user should know about."""
 
-    def finish(self, result: "QwenResult") -> None:
-        """The answer ended (complete, interrupted or failed): show what lasts."""
+    def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
+        """The answer ended (complete, interrupted or failed): show what lasts.
+
+        ``record`` is the turn as plain JSON; a notebook output keeps it in its metadata.
+        """
 
 
-def durable_bundle(result: "QwenResult") -> tuple[dict[str, str], dict[str, Any]]:
+def durable_bundle(result: "QwenResult", record: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
     """The output a saved notebook keeps: Markdown for readers, safe HTML for display."""
     markdown = result._repr_markdown_().lstrip("\n")
     answer_html = render_markdown(result.text) if result.text else ""
@@ -58,7 +61,7 @@ def durable_bundle(result: "QwenResult") -> tuple[dict[str, str], dict[str, Any]
     )
     html = f'<div class="qwen-answer">{answer_html}</div>{footer_html}'
 
-    metadata = {"qwen_magic": result.metadata()}
+    metadata = {"qwen_magic": record}  # the turn, so a saved notebook holds its own conversation
     return {"text/markdown": markdown, "text/html": html}, metadata
 
 
@@ -151,10 +154,10 @@ class WidgetView:
         self._box.children = (*self._groups, self._open)
         return 3
 
-    def finish(self, result: "QwenResult") -> None:
+    def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
         with self._lock:
             self._dirty = False
-        bundle, metadata = durable_bundle(result)
+        bundle, metadata = durable_bundle(result, record)
         self._handle.update(bundle, raw=True, metadata=metadata)
         # The durable output replaced the view: release the widgets' comms.
         for group in self._groups:
@@ -207,10 +210,10 @@ class MarkdownView:
             self._next = self._clock() + self.UPDATE_INTERVAL
             self._dirty = False
 
-    def finish(self, result: "QwenResult") -> None:
+    def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
         with self._lock:
             self._dirty = False
-        bundle, metadata = durable_bundle(result)
+        bundle, metadata = durable_bundle(result, record)
         self._handle.update(bundle, raw=True, metadata=metadata)
 
 
@@ -244,7 +247,7 @@ class TerminalView:
         self._out.flush()
         self._ends_with_newline = delta.endswith("\n")
 
-    def finish(self, result: "QwenResult") -> None:
+    def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
         prefix = "" if self._ends_with_newline else "\n"
         footer = "".join(f"[{line}]\n" for line in result.footer_lines())
         self._out.write(f"{prefix}\n{footer}")

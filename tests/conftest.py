@@ -29,13 +29,14 @@ def gateway(gateway_server: Gateway) -> Iterator[Gateway]:
 
 @pytest.fixture
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No dashscope settings of the developer's own: HOME and DASHSCOPE_* are the test's."""
+    """No settings of the developer's own: HOME, DASHSCOPE_* and the history file are the test's."""
     for name in list(os.environ):
-        if name.startswith("DASHSCOPE_"):
+        if name.startswith(("DASHSCOPE_", "QWEN_MAGIC_", "JPY_")):
             monkeypatch.delenv(name)
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("QWEN_MAGIC_STORE", str(tmp_path / "history.sqlite3"))
     return home
 
 

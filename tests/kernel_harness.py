@@ -221,7 +221,7 @@ def kernel_env(tmp: Path, **extra: str) -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("DASHSCOPE_", "JPY_", "JUPYTER_"))
+        if not key.startswith(("DASHSCOPE_", "JPY_", "JUPYTER_", "QWEN_MAGIC_"))
     }
     home = tmp / "home"
     home.mkdir(exist_ok=True)
@@ -231,6 +231,7 @@ def kernel_env(tmp: Path, **extra: str) -> dict[str, str]:
         JUPYTER_RUNTIME_DIR=str(tmp / "runtime"),
         PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]),
         PYTHONUNBUFFERED="1",
+        QWEN_MAGIC_STORE=str(tmp / "history.sqlite3"),
     )
     env.update(extra)
     return env

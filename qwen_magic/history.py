@@ -1,0 +1,97 @@
+"""A chat shown, exported, or rebuilt from a saved notebook's outputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from IPython.core.error import UsageError
+
+from .conversation import Chat, Turn
+from .markdown import escape, render_markdown
+from .pricing import format_yuan
+from .result import COMPLETE
+
+_MARKS = {"interrupted": "⚠ interrupted", "failed": "✖ failed"}
+
+
+def _turn_line(number: int, turn: Turn) -> str:
+    result = turn.result
+    usage = result.usage
+    parts = [f"turn {number}", result.model, f"{usage.input_tokens:,} in / {usage.output_tokens:,} out",
+             format_yuan(result.cost) if result.cost is not None else "cost unknown"]
+    if result.status != COMPLETE:
+        parts.append(_MARKS.get(result.status, result.status) + (f" ({result.error})" if result.error else ""))
+    return " · ".join(parts)
+
+
+@dataclass(frozen=True)
+class ChatHistory:
+    """``%qwen history``: who said what, turn by turn, with tokens, cost and status."""
+
+    chat: Chat
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        lines = [f"Chat {self.chat.name!r}: {len(self.chat.turns)} turn(s)"]
+        if self.chat.system:
+            lines.append(f"system: {self.chat.system}")
+        for number, turn in enumerate(self.chat.turns, start=1):
+            lines += ["", f"── {_turn_line(number, turn)}", f"you: {turn.prompt}", f"{turn.result.model}: {turn.result.text}"]
+        printer.text("\n".join(lines))
+
+    def _repr_html_(self) -> str:
+        parts = [f"<strong>Chat {escape(self.chat.name)}</strong>: {len(self.chat.turns)} turn(s)"]
+        if self.chat.system:
+            parts.append(f"<p><em>system:</em> {escape(self.chat.system)}</p>")
+        for number, turn in enumerate(self.chat.turns, start=1):
+            parts.append(
+                "<div style='border-left:3px solid var(--jp-border-color1,#ccc);padding-left:0.6em;margin:0.6em 0'>"
+                f"<div style='color:var(--jp-ui-font-color2,#777);font-size:0.85em'>{escape(_turn_line(number, turn))}</div>"
+                f"<div><strong>You</strong></div>{render_markdown(turn.prompt)}"
+                f"<div><strong>{escape(turn.result.model)}</strong></div>{render_markdown(turn.result.text)}</div>"
+            )
+        return "".join(parts)
+
+
+def chat_to_markdown(chat: Chat) -> str:
+    lines = [f"# Chat: {chat.name}", ""]
+    if chat.system:
+        lines += [f"*System:* {chat.system}", ""]
+    for number, turn in enumerate(chat.turns, start=1):
+        lines += [f"## Turn {number}", "", f"*{_turn_line(number, turn)}*", "", "**You:**", "", turn.prompt, "",
+                  f"**{turn.result.model}:**", "", turn.result.text, ""]
+    return "\n".join(lines)
+
+
+def chat_to_json(chat: Chat, notebook: str) -> str:
+    document = {
+        "chat": chat.name,
+        "notebook": notebook,
+        "system": chat.system,
+        "turns": [turn.to_record() for turn in chat.turns],
+    }
+    return json.dumps(document, ensure_ascii=False, indent=2)
+
+
+def turns_from_notebook(path: Path, chat: str) -> list[Turn]:
+    """A chat's turns from the output metadata of a saved notebook, in cell order.
+
+    Each ``%%qwen`` output carries its turn; a cell re-run before saving holds its latest.
+    """
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UsageError(f"Cannot read {path}: {error.strerror or error}") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{path} is not a notebook (invalid JSON: {error.msg}).") from None
+    turns: list[Turn] = []
+    for cell in document.get("cells", []):
+        for output in cell.get("outputs", []):
+            record = (output.get("metadata") or {}).get("qwen_magic")
+            if isinstance(record, dict) and record.get("chat") == chat and "prompt" in record:
+                turn = Turn.from_record(record)
+                turn.cell_id = turn.cell_id or cell.get("id")
+                turns.append(turn)
+    return turns
