@@ -1,0 +1,233 @@
+"""What ``%%qwen`` adds to streaming one long answer, against a raw dashscope loop.
+
+One real kernel; the offline gateway (in a process of its own) sends a 2,000-frame answer
+with no delays. Baseline: a cell that loops over ``dashscope.Client().chat.completions
+.create(..., stream=True)`` and only joins the text. Candidate: the same request through
+``%%qwen`` (display ``auto`` = the widget view; also ``markdown`` and ``text``). Each cell
+times itself inside the kernel (``perf_counter`` and ``process_time`` around the call), so
+the figures exclude the front end's round trip; the round trip is recorded too.
+
+    python benchmarks/bench_streaming.py [--rounds 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import (
+    BENCH_KEY,
+    check_ok,
+    environment,
+    gateway_process,
+    running_kernel,
+    median,
+    print_rows,
+    write_result,
+)
+from qwen_magic.gateway import Reply
+
+NAME = "streaming"
+FRAMES = 2000
+TARGET_RATIO = 1.10
+MODES = ("auto", "markdown", "text")
+PROMPT = "Benchmark question: explain streaming."
+
+_WORDS = (
+    "the model streams tokens as they are generated and each frame carries a short piece "
+    "of text so the answer grows word by word until the paragraph ends"
+).split()
+
+
+def answer_chunks(frames: int = FRAMES) -> list[str]:
+    """Short token-like pieces; a blank line every 60 frames makes Markdown paragraphs."""
+    chunks = []
+    for index in range(frames):
+        word = _WORDS[index % len(_WORDS)]
+        chunks.append(f"{word}.\n\n" if index % 60 == 59 else f"{word} ")
+    return chunks
+
+
+SETUP = f"""
+%load_ext qwen_magic
+%config QwenMagic.timeout = None
+import os, time, json, warnings
+import dashscope
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    _bench_client = dashscope.Client(
+        api_key=os.environ["DASHSCOPE_API_KEY"], base_url=os.environ["DASHSCOPE_BASE_URL"]
+    )
+_bench_times = []
+_bench_prompt = {PROMPT!r}
+"""
+
+RAW_CELL = """
+_w0 = time.perf_counter(); _c0 = time.process_time()
+_stream = _bench_client.chat.completions.create(
+    model="qwen-plus", messages=[{"role": "user", "content": _bench_prompt}], stream=True
+)
+try:
+    _bench_text = "".join(chunk.choices[0].delta.content or "" for chunk in _stream if chunk.choices)
+finally:
+    _stream.close()
+_w1 = time.perf_counter(); _c1 = time.process_time()
+_bench_times.append(["raw", _w1 - _w0, _c1 - _c0, len(_bench_text)])
+"""
+
+QWEN_CELL = """
+get_ipython().run_line_magic("config", "QwenMagic.display = {mode!r}")
+_w0 = time.perf_counter(); _c0 = time.process_time()
+get_ipython().run_cell_magic("qwen", "-o _bench_answer", _bench_prompt)
+_w1 = time.perf_counter(); _c1 = time.process_time()
+_bench_times.append([{mode!r}, _w1 - _w0, _c1 - _c0, len(_bench_answer.text)])
+"""
+
+FETCH = "print('BENCH ' + json.dumps(_bench_times)); _bench_times.clear()"
+
+
+def _cell(variant: str) -> str:
+    return RAW_CELL if variant == "raw" else QWEN_CELL.format(mode=variant)
+
+
+def run(rounds: int = 9, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
+    chunks = answer_chunks()
+    expected_chars = len("".join(chunks))
+    reply = Reply(chunks=chunks, usage={"input_tokens": 12, "output_tokens": FRAMES})
+    round_trip: dict[str, list[float]] = {v: [] for v in ("raw", *modes)}
+    iopub: dict[str, list[int]] = {v: [] for v in ("raw", *modes)}
+    with gateway_process() as gateway, tempfile.TemporaryDirectory(prefix="qwen-bench-") as tmp:
+        with running_kernel(Path(tmp), DASHSCOPE_API_KEY=BENCH_KEY, DASHSCOPE_BASE_URL=gateway.base_url) as kernel:
+
+            def once(variant: str) -> None:
+                gateway.script(reply)
+                started = time.perf_counter()
+                # One cell id for every %%qwen run: re-running one cell replaces its turn, so the
+                # chat never grows and every request carries the question alone.
+                cell_id = "bench-raw" if variant == "raw" else "bench-qwen"
+                execution = kernel.execute(_cell(variant), cell_id=cell_id, timeout=120)
+                round_trip[variant].append(time.perf_counter() - started)
+                check_ok(execution, f"the {variant} cell")
+                iopub[variant].append(len([m for m in execution.messages if m.msg_type != "execute_input"]))
+
+            check_ok(kernel.execute(SETUP, timeout=60), "setup")
+            # Warm-up: imports (dashscope, ipywidgets, markdown-it), first connections, caches.
+            for _ in range(2):
+                for variant in ("raw", *modes):
+                    once(variant)
+            check_ok(kernel.execute("_bench_times.clear()"), "reset")
+            for variant in round_trip:
+                round_trip[variant].clear()
+                iopub[variant].clear()
+
+            # Each candidate run is paired with a baseline run next to it: raw, auto, raw,
+            # markdown, raw, text, ... with the order inside each pair flipped every round.
+            for index in range(rounds):
+                for mode in modes:
+                    pair = ("raw", mode) if index % 2 == 0 else (mode, "raw")
+                    for variant in pair:
+                        once(variant)
+            fetched = check_ok(kernel.execute(FETCH), "fetch")
+        recorded = gateway.requests()
+
+    line = next(line for line in fetched.stdout.splitlines() if line.startswith("BENCH "))
+    times = json.loads(line[len("BENCH "):])
+    lengths = {row[3] for row in times}
+    if lengths != {expected_chars}:
+        raise RuntimeError(f"an answer came back incomplete: lengths {lengths}, expected {expected_chars}")
+    if any(len(r["body"]["input"]["messages"]) != 1 for r in recorded):
+        raise RuntimeError("a request carried earlier turns: the runs were not alike")
+
+    # Pair each candidate run with the baseline run next to it (same order as executed).
+    order = [row[0] for row in times]
+    wall = {v: [row[1] for row in times if row[0] == v] for v in ("raw", *modes)}
+    cpu = {v: [row[2] for row in times if row[0] == v] for v in ("raw", *modes)}
+    paired_wall: dict[str, list[float]] = {m: [] for m in modes}
+    paired_cpu: dict[str, list[float]] = {m: [] for m in modes}
+    for start in range(0, len(times), 2):
+        a, b = times[start], times[start + 1]
+        raw_row, mode_row = (a, b) if a[0] == "raw" else (b, a)
+        paired_wall[mode_row[0]].append(mode_row[1] / raw_row[1])
+        paired_cpu[mode_row[0]].append(mode_row[2] / raw_row[2])
+
+    result: dict[str, Any] = {
+        "benchmark": NAME,
+        "frames": FRAMES,
+        "answer_chars": expected_chars,
+        "rounds": rounds,
+        "runs": {v: len(wall[v]) for v in wall},
+        "order": order,
+        "baseline": {
+            "wall_ms_median": median(wall["raw"]) * 1000,
+            "cpu_ms_median": median(cpu["raw"]) * 1000,
+            "round_trip_ms_median": median(round_trip["raw"]) * 1000,
+            "iopub_messages_median": median(iopub["raw"]),
+        },
+        "modes": {},
+        "target_ratio": TARGET_RATIO,
+    }
+    for mode in modes:
+        ratio = median(wall[mode]) / median(wall["raw"])
+        result["modes"][mode] = {
+            "wall_ms_median": median(wall[mode]) * 1000,
+            "cpu_ms_median": median(cpu[mode]) * 1000,
+            "round_trip_ms_median": median(round_trip[mode]) * 1000,
+            "iopub_messages_median": median(iopub[mode]),
+            "wall_ratio": ratio,
+            "wall_ratio_paired_median": median(paired_wall[mode]),
+            "cpu_ratio": median(cpu[mode]) / median(cpu["raw"]),
+            "cpu_ratio_paired_median": median(paired_cpu[mode]),
+            "round_trip_ratio": median(round_trip[mode]) / median(round_trip["raw"]),
+            "target_met": ratio <= TARGET_RATIO,
+        }
+    result["target_met"] = result["modes"][modes[0]]["target_met"]
+    return result
+
+
+def summary(result: dict[str, Any]) -> list[tuple[str, str]]:
+    base = result["baseline"]
+    rows = [
+        ("answer", f"{result['frames']} frames, {result['answer_chars']} chars, no delays"),
+        ("runs", ", ".join(f"{v} {n}" for v, n in result["runs"].items())),
+        ("raw loop: wall / CPU / round trip, IOPub msgs",
+         f"{base['wall_ms_median']:.0f} ms / {base['cpu_ms_median']:.0f} ms / {base['round_trip_ms_median']:.0f} ms, "
+         f"{base['iopub_messages_median']:.0f}"),
+    ]
+    for mode, m in result["modes"].items():
+        label = "widget view (auto)" if mode == "auto" else mode
+        rows.append((
+            f"%%qwen {label}: wall / CPU / round trip, IOPub msgs",
+            f"{m['wall_ms_median']:.0f} ms / {m['cpu_ms_median']:.0f} ms / {m['round_trip_ms_median']:.0f} ms, "
+            f"{m['iopub_messages_median']:.0f}",
+        ))
+        rows.append((
+            f"  ratio wall (paired) / CPU (paired)",
+            f"{m['wall_ratio']:.2f}x ({m['wall_ratio_paired_median']:.2f}x) / "
+            f"{m['cpu_ratio']:.2f}x ({m['cpu_ratio_paired_median']:.2f}x)"
+            + ("" if mode != "auto" else f"  target <= {result['target_ratio']:.2f}x: "
+               + ("met" if m["target_met"] else "NOT met")),
+        ))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated; the first is the target's")
+    args = parser.parse_args(argv)
+    result = {"environment": environment(), **run(args.rounds, tuple(args.modes.split(",")))}
+    print_rows("Streaming overhead (one kernel, 2,000 frames)", summary(result))
+    write_result(NAME, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

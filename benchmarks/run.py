@@ -1,0 +1,113 @@
+"""Run the three benchmarks, print a compact table, write benchmarks/results/latest.json.
+
+    python benchmarks/run.py
+
+Exits non-zero only if a benchmark crashed; timings are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import bench_load_ext, bench_streaming, bench_traffic
+from benchmarks._common import RESULTS, environment
+
+BENCHMARKS: list[tuple[str, Any]] = [
+    ("load_ext", bench_load_ext),
+    ("streaming", bench_streaming),
+    ("traffic", bench_traffic),
+]
+
+
+def _met(flag: bool) -> str:
+    return "met" if flag else "NOT met"
+
+
+def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows: list[tuple[str, str, str, str]] = []
+    r = results.get("load_ext")
+    if r:
+        rows.append(("load_ext", "%load_ext call, median", f"{r['load_ext_ms_median']:.1f} ms",
+                     f"< {r['target_ms']:.0f} ms: {_met(r['load_ext_ms_median'] < r['target_ms'])}"))
+        rows.append(("load_ext", "wall, bare shell -> + load_ext",
+                     f"{r['wall_ms_median_baseline']:.0f} -> {r['wall_ms_median_candidate']:.0f} ms "
+                     f"({r['wall_ms_difference_of_medians']:+.0f} ms)",
+                     f"< {r['target_ms']:.0f} ms: {_met(r['wall_ms_difference_of_medians'] < r['target_ms'])}"))
+        rows.append(("load_ext", "heavy modules after load_ext",
+                     ", ".join(r["heavy_modules_loaded"]) or "none", ""))
+    r = results.get("streaming")
+    if r:
+        rows.append(("streaming", "raw loop, in-kernel wall / CPU",
+                     f"{r['baseline']['wall_ms_median']:.0f} / {r['baseline']['cpu_ms_median']:.0f} ms", ""))
+        for mode, m in r["modes"].items():
+            target = f"<= {r['target_ratio']:.2f}x: {_met(m['target_met'])}" if mode == "auto" else ""
+            if mode == "auto":
+                target += f" (CPU: {_met(m['cpu_ratio'] <= r['target_ratio'])})"
+            rows.append(("streaming", f"%%qwen {mode}: wall ratio / CPU ratio",
+                         f"{m['wall_ratio']:.2f}x / {m['cpu_ratio']:.2f}x", target))
+    r = results.get("traffic")
+    if r:
+        q, n = r["qwen"], r["naive"]
+        rows.append(("traffic", "%%qwen msgs/s streaming (peak 1 s)",
+                     f"{q['rate_per_s']:.1f} ({q['peak_per_1s']:.0f})",
+                     f"<= {r['target_rate_per_s']:.0f}/s: {_met(r['rate_target_met'])}"))
+        rows.append(("traffic", "%%qwen whole cell: msgs, content, full",
+                     f"{q['total']['messages']:.0f}, {q['total']['content_multiple']:.2f}x, "
+                     f"{q['total']['full_multiple']:.2f}x",
+                     f"content <= {r['target_bytes_multiple']:.0f}x: {_met(r['bytes_target_met'])}"))
+        for phase in ("live", "durable", "teardown"):
+            p = q[phase]
+            rows.append(("traffic", f"%%qwen {phase}: msgs, content, full",
+                         f"{p['messages']:.0f}, {p['content_multiple']:.2f}x, {p['full_multiple']:.2f}x", ""))
+        rows.append(("traffic", "naive: msgs/s, msgs, content, full",
+                     f"{n['rate_per_s']:.0f}/s, {n['total']['messages']:.0f}, "
+                     f"{n['total']['content_multiple']:.0f}x, {n['total']['full_multiple']:.0f}x", ""))
+    return rows
+
+
+def print_table(rows: list[tuple[str, str, str, str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    print()
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def main() -> int:
+    results: dict[str, Any] = {}
+    crashed: list[str] = []
+    started = time.perf_counter()
+    for name, module in BENCHMARKS:
+        step = time.perf_counter()
+        try:
+            main_of: Callable[[list[str]], dict[str, Any]] = module.main
+            results[name] = main_of([])
+        except Exception:
+            crashed.append(name)
+            traceback.print_exc()
+        print(f"  ({name}: {time.perf_counter() - step:.0f} s)")
+    for result in results.values():
+        result.pop("environment", None)
+    latest = {"environment": environment(), "seconds": time.perf_counter() - started,
+              "crashed": crashed, **results}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(latest, indent=2) + "\n")
+    rows = table(results)
+    if rows:
+        print_table(rows)
+    print(f"\nwrote {RESULTS / 'latest.json'}")
+    if crashed:
+        print(f"crashed: {', '.join(crashed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
