@@ -167,10 +167,16 @@ class ChatRequest:
 class CallState:
     """What is known of a call so far; kept when it fails or is interrupted."""
 
-    usage: Usage = field(default_factory=Usage)
+    # The SDK's latest usage object: native frames each carry a running total, so it is
+    # kept as it comes and converted only when asked for (not once per frame).
+    raw_usage: Any = None
     request_id: str | None = None
     finish_reason: str | None = None
     search_results: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def usage(self) -> Usage:
+        return Usage.from_sdk(self.raw_usage)
 
 
 @dataclass(frozen=True)
@@ -326,7 +332,7 @@ class QwenClient:
                 if chunk.request_id:
                     state.request_id = chunk.request_id
                 if chunk.usage is not None:
-                    state.usage = Usage.from_sdk(chunk.usage)
+                    state.raw_usage = chunk.usage
                 if chunk.search_info is not None and chunk.search_info.search_results:
                     state.search_results = [r.model_dump() for r in chunk.search_info.search_results]
                 if not chunk.choices:
@@ -358,7 +364,7 @@ class QwenClient:
             **request.parameters,
         )
         state.request_id = completion.request_id
-        state.usage = Usage.from_sdk(completion.usage)
+        state.raw_usage = completion.usage
         if completion.search_info is not None:
             state.search_results = [r.model_dump() for r in completion.search_info.search_results]
         if completion.choices:

@@ -18,9 +18,10 @@ dropped connection to the real service would be.
 
 from __future__ import annotations
 
+import copy
+import functools
 import ipaddress
 import json
-import copy
 import re
 import socket
 import socketserver
@@ -453,20 +454,30 @@ class _Answer:
             usage=_final_usage(messages, text, reasoning, reply.usage, model=model, thinking=thinking),
         )
 
+    @functools.cached_property
+    def _chars_sent(self) -> tuple[list[int], list[int]]:
+        """Characters (all, and of reasoning) sent after each frame, for running usage in O(1)."""
+        total, reasoning = [0], [0]
+        for piece in self.pieces:
+            total.append(total[-1] + len(piece.text))
+            reasoning.append(reasoning[-1] + (len(piece.text) if piece.reasoning else 0))
+        return total, reasoning
+
     def usage_after(self, sent: int) -> dict[str, Any]:
         """Running usage once ``sent`` frames are out: output grows with the text sent."""
         usage = copy.deepcopy(self.usage)
         if sent >= len(self.pieces):
             return usage
-        total_chars = sum(len(piece.text) for piece in self.pieces)
-        sent_chars = sum(len(piece.text) for piece in self.pieces[:sent])
+        chars, reasoning_chars_sent = self._chars_sent
+        total_chars = chars[-1]
+        sent_chars = chars[sent]
         final_output = int(self.usage["output_tokens"])
         output = round(final_output * sent_chars / total_chars) if total_chars else 0
         usage["output_tokens"] = output
         usage["total_tokens"] = int(self.usage["total_tokens"]) - (final_output - output)
         details = usage.get("output_tokens_details")
         if isinstance(details, dict) and "reasoning_tokens" in details and self.reasoning:
-            reasoning_chars = sum(len(p.text) for p in self.pieces[:sent] if p.reasoning)
+            reasoning_chars = reasoning_chars_sent[sent]
             details["reasoning_tokens"] = round(int(details["reasoning_tokens"]) * reasoning_chars / len(self.reasoning))
         return usage
 

@@ -12,7 +12,7 @@ from IPython.core.error import UsageError
 from .conversation import Chat, Turn
 from .markdown import escape, render_markdown
 from .pricing import format_yuan
-from .result import COMPLETE
+from .result import COMPLETE, text_from_markdown
 
 _MARKS = {"interrupted": "⚠ interrupted", "failed": "✖ failed"}
 
@@ -90,8 +90,15 @@ def turns_from_notebook(path: Path, chat: str) -> list[Turn]:
     for cell in document.get("cells", []):
         for output in cell.get("outputs", []):
             record = (output.get("metadata") or {}).get("qwen_magic")
-            if isinstance(record, dict) and record.get("chat") == chat and "prompt" in record:
-                turn = Turn.from_record(record)
-                turn.cell_id = turn.cell_id or cell.get("id")
-                turns.append(turn)
+            if not (isinstance(record, dict) and record.get("chat") == chat and "prompt" in record):
+                continue
+            markdown = (output.get("data") or {}).get("text/markdown", "")
+            if isinstance(markdown, list):  # nbformat may store text as a list of lines
+                markdown = "".join(markdown)
+            text = text_from_markdown(markdown, list(record.get("footer") or []))
+            if text is None:
+                continue  # the output was edited by hand: its answer cannot be trusted
+            turn = Turn.from_record({**record, "text": text})
+            turn.cell_id = turn.cell_id or cell.get("id")
+            turns.append(turn)
     return turns

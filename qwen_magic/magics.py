@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import parse_argstring
 from traitlets import Dict, Enum, Float, Int, TraitError, Unicode, validate
 
-from .commands import run_command
-from .engine import QwenSession, Settings
-from .preflight import DryRun
 from .options import CellOptions, cell_arguments
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import QwenSession, Settings
 
 
 @magics_class
@@ -99,6 +99,7 @@ class QwenMagic(Magics):
 
     @validate("models")
     def _valid_models(self, proposal: dict[str, Any]) -> dict[str, Any]:
+        # Checked when set, so a mistake shows at %config, not at the next cell.
         from .catalog import CatalogError, builtin_catalog
 
         try:
@@ -109,9 +110,20 @@ class QwenMagic(Magics):
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
-        self.session = QwenSession()
+        self._session: QwenSession | None = None
 
-    def settings(self) -> Settings:
+    @property
+    def session(self) -> "QwenSession":
+        """The kernel's state, built on first use: %load_ext imports none of the engine."""
+        if self._session is None:
+            from .engine import QwenSession
+
+            self._session = QwenSession()
+        return self._session
+
+    def settings(self) -> "Settings":
+        from .engine import Settings
+
         return Settings(
             model=self.model,
             system=self.system,
@@ -151,6 +163,8 @@ class QwenMagic(Magics):
         """
         self.session.notebook = self.notebook_key()
         if cell is None:
+            from .commands import run_command
+
             return run_command(self, line)
         options = CellOptions.from_namespace(parse_argstring(self.qwen, line))
         result = self.session.ask(
@@ -162,7 +176,7 @@ class QwenMagic(Magics):
             in_kernel=getattr(self.shell, "kernel", None) is not None,
             display=_display,
         )
-        if isinstance(result, DryRun):
+        if options.dry_run:
             return result
         if options.out:
             self.shell.user_ns[options.out] = result
@@ -190,7 +204,8 @@ class QwenMagic(Magics):
 
     def close(self) -> None:
         """Called on %unload_ext: release connections and the configurable slot."""
-        self.session.close()
+        if self._session is not None:
+            self._session.close()
         if self.shell is not None and self in self.shell.configurables:
             self.shell.configurables.remove(self)
 

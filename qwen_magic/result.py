@@ -88,10 +88,25 @@ class QwenResult:
         return [self.footer(), *self.notes]
 
     def _repr_markdown_(self) -> str:
-        return self.text + "".join(f"\n\n*{line}*" for line in self.footer_lines())
+        return markdown_with_footer(self.text, self.footer_lines())
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         if cycle:
             printer.text("QwenResult(...)")
             return
         printer.text(self.text + "".join(f"\n[{line}]" for line in self.footer_lines()))
+
+
+def markdown_with_footer(text: str, footer_lines: list[str]) -> str:
+    """The answer's Markdown with its footer lines in italics under it."""
+    return (text + "".join(f"\n\n*{line}*" for line in footer_lines)).lstrip("\n")
+
+
+def text_from_markdown(markdown: str, footer_lines: list[str]) -> str | None:
+    """The answer back out of ``markdown_with_footer``'s output (None if it is not one)."""
+    suffix = "".join(f"\n\n*{line}*" for line in footer_lines)
+    if markdown.endswith(suffix):
+        return markdown[: len(markdown) - len(suffix)]
+    if markdown == suffix.lstrip("\n"):
+        return ""
+    return None

@@ -21,10 +21,10 @@ from .markdown import BlockSplitter, escape, render_markdown
 if TYPE_CHECKING:  # pragma: no cover
     from .result import QwenResult
 
-# One message every 50 ms at most, on average: ~20 a second.
-MESSAGE_INTERVAL = 0.05
+# One message every 60 ms at most, on average: ~16 a second (benchmarks/README.md says why).
+MESSAGE_INTERVAL = 0.06
 # Frozen blocks are grouped so that adding one re-sends a short list of children, not all.
-GROUP_SIZE = 16
+GROUP_SIZE = 6
 
 FOOTER_STYLE = "color: var(--jp-ui-font-color2, #777); font-size: 0.85em; margin-top: 0.4em;"
 
@@ -54,14 +54,18 @@ class View(Protocol):
 
 def durable_bundle(result: "QwenResult", record: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
     """The output a saved notebook keeps: Markdown for readers, safe HTML for display."""
-    markdown = result._repr_markdown_().lstrip("\n")
+    markdown = result._repr_markdown_()
     answer_html = render_markdown(result.text) if result.text else ""
     footer_html = "".join(
         f'<div class="qwen-footer" style="{FOOTER_STYLE}">{escape(line)}</div>' for line in result.footer_lines()
     )
     html = f'<div class="qwen-answer">{answer_html}</div>{footer_html}'
 
-    metadata = {"qwen_magic": record}  # the turn, so a saved notebook holds its own conversation
+    # The turn, so a saved notebook holds its own conversation. Its text is the Markdown
+    # above less the footer lines, so it is not sent (and saved) a second time.
+    output_record = {key: value for key, value in record.items() if key != "text"}
+    output_record["footer"] = result.footer_lines()
+    metadata = {"qwen_magic": output_record}
     return {"text/markdown": markdown, "text/html": html}, metadata
 
 
@@ -218,11 +222,18 @@ class MarkdownView:
 
 
 class TerminalView:
-    """Text printed as it arrives; the footer on its own line."""
+    """Text printed as it arrives; the footer on its own line.
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    Flushes are paced like the other views' updates: in a kernel each flush is a message.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._stream = stream
         self._ends_with_newline = True
+        self._clock = clock
+        self._next_flush = 0.0
+        self._pending = False
+        self._lock = threading.Lock()  # the timer thread's tick() flushes too
 
     @property
     def _out(self) -> TextIO:
@@ -240,18 +251,29 @@ class TerminalView:
         """Reasoning is kept in the result; the terminal shows the answer only."""
 
     def tick(self) -> None:
-        """Nothing pending: text is written as it arrives."""
+        with self._lock:
+            if self._pending:
+                self._flush()
 
     def add_text(self, delta: str) -> None:
-        self._out.write(delta)
+        with self._lock:
+            self._out.write(delta)
+            self._ends_with_newline = delta.endswith("\n")
+            self._pending = True
+            if self._clock() >= self._next_flush:
+                self._flush()
+
+    def _flush(self) -> None:
         self._out.flush()
-        self._ends_with_newline = delta.endswith("\n")
+        self._pending = False
+        self._next_flush = self._clock() + MESSAGE_INTERVAL
 
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
         prefix = "" if self._ends_with_newline else "\n"
         footer = "".join(f"[{line}]\n" for line in result.footer_lines())
-        self._out.write(f"{prefix}\n{footer}")
-        self._out.flush()
+        with self._lock:
+            self._out.write(f"{prefix}\n{footer}")
+            self._flush()
 
 
 def make_view(mode: str, *, in_kernel: bool, display: Callable[..., Any]) -> View:
