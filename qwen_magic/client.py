@@ -13,7 +13,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Union
 
 if TYPE_CHECKING:  # pragma: no cover
     import dashscope
@@ -140,13 +140,15 @@ class Usage:
         return self.input_tokens + self.output_tokens
 
 
-@dataclass(frozen=True)
-class TextDelta:
+class TextDelta(NamedTuple):
+    """New answer text (a tuple: one is made per frame, and tuples are cheap)."""
+
     text: str
 
 
-@dataclass(frozen=True)
-class ReasoningDelta:
+class ReasoningDelta(NamedTuple):
+    """New thinking text, before the answer."""
+
     text: str
 
 
@@ -170,13 +172,20 @@ class CallState:
     # The SDK's latest usage object: native frames each carry a running total, so it is
     # kept as it comes and converted only when asked for (not once per frame).
     raw_usage: Any = None
+    raw_search_info: Any = None
     request_id: str | None = None
     finish_reason: str | None = None
-    search_results: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def usage(self) -> Usage:
         return Usage.from_sdk(self.raw_usage)
+
+    @property
+    def search_results(self) -> list[dict[str, Any]]:
+        """Web sources the answer cites, when search was on."""
+        if self.raw_search_info is None:
+            return []
+        return [result.model_dump() for result in self.raw_search_info.search_results]
 
 
 @dataclass(frozen=True)
@@ -287,36 +296,28 @@ class QwenClient:
         ``state`` is filled as frames arrive, so a caller that stops early (an interrupt)
         or catches an error still has the usage and request id seen so far.
         """
+        client = self.sdk_client(connection)
+        answer = self._stream_events if request.stream else self._whole_answer
         attempt = 0
         while True:
             shown = False
             try:
-                for event in self._attempt(connection, request, state):
+                for event in answer(client, request, state):
                     shown = True
                     yield event
                 return
             except QwenAPIError as error:
-                if shown or not error.retryable or retry is None or attempt >= retry.max_retries:
-                    raise
-                attempt += 1
-                delay = retry.delay(attempt, error.retry_after)
-                if on_retry is not None:
-                    on_retry(error, delay, attempt)
-                sleep(delay)
-                state.request_id = None
-
-    def _attempt(self, connection: Connection, request: ChatRequest, state: CallState) -> Iterator[Event]:
-        client = self.sdk_client(connection)
-        key = client.config.api_key
-        try:
-            if request.stream:
-                yield from self._stream_events(client, request, state)
-            else:
-                yield from self._whole_answer(client, request, state)
-        except QwenAPIError:
-            raise
-        except Exception as error:  # every SDK / transport failure becomes one line
-            raise self._translate(error, client, state, key) from None
+                failure = error
+            except Exception as error:  # every SDK / transport failure becomes one line
+                failure = self._translate(error, client, state, client.config.api_key)
+            if shown or not failure.retryable or retry is None or attempt >= retry.max_retries:
+                raise failure from None
+            attempt += 1
+            delay = retry.delay(attempt, failure.retry_after)
+            if on_retry is not None:
+                on_retry(failure, delay, attempt)
+            sleep(delay)
+            state.request_id = None
 
     def _stream_events(
         self, client: "dashscope.Client", request: ChatRequest, state: CallState
@@ -329,12 +330,12 @@ class QwenClient:
         )
         try:
             for chunk in stream:
-                if chunk.request_id:
-                    state.request_id = chunk.request_id
+                # Runs once per frame: keep references, convert nothing until the end.
+                state.request_id = chunk.request_id or state.request_id
                 if chunk.usage is not None:
                     state.raw_usage = chunk.usage
-                if chunk.search_info is not None and chunk.search_info.search_results:
-                    state.search_results = [r.model_dump() for r in chunk.search_info.search_results]
+                if chunk.search_info is not None:
+                    state.raw_search_info = chunk.search_info
                 if not chunk.choices:
                     continue
                 choice = chunk.choices[0]
@@ -365,8 +366,7 @@ class QwenClient:
         )
         state.request_id = completion.request_id
         state.raw_usage = completion.usage
-        if completion.search_info is not None:
-            state.search_results = [r.model_dump() for r in completion.search_info.search_results]
+        state.raw_search_info = completion.search_info
         if completion.choices:
             choice = completion.choices[0]
             state.finish_reason = choice.finish_reason or "stop"

@@ -97,11 +97,22 @@ class WidgetView:
         self._open = self._html("")
         self._groups: list[Any] = []
         self._box = widgets.VBox(children=[self._open], layout=self._layout)
-        self._handle = display(self._box, display_id=True)
+        # The widget's own bundle, published as is: IPython's formatters would also build a
+        # text repr of the whole box, every time.
+        self._handle = display(
+            {
+                "application/vnd.jupyter.widget-view+json": {
+                    "version_major": 2, "version_minor": 0, "model_id": self._box.model_id,
+                },
+                "text/plain": "Qwen answer (live view)",
+            },
+            raw=True,
+            display_id=True,
+        )
         self._splitter = BlockSplitter()
-        self._unsent_blocks: list[str] = []
+        self._unread: list[str] = []  # deltas not yet fed to the splitter
         self._pacer = _Pacer(clock)
-        self._dirty = False
+        self._clock = clock
         self._has_text = False
         # The timer thread's tick() and the stream's add_text() both flush.
         self._lock = threading.Lock()
@@ -126,26 +137,24 @@ class WidgetView:
         """Reasoning is kept in the result; the live view shows the answer only."""
 
     def add_text(self, delta: str) -> None:
+        # Called once per frame: only remember the text; the work is done once per update.
         with self._lock:
             self._has_text = True
-            self._unsent_blocks.extend(self._splitter.feed(delta))
-            self._dirty = True
+            self._unread.append(delta)
             if self._pacer.due():
                 self._flush()
 
     def tick(self) -> None:
         with self._lock:
-            if self._dirty and self._pacer.due():
+            if self._unread and self._pacer.due():
                 self._flush()
 
     def _flush(self) -> None:
-        messages = 0
-        if self._unsent_blocks:
-            messages += self._freeze("\n\n".join(self._unsent_blocks))
-            self._unsent_blocks = []
+        finished = self._splitter.feed("".join(self._unread))
+        self._unread.clear()
+        messages = self._freeze("\n\n".join(finished)) if finished else 0
         self._open.value = render_markdown(self._splitter.open_block)
         self._pacer.spent(messages + 1)
-        self._dirty = False
 
     def _freeze(self, blocks: str) -> int:
         """Add finished blocks as a widget that is never updated again; return messages sent."""
@@ -160,7 +169,7 @@ class WidgetView:
 
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
         with self._lock:
-            self._dirty = False
+            self._unread.clear()
         bundle, metadata = durable_bundle(result, record)
         self._handle.update(bundle, raw=True, metadata=metadata)
         # The durable output replaced the view: release the widgets' comms.
