@@ -180,7 +180,7 @@ def fit_window(
     return Window(kept, left_out, reason)
 
 
-def messages_for(system: str | None, context: list[Turn], prompt: str) -> list[dict[str, Any]]:
+def messages_for(system: str | None, context: list[Turn], prompt: str | list[dict[str, str]]) -> list[dict[str, Any]]:
     """System prompt, the context turns, then this cell's question."""
     messages: list[dict[str, Any]] = []
     if system:

@@ -28,10 +28,12 @@ from .client import (
     Usage,
 )
 from .conversation import Chat, Turn, fit_window, messages_for
+from .formats import check_capabilities, parse_answer, protocol_for, question, with_json_hint
 from .ledger import Ledger
 from .limits import RateLimiter, RetryPolicy
 from .options import CellOptions
 from .preflight import DryRun, Preflight, check_cost, check_input_limit, prepare
+from .prompt import fill
 from .pricing import UNKNOWN_PRICE_HINT, call_cost
 from .result import COMPLETE, FAILED, INTERRUPTED, QwenResult
 from .store import Store, StoreError, default_store_path
@@ -44,6 +46,17 @@ class QwenInterrupted(KeyboardInterrupt):
 
     def _render_traceback_(self) -> list[str]:
         return [f"KeyboardInterrupt: {self}"]
+
+
+class QwenFormatError(Exception):
+    """The answer did not fit -f json / -f code; it is shown as it came and kept."""
+
+    def __init__(self, reason: str, *, kept_in: str | None) -> None:
+        where = f" and in {kept_in}.text" if kept_in else ""
+        super().__init__(f"{reason[0].upper()}{reason[1:]}; the raw answer is shown above{where}.")
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,8 @@ class Settings:
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     max_history_tokens: int | None = None
     store_path: str | None = None
+    stream: bool = True
+    model_aliases: Mapping[str, str] = field(default_factory=dict)
 
 
 class _Ticker(threading.Thread):
@@ -126,13 +141,11 @@ class QwenSession:
             return f"History not saved: {error}"
         return None
 
-    def connection(self, settings: Settings) -> Connection:
-        return Connection(
-            api_key=self.session_key,
-            base_url=settings.base_url,
-            protocol=settings.protocol,
-            timeout=settings.timeout,
-        )
+    def connection(self, settings: Settings, options: CellOptions | None = None) -> Connection:
+        base_url = (options.base_url if options else None) or settings.base_url
+        protocol = protocol_for(options.protocol if options else None, options.base_url if options else None,
+                                settings.protocol)
+        return Connection(api_key=self.session_key, base_url=base_url, protocol=protocol, timeout=settings.timeout)
 
     def catalog(self, settings: Settings) -> Catalog:
         from .catalog import CatalogError
@@ -157,30 +170,38 @@ class QwenSession:
         cell_label: str,
         in_kernel: bool,
         display: Callable[..., Any],
+        namespace: Mapping[str, Any] | None = None,
     ) -> QwenResult | DryRun:
         """Send one cell, stream the answer into its view, record the turn."""
         # Blank lines around the cell's text are not part of the question (and cost tokens).
         prompt = prompt.strip("\n").rstrip()
         if not prompt.strip():
             raise UsageError("The %%qwen cell is empty: write a question below the %%qwen line.")
+        if options.interpolate and namespace is not None:
+            prompt = fill(prompt, namespace)
+        fmt = options.format or "markdown"
         model_name = options.model or settings.model
-        model = self.catalog(settings).get(model_name)
+        catalog = self.catalog(settings)
+        model = catalog.get(settings.model_aliases.get(model_name, model_name))
+        check_capabilities(model_name, model, catalog, thinking=options.thinking, images=bool(options.images))
         chat = self.chat(options.chat)
         if options.new and not options.dry_run:
             chat.reset()
             self.persist(settings, lambda store: store.delete_chat(self.notebook, chat.name))
         system = options.system or chat.system or settings.system
-        thinking = False
+        request_system = with_json_hint(system, prompt) if fmt == "json" else system
+        user_content = question(prompt, options.images)
+        thinking = options.thinking
         extra = model.extra_input_tokens(thinking) if model else 0
         window = fit_window(
             [] if options.no_history else chat.context_for(cell_id),
-            fixed_tokens=count_chat_input(messages_for(system, [], prompt), extra_tokens=extra),
+            fixed_tokens=count_chat_input(messages_for(request_system, [], user_content), extra_tokens=extra),
             input_limit=model.max_input if model else None,
             max_turns=options.max_history,
             max_history_tokens=settings.max_history_tokens,
             model_name=model_name,
         )
-        messages = messages_for(system, window.turns, prompt)
+        messages = messages_for(request_system, window.turns, user_content)
         preflight = prepare(model_name, model, messages, max_tokens=options.max_tokens, thinking=thinking)
         if options.dry_run:
             return DryRun(preflight, window.note())
@@ -191,17 +212,17 @@ class QwenSession:
             budget=self.effective_budget(settings),
             max_cost=options.max_cost,
         )
-        connection = self.connection(settings)
-        if settings.protocol == "native" and not self.client.resolved_key(connection):
+        connection = self.connection(settings, options)
+        if connection.protocol == "native" and not self.client.resolved_key(connection):
             raise UsageError(NO_KEY_HELP)
 
         request = ChatRequest(
             model=model_name,
             messages=tuple(messages),
             parameters=options.parameters(),
-            stream=options.stream,
+            stream=settings.stream if options.stream is None else options.stream,
         )
-        view = make_view(settings.display, in_kernel=in_kernel, display=display)
+        view = make_view(settings.display, in_kernel=in_kernel, display=display, fmt=fmt)
         if not options.no_history:
             chat.system = system
         try:
@@ -213,6 +234,12 @@ class QwenSession:
         result, error = self._stream(request, connection, view, retry, preflight)
         self.limiter.settle(sent, result.usage.total_tokens)
 
+        result.format = fmt
+        if result.status == COMPLETE:
+            parsed = parse_answer(fmt, result.text)
+            result.value, result.code, result.format_error = parsed.value, parsed.code, parsed.error
+            if fmt == "code" and parsed.code is None:
+                result.notes.append("The answer has no code block: no cell was added.")
         result.cost = call_cost(model, result.usage)
         if result.cost is None:
             result.notes.append(UNKNOWN_PRICE_HINT.format(model=model_name))

@@ -845,9 +845,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_bytes(failure.status, body, _JSON_CONTENT_TYPE, headers)
 
     @staticmethod
-    def _check_key(record: RecordedRequest, protocol: str) -> _Failure | None:
+    def _check_key(record: RecordedRequest, protocol: str, *, required: bool = True) -> _Failure | None:
         """Any non-empty key passes, except :data:`INVALID_API_KEY`; none at all is refused."""
         if "authorization" not in record.headers:
+            if not required:
+                return None
             return _failure("InvalidApiKey", _new_request_id(), message="No API-key provided.")
         if record.api_key in (None, INVALID_API_KEY):
             message = "Incorrect API key provided." if protocol == "openai" else None
@@ -856,7 +858,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _gate(self, record: RecordedRequest, protocol: str) -> _Failure | None:
         """The checks the real service makes before any model runs: key, then model."""
-        failure = self._check_key(record, protocol)
+        failure = self._check_key(record, protocol, required=self.server.gateway.require_key)
         if failure:
             return failure
         request_id = _new_request_id()
@@ -1094,7 +1096,16 @@ class Gateway:
     with ``port=0``); :meth:`start` serves it from a daemon thread.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        log: Callable[[str], None] | None = None,
+        require_key: bool = True,
+    ) -> None:
+        # require_key=False serves like a self-hosted vLLM or Ollama, which take no key.
+        self.require_key = require_key
         self._registry = _Registry()
         self._stopping = threading.Event()
         self._log = log

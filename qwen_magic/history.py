@@ -92,10 +92,12 @@ def turns_from_notebook(path: Path, chat: str) -> list[Turn]:
             record = (output.get("metadata") or {}).get("qwen_magic")
             if not (isinstance(record, dict) and record.get("chat") == chat and "prompt" in record):
                 continue
-            markdown = (output.get("data") or {}).get("text/markdown", "")
-            if isinstance(markdown, list):  # nbformat may store text as a list of lines
-                markdown = "".join(markdown)
-            text = text_from_markdown(markdown, list(record.get("footer") or []))
+            text = record.get("text")
+            if text is None:  # not repeated in the metadata: the Markdown less the footer
+                markdown = (output.get("data") or {}).get("text/markdown", "")
+                if isinstance(markdown, list):  # nbformat may store text as a list of lines
+                    markdown = "".join(markdown)
+                text = text_from_markdown(markdown, list(record.get("footer") or []))
             if text is None:
                 continue  # the output was edited by hand: its answer cannot be trusted
             turn = Turn.from_record({**record, "text": text})

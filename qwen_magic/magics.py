@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import parse_argstring
-from traitlets import Dict, Enum, Float, Int, TraitError, Unicode, validate
+from traitlets import Bool, Dict, Enum, Float, Int, TraitError, Unicode, validate
 
 from .options import CellOptions, cell_arguments
 
@@ -63,6 +63,13 @@ class QwenMagic(Magics):
         None,
         allow_none=True,
         help="The history file (SQLite). None: QWEN_MAGIC_STORE, or history.sqlite3 in the user data directory.",
+    ).tag(config=True)
+    stream = Bool(True, help="Stream answers as they come (False: wait for the whole answer).").tag(config=True)
+    model_aliases = Dict(
+        help=(
+            "Names of models on other servers mapped to catalog entries for limits and prices, "
+            "e.g. {'Qwen/Qwen2.5-7B-Instruct': 'my-vllm-qwen'} (add that entry with QwenMagic.models)."
+        ),
     ).tag(config=True)
     models = Dict(
         help=(
@@ -136,6 +143,8 @@ class QwenMagic(Magics):
             models=dict(self.models),
             max_history_tokens=self.max_history_tokens,
             store_path=self.store_path,
+            stream=self.stream,
+            model_aliases=dict(self.model_aliases),
         )
 
     @cell_arguments
@@ -175,11 +184,19 @@ class QwenMagic(Magics):
             cell_label=f"In [{self.shell.execution_count}]",
             in_kernel=getattr(self.shell, "kernel", None) is not None,
             display=_display,
+            namespace=self.shell.user_ns,
         )
         if options.dry_run:
             return result
         if options.out:
             self.shell.user_ns[options.out] = result
+        if result.code is not None:
+            # As %load does: the code goes into a new cell below, ready to run.
+            self.shell.set_next_input(result.code, replace=False)
+        if result.format_error is not None:
+            from .engine import QwenFormatError
+
+            raise QwenFormatError(result.format_error, kept_in=options.out)
         return None
 
     def notebook_key(self) -> str:

@@ -13,6 +13,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments
 
 F = TypeVar("F", bound=Callable[..., Any])
+FORMATS = ("markdown", "text", "code", "json")
 
 _CELL_ARGUMENTS = (
     argument("-m", "--model", help="Model to ask (default: QwenMagic.model), e.g. qwen-max."),
@@ -50,6 +51,27 @@ _CELL_ARGUMENTS = (
     ),
     argument("-o", "--out", metavar="VAR", help="Store the result object in this variable."),
     argument(
+        "-f",
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="markdown (default), text (plain), code (the answer's code goes into a new cell below) "
+        "or json (asks for JSON, parses it, shows it as a tree).",
+    ),
+    argument("--no-interp", action="store_false", dest="interpolate", help="Send {name} as written."),
+    argument("--thinking", action="store_true", help="Think before answering (models that can)."),
+    argument("--thinking-budget", type=int, metavar="N", dest="thinking_budget", help="Most thinking tokens."),
+    argument("--search", action="store_true", help="Let the model search the web; its sources are listed."),
+    argument(
+        "--image",
+        action="append",
+        metavar="PATH_OR_URL",
+        dest="images",
+        help="An image for a vision model (repeatable): a URL or a local file.",
+    ),
+    argument("--protocol", choices=("native", "openai"), help="DashScope native, or the OpenAI-compatible mode."),
+    argument("--base-url", dest="base_url", metavar="URL", help="Another endpoint, e.g. a vLLM server's /v1."),
+    argument(
         "--dry-run",
         action="store_true",
         help="Show what would be sent, its tokens and its cost range; send nothing.",
@@ -85,10 +107,18 @@ class CellOptions:
     max_tokens: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
-    stream: bool = True
+    stream: bool | None = None  # None: the QwenMagic.stream setting
     out: str | None = None
     dry_run: bool = False
     max_cost: float | None = None
+    format: str | None = None
+    interpolate: bool = True
+    thinking: bool = False
+    thinking_budget: int | None = None
+    search: bool = False
+    images: tuple[str, ...] = ()
+    protocol: str | None = None
+    base_url: str | None = None
 
     @classmethod
     def from_namespace(cls, namespace: argparse.Namespace) -> "CellOptions":
@@ -104,10 +134,18 @@ class CellOptions:
             max_tokens=namespace.max_tokens,
             seed=namespace.seed,
             stop=tuple(_strip_quotes(s) or "" for s in (namespace.stop or ())),
-            stream=namespace.stream,
+            stream=None if namespace.stream else False,
             out=namespace.out,
             dry_run=namespace.dry_run,
             max_cost=namespace.max_cost,
+            format=namespace.format,
+            interpolate=namespace.interpolate,
+            thinking=namespace.thinking or namespace.thinking_budget is not None,
+            thinking_budget=namespace.thinking_budget,
+            search=namespace.search,
+            images=tuple(_strip_quotes(i) or "" for i in (namespace.images or ())),
+            protocol=namespace.protocol,
+            base_url=_strip_quotes(namespace.base_url),
         )
         options.validate()
         return options
@@ -134,17 +172,25 @@ class CellOptions:
             raise UsageError("--stop needs a non-empty string.")
         if self.max_cost is not None and not self.max_cost > 0:
             raise UsageError(f"--max-cost must be a positive amount of yuan, not {self.max_cost}.")
+        if self.thinking_budget is not None and self.thinking_budget < 1:
+            raise UsageError(f"--thinking-budget must be a positive number of tokens, not {self.thinking_budget}.")
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise UsageError(f"--base-url needs an http:// or https:// URL, not {self.base_url!r}.")
         if self.out is not None and not self.out.isidentifier():
             raise UsageError(f"-o/--out needs a variable name, not {self.out!r}.")
 
     def parameters(self) -> dict[str, Any]:
-        """The sampling parameters that were given, as the SDK names them."""
+        """The request parameters that were given, as the SDK names them."""
         given = {
             "temperature": self.temperature,
             "top_p": self.top_p,
             "max_tokens": self.max_tokens,
             "seed": self.seed,
             "stop": list(self.stop) or None,
+            "enable_thinking": True if self.thinking else None,
+            "thinking_budget": self.thinking_budget,
+            "enable_search": True if self.search else None,
+            "response_format": {"type": "json_object"} if self.format == "json" else None,
         }
         return {name: value for name, value in given.items() if value is not None}
 

@@ -98,6 +98,20 @@ def check_cost(preflight: Preflight, *, spent: float, budget: float | None, max_
             )
 
 
+def content_preview(content: Any) -> str:
+    """A message's content for people: text as is, images named by source and size."""
+    if isinstance(content, str):
+        return content
+    shown = []
+    for part in content:
+        if part.get("type") == "image":
+            url = str(part.get("url", ""))
+            shown.append(f"[image, {len(url) * 3 // 4 // 1024:,} KB inline]" if url.startswith("data:") else f"[image {url}]")
+        else:
+            shown.append(str(part.get("text", "")))
+    return " ".join(shown)
+
+
 def _suggest(amount: float) -> str:
     """A round figure at least ``amount``, for the user to type."""
     for step in (0.01, 0.1, 1, 10, 100, 1000):
@@ -127,6 +141,8 @@ class DryRun:
             rows.append(("note", f"{p.model_name} is not in the catalog: its price is unknown"))
         if self.window_note:
             rows.append(("history", self.window_note))
+        if any(not isinstance(m["content"], str) for m in p.messages):
+            rows.append(("images", "not counted locally: the server's usage will include them"))
         return rows
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
@@ -134,11 +150,13 @@ class DryRun:
         lines += aligned([list(row) for row in self._summary()], "  ")
         lines.append("Messages:")
         for message in self.preflight.messages:
-            lines.append(f"  [{message['role']}] {message['content']}")
+            lines.append(f"  [{message['role']}] {content_preview(message['content'])}")
         printer.text("\n".join(lines))
 
     def _repr_html_(self) -> str:
-        messages = html_table([(str(m["role"]), str(m["content"])) for m in self.preflight.messages], ("role", "content"))
+        messages = html_table(
+            [(str(m["role"]), content_preview(m["content"])) for m in self.preflight.messages], ("role", "content")
+        )
         return (
             f"<strong>Dry run: nothing was sent.</strong>{html_table(self._summary())}"
             f"<details open><summary>Messages ({len(self.preflight.messages)})</summary>{messages}</details>"

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .client import Usage
 from .pricing import format_yuan
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .formats import Parsed
+
+FOOTER_STYLE = "color: var(--jp-ui-font-color2, #777); font-size: 0.85em; margin-top: 0.4em;"
 COMPLETE = "complete"
 INTERRUPTED = "interrupted"
 FAILED = "failed"
@@ -33,6 +37,10 @@ class QwenResult:
     turn: int | None = None
     session_cost: float | None = None  # the session's running total after this call
     notes: list[str] = field(default_factory=list)  # lines shown under the footer
+    format: str = "markdown"
+    value: Any = None  # -f json: the parsed answer
+    code: str | None = None  # -f code: the answer's code block
+    format_error: str | None = None  # -f json / code: why the answer did not fit the format
 
     @property
     def streaming_seconds(self) -> float:
@@ -71,12 +79,14 @@ class QwenResult:
             parts.append(f"failed: {self.error}" if self.error else "failed")
         elif self.finish_reason == "length":
             parts.append("cut at --max-tokens")
+        if self.format_error:
+            parts.append(self.format_error)
         return " · ".join(parts)
 
     def metadata(self) -> dict[str, Any]:
         """What the output's metadata carries, so a saved notebook knows its answers."""
         data = asdict(self)
-        for transient in ("search_results", "session_cost", "notes"):
+        for transient in ("session_cost", "notes", "value"):
             data.pop(transient)
         return data
 
@@ -87,8 +97,41 @@ class QwenResult:
         """The footer, then any notes (an unknown price, turns left out of the context)."""
         return [self.footer(), *self.notes]
 
+    def _parsed(self) -> "Parsed":
+        from .formats import Parsed
+
+        return Parsed(self.value, self.code, self.format_error)
+
+    def body_markdown(self) -> str:
+        """Thinking, the answer in its format, and the sources, as Markdown."""
+        from .formats import answer_markdown, reasoning_markdown, sources_markdown
+
+        body = answer_markdown(self.format, self.text, self._parsed())
+        if self.reasoning:
+            body = reasoning_markdown(self.reasoning) + body
+        sources = sources_markdown(self.search_results)
+        return f"{body}\n\n{sources}" if sources else body
+
+    def body_html(self) -> str:
+        from .formats import answer_html, reasoning_html, sources_markdown
+        from .markdown import render_markdown
+
+        html = f'<div class="qwen-answer">{answer_html(self.format, self.text, self._parsed())}</div>'
+        if self.reasoning:
+            html = reasoning_html(self.reasoning, opened=False, tokens=self.usage.reasoning_tokens) + html
+        sources = sources_markdown(self.search_results)
+        return html + (f'<div class="qwen-sources">{render_markdown(sources)}</div>' if sources else "")
+
     def _repr_markdown_(self) -> str:
-        return markdown_with_footer(self.text, self.footer_lines())
+        return markdown_with_footer(self.body_markdown(), self.footer_lines())
+
+    def _repr_html_(self) -> str:
+        from .markdown import escape
+
+        footer = "".join(
+            f'<div class="qwen-footer" style="{FOOTER_STYLE}">{escape(line)}</div>' for line in self.footer_lines()
+        )
+        return self.body_html() + footer
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         if cycle:

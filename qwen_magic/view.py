@@ -17,6 +17,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TextIO
 
 from .markdown import BlockSplitter, escape, render_markdown
+from .formats import reasoning_html
+from .result import FOOTER_STYLE, markdown_with_footer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .result import QwenResult
@@ -26,7 +28,6 @@ MESSAGE_INTERVAL = 0.06
 # Frozen blocks are grouped so that adding one re-sends a short list of children, not all.
 GROUP_SIZE = 6
 
-FOOTER_STYLE = "color: var(--jp-ui-font-color2, #777); font-size: 0.85em; margin-top: 0.4em;"
 
 
 class View(Protocol):
@@ -55,16 +56,13 @@ class View(Protocol):
 def durable_bundle(result: "QwenResult", record: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
     """The output a saved notebook keeps: Markdown for readers, safe HTML for display."""
     markdown = result._repr_markdown_()
-    answer_html = render_markdown(result.text) if result.text else ""
-    footer_html = "".join(
-        f'<div class="qwen-footer" style="{FOOTER_STYLE}">{escape(line)}</div>' for line in result.footer_lines()
-    )
-    html = f'<div class="qwen-answer">{answer_html}</div>{footer_html}'
-
-    # The turn, so a saved notebook holds its own conversation. Its text is the Markdown
-    # above less the footer lines, so it is not sent (and saved) a second time.
-    output_record = {key: value for key, value in record.items() if key != "text"}
+    html = result._repr_html_()
+    # The turn, so a saved notebook holds its own conversation. Where the Markdown is the
+    # answer plus the footer lines, the text is not sent (and saved) a second time.
+    output_record = dict(record)
     output_record["footer"] = result.footer_lines()
+    if markdown == markdown_with_footer(result.text, output_record["footer"]):
+        del output_record["text"]
     metadata = {"qwen_magic": output_record}
     return {"text/markdown": markdown, "text/html": html}, metadata
 
@@ -86,9 +84,19 @@ class _Pacer:
 class WidgetView:
     """Live ipywidgets view that freezes finished blocks and re-renders only the open one."""
 
-    def __init__(self, display: Callable[..., Any], *, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        display: Callable[..., Any],
+        *,
+        render: Callable[[str], str] = render_markdown,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         import ipywidgets as widgets
         from ipywidgets.widgets.widget_string import HTMLStyle
+
+        self._render = render
+        self._reasoning: list[str] = []
+        self._reasoning_widget: Any = None
 
         self._widgets = widgets
         # Shared layout and style: one comm each, instead of two more per block.
@@ -134,11 +142,27 @@ class WidgetView:
         self.waiting(text)
 
     def add_reasoning(self, delta: str) -> None:
-        """Reasoning is kept in the result; the live view shows the answer only."""
+        """Thinking streams into an open section above the answer (paced like the answer)."""
+        with self._lock:
+            self._reasoning.append(delta)
+            if self._pacer.due():
+                self._show_reasoning(opened=True)
+
+    def _show_reasoning(self, *, opened: bool) -> None:
+        html = reasoning_html("".join(self._reasoning), opened=opened)
+        if self._reasoning_widget is None:
+            self._reasoning_widget = self._html(html)
+            self._box.children = (self._reasoning_widget, *self._box.children)
+            self._pacer.spent(2)
+        else:
+            self._reasoning_widget.value = html
+            self._pacer.spent(1)
 
     def add_text(self, delta: str) -> None:
         # Called once per frame: only remember the text; the work is done once per update.
         with self._lock:
+            if not self._has_text and self._reasoning:
+                self._show_reasoning(opened=False)  # the answer starts: fold the thinking away
             self._has_text = True
             self._unread.append(delta)
             if self._pacer.due():
@@ -148,23 +172,26 @@ class WidgetView:
         with self._lock:
             if self._unread and self._pacer.due():
                 self._flush()
+            elif not self._has_text and self._reasoning and self._pacer.due():
+                self._show_reasoning(opened=True)
 
     def _flush(self) -> None:
         finished = self._splitter.feed("".join(self._unread))
         self._unread.clear()
         messages = self._freeze("\n\n".join(finished)) if finished else 0
-        self._open.value = render_markdown(self._splitter.open_block)
+        self._open.value = self._render(self._splitter.open_block)
         self._pacer.spent(messages + 1)
 
     def _freeze(self, blocks: str) -> int:
         """Add finished blocks as a widget that is never updated again; return messages sent."""
-        frozen = self._html(render_markdown(blocks))
+        frozen = self._html(self._render(blocks))
         if self._groups and len(self._groups[-1].children) < GROUP_SIZE:
             group = self._groups[-1]
             group.children = (*group.children, frozen)
             return 2
         self._groups.append(self._widgets.VBox(children=[frozen], layout=self._layout))
-        self._box.children = (*self._groups, self._open)
+        head = (self._reasoning_widget,) if self._reasoning_widget is not None else ()
+        self._box.children = (*head, *self._groups, self._open)
         return 3
 
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
@@ -177,8 +204,9 @@ class WidgetView:
             for child in group.children:
                 child.close()
             group.close()
-        for widget in (self._open, self._box, self._style, self._layout):
-            widget.close()
+        for widget in (self._reasoning_widget, self._open, self._box, self._style, self._layout):
+            if widget is not None:
+                widget.close()
 
 
 class MarkdownView:
@@ -186,7 +214,14 @@ class MarkdownView:
 
     UPDATE_INTERVAL = 0.25
 
-    def __init__(self, display: Callable[..., Any], *, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        display: Callable[..., Any],
+        *,
+        render: Callable[[str], str] = render_markdown,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._render = render
         self._clock = clock
         self._handle = display({"text/markdown": "", "text/html": ""}, raw=True, display_id=True)
         self._parts: list[str] = []
@@ -219,7 +254,7 @@ class MarkdownView:
     def _update_if_due(self) -> None:
         if self._dirty and self._clock() >= self._next:
             text = "".join(self._parts)
-            self._handle.update({"text/markdown": text, "text/html": render_markdown(text)}, raw=True)
+            self._handle.update({"text/markdown": text, "text/html": self._render(text)}, raw=True)
             self._next = self._clock() + self.UPDATE_INTERVAL
             self._dirty = False
 
@@ -243,6 +278,8 @@ class TerminalView:
         self._next_flush = 0.0
         self._pending = False
         self._lock = threading.Lock()  # the timer thread's tick() flushes too
+        self._thinking_shown = False
+        self._answer_started = False
 
     @property
     def _out(self) -> TextIO:
@@ -257,7 +294,15 @@ class TerminalView:
         self._out.flush()
 
     def add_reasoning(self, delta: str) -> None:
-        """Reasoning is kept in the result; the terminal shows the answer only."""
+        """Thinking is printed as it comes, under a heading, before the answer."""
+        with self._lock:
+            if not self._thinking_shown:
+                self._out.write("[thinking]\n")
+                self._thinking_shown = True
+            self._out.write(delta)
+            self._pending = True
+            if self._clock() >= self._next_flush:
+                self._flush()
 
     def tick(self) -> None:
         with self._lock:
@@ -266,6 +311,9 @@ class TerminalView:
 
     def add_text(self, delta: str) -> None:
         with self._lock:
+            if self._thinking_shown and not self._answer_started:
+                self._out.write("\n[answer]\n")
+            self._answer_started = True
             self._out.write(delta)
             self._ends_with_newline = delta.endswith("\n")
             self._pending = True
@@ -285,14 +333,20 @@ class TerminalView:
             self._flush()
 
 
-def make_view(mode: str, *, in_kernel: bool, display: Callable[..., Any]) -> View:
+def preformatted(text: str) -> str:
+    """Plain text, escaped, as it is (for -f text and for JSON while it streams)."""
+    return f'<pre style="white-space: pre-wrap">{escape(text)}</pre>' if text else ""
+
+
+def make_view(mode: str, *, in_kernel: bool, display: Callable[..., Any], fmt: str = "markdown") -> View:
     """Pick the view for a display mode (auto: widgets in a kernel, text in a terminal)."""
+    render = preformatted if fmt in ("text", "json") else render_markdown
     if mode == "text" or (mode == "auto" and not in_kernel):
         return TerminalView()
     if mode == "markdown":
-        return MarkdownView(display)
+        return MarkdownView(display, render=render)
     try:
-        return WidgetView(display)
+        return WidgetView(display, render=render)
     except ImportError:
         if mode == "widget":
             from IPython.core.error import UsageError
@@ -301,4 +355,4 @@ def make_view(mode: str, *, in_kernel: bool, display: Callable[..., Any]) -> Vie
                 "QwenMagic.display is 'widget' but ipywidgets cannot be imported; "
                 "pip install ipywidgets, or set QwenMagic.display = 'auto'."
             ) from None
-        return MarkdownView(display)
+        return MarkdownView(display, render=render)

@@ -215,3 +215,28 @@ def test_a_notebook_runs_under_nbclient_and_saves_plain_outputs(
     assert "离线网关" in answer_output.data["text/markdown"]
     assert "qwen-plus ·" in answer_output.data["text/html"]
     assert saved.cells[2].outputs[0].data["text/plain"] == "(True, 'complete')"
+
+
+def test_code_format_puts_the_code_in_a_new_cell_below(cells: Cells, gateway: Gateway) -> None:
+    gateway.script(Reply(text="Try this:\n\n```python\nimport math\nprint(math.pi)\n```"))
+    execution = cells.run("%%qwen -f code\nPrint pi")
+    assert execution.status == "ok"
+    assert {"source": "set_next_input", "text": "import math\nprint(math.pi)", "replace": False} in [
+        {key: p.get(key) for key in ("source", "text", "replace")} for p in execution.reply["payload"]
+    ]
+    assert "```python" in final_answer(execution)["data"]["text/markdown"]
+
+
+def test_thinking_streams_into_a_section_that_folds_when_the_answer_starts(cells: Cells, gateway: Gateway) -> None:
+    gateway.script(Reply(reasoning="First I consider the question carefully. " * 3, text="The answer is 42.",
+                         chunk_size=12, frame_delay=0.08))
+    execution = cells.run("%%qwen --thinking\nLife?")
+    values = [value for _, value in execution.widget_value_updates()]
+    opened = [i for i, v in enumerate(values) if v.startswith('<details class="qwen-thinking" open>')]
+    folded = [i for i, v in enumerate(values) if v.startswith('<details class="qwen-thinking">')]
+    answer = [i for i, v in enumerate(values) if "The answer" in v]
+    assert opened and folded and answer
+    assert max(opened) < min(folded) <= min(answer)
+    html = final_answer(execution)["data"]["text/html"]
+    assert html.startswith('<details class="qwen-thinking"><summary>Thinking (')
+    assert "The answer is 42." in html

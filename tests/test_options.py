@@ -20,7 +20,7 @@ def test_defaults_leave_everything_to_the_settings() -> None:
     options = parse("")
     assert options == CellOptions()
     assert options.parameters() == {}
-    assert options.stream is True
+    assert options.stream is None  # the QwenMagic.stream setting decides
 
 
 def test_every_option_is_read() -> None:

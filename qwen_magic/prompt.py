@@ -1,0 +1,90 @@
+"""``{name}`` in a cell, filled from the notebook's variables without running code.
+
+Only plain references are filled: a name, then attributes and constant indexes, as in
+``{df.shape}``, ``{rows[0]}`` or ``{config['model']}``, with an optional ``!r``/``!s``
+conversion and a format spec (``{price:.2f}``). Nothing is called. A name the notebook
+does not have, anything else in braces (code, JSON) and doubled braces ``{{ }}`` are left
+exactly as written.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from typing import Any, Mapping
+
+from IPython.core.error import UsageError
+
+# {{ ... }} first (kept whole), then a reference with an optional conversion and spec.
+_PLACEHOLDER = re.compile(
+    r"\{\{.*?\}\}"
+    r"|\{(?P<expr>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*|\[[^\[\]{}]*\])*)"
+    # A format spec as Python defines it (no spaces): "{k: v}" in code is not a reference.
+    r"(?:!(?P<conversion>[rsa]))?(?::(?P<spec>(?:[^{}\s]?[<>=^])?[+-]?#?0?\d*[,_]?(?:\.\d+)?[bcdeEfFgGnosxX%]?))?\}",
+    re.DOTALL,
+)
+
+
+def fill(text: str, namespace: Mapping[str, Any]) -> str:
+    """The prompt with every reference to an existing variable replaced by its value."""
+
+    def replace(match: re.Match[str]) -> str:
+        expr = match.group("expr")
+        if expr is None:  # {{ ... }}: written on purpose, kept as is
+            return match.group(0)
+        root = re.match(r"[A-Za-z_][A-Za-z0-9_]*", expr).group(0)  # type: ignore[union-attr]
+        if root not in namespace:
+            return match.group(0)
+        value = _resolve(expr, namespace, match.group(0))
+        conversion = match.group("conversion")
+        if conversion == "r":
+            value = repr(value)
+        elif conversion == "a":
+            value = ascii(value)
+        spec = match.group("spec") or ""
+        try:
+            return format(value, spec) if spec else str(value)
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"{match.group(0)}: cannot format the value ({error}).") from None
+
+    return _PLACEHOLDER.sub(replace, text)
+
+
+def _resolve(expr: str, namespace: Mapping[str, Any], written: str) -> Any:
+    """Walk name.attr[index] by hand: attributes and constant keys only, no calls."""
+    try:
+        tree = ast.parse(expr, mode="eval").body
+    except SyntaxError:
+        raise UsageError(f"{written}: not a variable reference; write {{{{ }}}} to keep braces as they are.") from None
+    steps: list[tuple[str, Any]] = []
+    node = tree
+    while not isinstance(node, ast.Name):
+        if isinstance(node, ast.Attribute):
+            if node.attr.startswith("_"):
+                raise UsageError(f"{written}: private attributes ({node.attr}) are not filled in.")
+            steps.append(("attr", node.attr))
+            node = node.value
+        elif isinstance(node, ast.Subscript):
+            key = _constant(node.slice, written)
+            steps.append(("item", key))
+            node = node.value
+        else:
+            raise UsageError(f"{written}: only names, attributes and constant indexes are filled in.")
+    value = namespace[node.id]
+    for kind, key in reversed(steps):
+        try:
+            value = getattr(value, key) if kind == "attr" else value[key]
+        except (AttributeError, LookupError, TypeError) as error:
+            raise UsageError(f"{written}: {type(error).__name__}: {error}") from None
+    return value
+
+
+def _constant(node: ast.AST, written: str) -> Any:
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, str)):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+        return -node.operand.value
+    if isinstance(node, ast.Slice):
+        parts = [None if part is None else _constant(part, written) for part in (node.lower, node.upper, node.step)]
+        return slice(*parts)
+    raise UsageError(f"{written}: an index must be a number, a quoted key or a slice.")
