@@ -152,23 +152,44 @@ class QwenMagic(Magics):
     def qwen(self, line: str, cell: str | None = None) -> Any:
         """Ask a Qwen model; the answer streams into the cell's output.
 
-        As a cell magic, the cell's text is the question::
+        As a cell magic, the cell's text is the question; {name} is filled in from the
+        notebook's variables (attributes and indexes too; {{ }} and unknown names stay)::
 
             %%qwen
             用一句话解释什么是 Transformer。
 
             %%qwen -m qwen-max -t 0.2 --max-tokens 300 -o answer
-            Summarise the plot of Hamlet in three bullet points.
+            Summarise {report.title} in three bullet points.
 
-        Under the answer, a footer gives the model, input and output tokens (the server's
-        figures), the time and the speed. ``-o VAR`` keeps a result object with ``.text``,
-        ``.usage``, ``.request_id`` and ``.elapsed``.
+            %%qwen -c review -s "You are a strict code reviewer."
+            Review this function: {source}
 
-        As a line magic: ``%qwen help``, ``%qwen config``, ``%qwen login``.
+            %%qwen -f json -o facts
+            List three facts about Hangzhou as JSON with keys fact and source.
 
-        Settings (``%config QwenMagic.model = "qwen-max"`` or ipython_config.py):
-        model, system, display, timeout, base_url, protocol. The key comes from
-        ``%qwen login``, DASHSCOPE_API_KEY, or ~/.dashscope/config.toml.
+            %%qwen -f code
+            Write a pandas one-liner that counts rows per city in df.
+
+            %%qwen --thinking -m qwen-plus
+            How many r's are in "strawberry"?
+
+            %%qwen -m qwen-vl-plus --image chart.png
+            What does this chart show?
+
+            %%qwen --dry-run --max-cost 0.05
+            (shows the messages, tokens and cost range; sends nothing)
+
+        Every cell continues the notebook's chat (-c NAME for another, -n to start it
+        afresh, --no-history for a one-off); re-running a cell replaces its turn. Under
+        the answer, a footer gives the model, the tokens (the server's figures), the cost
+        in yuan, the chat and turn, the session's total and the time. ``-o VAR`` keeps a
+        result object (.text, .value for JSON, .code, .usage, .cost, .request_id).
+
+        As a line magic: %qwen help | models | usage | budget | count | chats | history |
+        reset | undo | export | resume | config | login.
+
+        Settings: %config QwenMagic (model, system, display, budget, stream, ...).
+        The key comes from %qwen login, DASHSCOPE_API_KEY, or ~/.dashscope/config.toml.
         """
         self.session.notebook = self.notebook_key()
         if cell is None:
