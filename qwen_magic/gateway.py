@@ -336,9 +336,27 @@ def _echo(text: str) -> str:
     return collapsed
 
 
-def default_answer(model: str, messages: Iterable[Mapping[str, Any]]) -> str:
-    """The unscripted answer: says what answered, names the model, echoes the prompt."""
+_ASKS_FOR_CODE = re.compile(r"\b(code|python|function|script|snippet|pandas)\b|代码|函数|脚本", re.IGNORECASE)
+
+
+def default_answer(model: str, messages: Iterable[Mapping[str, Any]], *, json_mode: bool = False) -> str:
+    """The unscripted answer: says what answered, names the model, echoes the prompt.
+
+    It keeps to the form asked for, so that a notebook runs through offline: a JSON
+    object in JSON mode, and a code block when the prompt asks for code.
+    """
     said = _last_user_text(messages)
+    if json_mode:
+        return json.dumps(
+            {"answer": "offline gateway: no model ran", "model": model, "you_said": _echo(said)},
+            ensure_ascii=False,
+        )
+    if _ASKS_FOR_CODE.search(said):
+        return (
+            f"The offline gateway answering as {model} cannot write code for you, "
+            "but here is a block of the kind you asked for:\n\n"
+            f"```python\n# offline gateway: no model ran\nprint({_echo(said)!r})\n```"
+        )
     if _CJK.search(said):
         return (
             f"这是 qwen_magic 离线网关（模型 {model}）的回答。你说：{_echo(said)}\n\n"
@@ -427,13 +445,15 @@ class _Answer:
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
-    def compose(cls, reply: Reply | None, *, model: str, messages: list[dict], thinking: bool) -> _Answer:
+    def compose(
+        cls, reply: Reply | None, *, model: str, messages: list[dict], thinking: bool, json_mode: bool = False
+    ) -> _Answer:
         reply = reply or Reply()
         canned = reply.text is None and reply.chunks is None
         if reply.chunks is not None:
             answer_pieces = list(reply.chunks)
         else:
-            text = default_answer(model, messages) if reply.text is None else reply.text
+            text = default_answer(model, messages, json_mode=json_mode) if reply.text is None else reply.text
             answer_pieces = _split(text, reply.chunk_size)
         reasoning = reply.reasoning
         if not reasoning and thinking and canned:
@@ -884,6 +904,7 @@ class _Handler(BaseHTTPRequestHandler):
             model=str(record.model),
             messages=record.messages,
             thinking=parameters.get("enable_thinking") is True,
+            json_mode=(parameters.get("response_format") or {}).get("type") == "json_object",
         )
         encoder = _NativeEncoder(
             answer,
@@ -902,6 +923,7 @@ class _Handler(BaseHTTPRequestHandler):
             model=str(record.model),
             messages=record.messages,
             thinking=body.get("enable_thinking") is True,
+            json_mode=(body.get("response_format") or {}).get("type") == "json_object",
         )
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True

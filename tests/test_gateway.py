@@ -521,3 +521,12 @@ def test_control_script_rejects_a_malformed_reply(gw):
         control(gw, "POST", "/_gateway/script", {"replies": [{"colour": "blue"}]})
     assert caught.value.code == 400
     assert "unknown reply field" in json.loads(caught.value.read())["error"]
+
+
+def test_unscripted_answers_keep_to_json_mode_and_to_code_requests(gw, client):
+    as_json = client.chat.completions.create(model="qwen-plus", messages=USER_HELLO,
+                                             response_format={"type": "json_object"})
+    assert json.loads(as_json.output_text)["model"] == "qwen-plus"
+    code = client.chat.completions.create(model="qwen-plus",
+                                          messages=[{"role": "user", "content": "Write Python code to add"}])
+    assert "```python\n# offline gateway: no model ran\n" in code.output_text
