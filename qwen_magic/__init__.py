@@ -6,6 +6,7 @@ Loading stays fast: dashscope, the tokenizer and ipywidgets are imported on firs
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -25,6 +26,12 @@ def load_ipython_extension(shell: "InteractiveShell") -> None:
     magics = QwenMagic(shell=shell)
     shell.register_magics(magics)
     _registered[id(shell)] = magics
+    offline = os.environ.get("QWEN_MAGIC_OFFLINE_GATEWAY")
+    if offline:  # set by `qwen-magic demo` when there is no key
+        print(
+            f"Offline demo: answers come from the qwen_magic offline gateway at {offline}, not from a model; "
+            "nothing is billed.\n离线演示：回答来自 qwen_magic 离线网关，不是真实模型，不产生任何费用。"
+        )
 
 
 def unload_ipython_extension(shell: "InteractiveShell") -> None:

@@ -1,31 +1,44 @@
-"""``qwen-magic``: run the offline gateway, or run the tutorials as a demo."""
+"""``qwen-magic``: the demo (JupyterLab on the tutorials) and the offline gateway.
+
+    qwen-magic demo              JupyterLab open on the tutorials (offline gateway unless a key is set)
+    qwen-magic demo --headless   execute every tutorial offline; write notebooks and HTML
+    qwen-magic gateway           serve the offline DashScope gateway on 127.0.0.1
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import secrets
+import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+OFFLINE_ENV = "QWEN_MAGIC_OFFLINE_GATEWAY"  # set for kernels that talk to the offline gateway
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qwen-magic", description=__doc__)
+    parser = argparse.ArgumentParser(prog="qwen-magic", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     gateway = commands.add_parser("gateway", help="serve the offline DashScope gateway on 127.0.0.1")
     gateway.add_argument("--port", type=int, default=8765)
 
-    demo = commands.add_parser(
-        "demo",
-        help="execute the tutorial notebooks (against the offline gateway unless a key is set)",
-    )
+    demo = commands.add_parser("demo", help="JupyterLab on the tutorials (or --headless: execute them)")
+    demo.add_argument("--headless", action="store_true",
+                      help="execute every tutorial against the offline gateway and write notebooks and HTML")
     demo.add_argument("--offline", action="store_true", help="use the offline gateway even with a key")
-    demo.add_argument("--out", type=Path, default=Path("qwen-magic-demo"), help="where executed notebooks go")
-    demo.add_argument("--timeout", type=int, default=120, help="seconds a cell may take")
+    demo.add_argument("--out", type=Path, default=Path("qwen-magic-demo"),
+                      help="the folder for the tutorials' working copies (default: ./qwen-magic-demo)")
+    demo.add_argument("--port", type=int, default=8888, help="JupyterLab's port on 127.0.0.1")
+    demo.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    demo.add_argument("--timeout", type=int, default=120, help="--headless: seconds a cell may take")
 
     args = parser.parse_args(argv)
     if args.command == "gateway":
@@ -33,53 +46,113 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         serve(port=args.port)
         return 0
-    return run_demo(offline=args.offline, out=args.out, timeout=args.timeout)
+    if args.headless:
+        return run_headless(out=args.out, timeout=args.timeout)
+    return run_lab(out=args.out, port=args.port, offline=args.offline, open_browser=not args.no_browser)
+
+
+def _tutorials() -> list[Path]:
+    notebooks = sorted(NOTEBOOKS.glob("*.ipynb"))
+    if not notebooks:
+        raise SystemExit(f"qwen-magic: no tutorials found in {NOTEBOOKS}")
+    return notebooks
+
+
+def _has_key() -> bool:
+    from .client import key_source
+
+    return key_source(None)[0] is not None
 
 
 @contextlib.contextmanager
-def _backend(offline: bool) -> Iterator[dict[str, str]]:
-    """Environment for the notebooks' kernels: DashScope with the user's key, or the gateway."""
-    if os.environ.get("DASHSCOPE_API_KEY") and not offline:
-        print("Using DashScope with your DASHSCOPE_API_KEY: the calls are billed to your account.")
-        yield dict(os.environ)
-        return
+def offline_backend() -> Iterator[dict[str, str]]:
+    """The offline gateway on a free loopback port, and the environment that points kernels at it."""
     from .gateway import Gateway
 
     with Gateway() as gateway:
-        print(
-            f"No DASHSCOPE_API_KEY set (or --offline): using the offline gateway at {gateway.base_url}. "
-            "Answers are scripted stand-ins, not a real model."
-        )
-        yield {**os.environ, "DASHSCOPE_API_KEY": "sk-offline-demo", "DASHSCOPE_BASE_URL": gateway.base_url}
+        yield {
+            "DASHSCOPE_API_KEY": "sk-offline-demo",
+            "DASHSCOPE_BASE_URL": gateway.base_url,
+            OFFLINE_ENV: gateway.base_url,
+        }
 
 
-def run_demo(*, offline: bool, out: Path, timeout: int) -> int:
+def run_headless(*, out: Path, timeout: int) -> int:
+    """Execute every tutorial against the offline gateway; write the notebooks and HTML."""
     try:
         import nbformat
         from nbclient import NotebookClient
+        from nbconvert import HTMLExporter
     except ImportError:
-        print('The demo needs nbclient and ipykernel: pip install "qwen-magic[demo]"', file=sys.stderr)
-        return 2
-    notebooks = sorted(NOTEBOOKS.glob("*.ipynb"))
-    if not notebooks:
-        print(f"No notebooks found in {NOTEBOOKS}", file=sys.stderr)
+        print('The demo needs its extras: python -m pip install -e ".[demo]"', file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
-    with _backend(offline) as env:
-        for source in notebooks:
+    with offline_backend() as backend:
+        print(f"Offline demo: answers come from the qwen_magic offline gateway at {backend['DASHSCOPE_BASE_URL']}, "
+              "not from a model.")
+        env = {**os.environ, **backend, "QWEN_MAGIC_STORE": str(out.resolve() / "history.sqlite3")}
+        for source in _tutorials():
             notebook = nbformat.read(source, as_version=4)
-            target = out / source.name
+            env["JPY_SESSION_NAME"] = source.name
             try:
-                NotebookClient(notebook, timeout=timeout, store_widget_state=True).execute(
-                    env=env, cwd=str(out)
-                )
-            except Exception as error:  # report and go on to the next notebook
+                NotebookClient(notebook, timeout=timeout, store_widget_state=True).execute(env=env, cwd=str(out))
+            except Exception as error:  # report it, write what ran, go on to the next tutorial
                 failures += 1
                 print(f"FAILED {source.name}: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
-            nbformat.write(notebook, target)
-            print(f"executed {source.name} -> {target.resolve()}")
+            executed = out / source.name
+            nbformat.write(notebook, executed)
+            html, _ = HTMLExporter().from_notebook_node(notebook)
+            executed.with_suffix(".html").write_text(html, encoding="utf-8")
+            print(f"executed {source.name}: {executed.resolve()} and {executed.with_suffix('.html').resolve()}")
     return 1 if failures else 0
+
+
+def run_lab(*, out: Path, port: int, offline: bool, open_browser: bool) -> int:
+    """JupyterLab on working copies of the tutorials, until Ctrl-C stops everything."""
+    if shutil.which("jupyter") is None or subprocess.run(
+        [sys.executable, "-c", "import jupyterlab"], capture_output=True
+    ).returncode:
+        print('JupyterLab is not installed: python -m pip install -e ".[demo]"', file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    for source in _tutorials():
+        copy = out / source.name
+        if not copy.exists():  # the user's edits to an earlier copy are kept
+            shutil.copy2(source, copy)
+    token = secrets.token_hex(16)
+    with contextlib.ExitStack() as stack:
+        env = dict(os.environ)
+        if offline or not _has_key():
+            backend = stack.enter_context(offline_backend())
+            env.update(backend)
+            print("No DashScope API key found" if not offline else "--offline given",
+                  f"-> the tutorials run against the qwen_magic offline gateway at {backend['DASHSCOPE_BASE_URL']}:",
+                  "answers are canned, nothing is billed. Set DASHSCOPE_API_KEY and run again for real answers.")
+        else:
+            print("Using DashScope with your API key: calls are billed to your account. "
+                  "Each tutorial shows what it spends under every answer.")
+        command = [sys.executable, "-m", "jupyterlab", "--ip=127.0.0.1", f"--port={port}",
+                   f"--ServerApp.root_dir={out.resolve()}", f"--IdentityProvider.token={token}",
+                   "--ServerApp.port_retries=0", "--LabApp.default_url=/lab/tree/" + _tutorials()[0].name]
+        if not open_browser:
+            command.append("--no-browser")
+        if os.geteuid() == 0:
+            command.append("--allow-root")
+        lab = subprocess.Popen(command, env=env)
+        print(f"JupyterLab: http://127.0.0.1:{port}/lab?token={token}  (Ctrl-C stops JupyterLab and the gateway)",
+              flush=True)
+        try:
+            return lab.wait()
+        except KeyboardInterrupt:
+            print("\nStopping JupyterLab and the gateway…", flush=True)
+            lab.send_signal(signal.SIGTERM)
+            try:
+                lab.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                lab.kill()
+                lab.wait()
+            return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

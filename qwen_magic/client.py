@@ -206,7 +206,9 @@ def key_source(session_key: str | None) -> tuple[str | None, str]:
         return os.environ["DASHSCOPE_API_KEY"], "environment variable DASHSCOPE_API_KEY"
     from dashscope.v2._config import resolve_config
 
-    key = resolve_config().api_key
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="no workspace configured")
+        key = resolve_config().api_key
     if key:
         return key, "~/.dashscope (config.toml or api_key file)"
     return None, "set it with %qwen login or DASHSCOPE_API_KEY"
