@@ -1,4 +1,4 @@
-"""Run the three benchmarks, print a compact table, write benchmarks/results/latest.json.
+"""Run the benchmarks, print a compact table, write benchmarks/results/latest.json.
 
     python benchmarks/run.py
 
@@ -17,13 +17,15 @@ from typing import Any, Callable
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_load_ext, bench_streaming, bench_traffic
+from benchmarks import bench_load_ext, bench_preflight, bench_resume, bench_streaming, bench_traffic
 from benchmarks._common import RESULTS, environment
 
 BENCHMARKS: list[tuple[str, Any]] = [
     ("load_ext", bench_load_ext),
     ("streaming", bench_streaming),
     ("traffic", bench_traffic),
+    ("preflight", bench_preflight),
+    ("resume", bench_resume),
 ]
 
 
@@ -70,6 +72,16 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(("traffic", "naive: msgs/s, msgs, content, full",
                      f"{n['rate_per_s']:.0f}/s, {n['total']['messages']:.0f}, "
                      f"{n['total']['content_multiple']:.0f}x, {n['total']['full_multiple']:.0f}x", ""))
+    r = results.get("preflight")
+    if r:
+        rows.append(("preflight", "count before turn 101 (vs re-encoding)",
+                     f"{r['candidate_ms_median']:.2f} ms ({r['baseline_ms_median']:.1f} ms, {r['ratio']:.3f}x)",
+                     f"< {r['target_ms']:.0f} ms: {_met(r['target_met'])}"))
+    r = results.get("resume")
+    if r:
+        rows.append(("resume", "resume 1,000 turns / append one / the request",
+                     f"{r['resume_ms_median']:.1f} / {r['append_ms_median']:.2f} / {r['request_ms_median']:.1f} ms",
+                     ""))
     return rows
 
 
