@@ -321,15 +321,16 @@ class QwenClient:
             sleep(delay)
             state.request_id = None
 
+    @staticmethod
+    def _create(client: "dashscope.Client", request: ChatRequest, *, stream: bool) -> Any:
+        return client.chat.completions.create(
+            model=request.model, messages=list(request.messages), stream=stream, **request.parameters
+        )
+
     def _stream_events(
         self, client: "dashscope.Client", request: ChatRequest, state: CallState
     ) -> Iterator[Event]:
-        stream = client.chat.completions.create(
-            model=request.model,
-            messages=list(request.messages),
-            stream=True,
-            **request.parameters,
-        )
+        stream = self._create(client, request, stream=True)
         try:
             for chunk in stream:
                 # Runs once per frame: keep references, convert nothing until the end.
@@ -360,12 +361,7 @@ class QwenClient:
     def _whole_answer(
         self, client: "dashscope.Client", request: ChatRequest, state: CallState
     ) -> Iterator[Event]:
-        completion = client.chat.completions.create(
-            model=request.model,
-            messages=list(request.messages),
-            stream=False,
-            **request.parameters,
-        )
+        completion = self._create(client, request, stream=False)
         state.request_id = completion.request_id
         state.raw_usage = completion.usage
         state.raw_search_info = completion.search_info

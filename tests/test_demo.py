@@ -95,3 +95,25 @@ def test_demo_opens_jupyterlab_offline_and_ctrl_c_stops_everything(tmp_path: Pat
     finally:
         if demo.poll() is None:
             demo.kill()
+
+
+def test_the_gateway_command_serves_the_sdk_until_ctrl_c(tmp_path: Path) -> None:
+    import dashscope
+
+    port = _free_port()
+    server = subprocess.Popen([COMMAND, "gateway", "--port", str(port)], env=demo_env(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert server.stdout is not None
+        banner = server.stdout.readline()
+        assert f"http://127.0.0.1:{port}/api/v1" in banner
+        client = dashscope.Client(api_key="sk-offline", base_url=f"http://127.0.0.1:{port}/api/v1", max_retries=0)
+        answer = client.chat.completions.create(model="qwen-turbo", messages=[{"role": "user", "content": "Hi"}])
+        assert answer.output_text.startswith("This is the qwen_magic offline gateway answering as qwen-turbo.")
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=15) == 0
+        assert not _listening(port)
+        assert "Traceback" not in server.stdout.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
