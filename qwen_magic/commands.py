@@ -122,10 +122,10 @@ def model_details(model: ModelInfo) -> Table:
         lower = tier.up_to or lower
     rows += [
         ("rate limit", f"{_count(model.qpm, 'no published')} requests / {_count(model.tpm, 'no published')} tokens per minute"),
-        ("free quota", f"{_count(model.free_quota, 'none known')} tokens"
-                       + (f" for {model.free_quota_days} days" if model.free_quota_days else "")),
+        ("free quota", f"{model.free_quota:,} tokens" + (f" for {model.free_quota_days} days" if model.free_quota_days else "")
+                       if model.free_quota else "none known"),
         ("status", "retired snapshot" if model.retired else "current"),
-        ("source", f"{model.source} ({model.as_of})"),
+        ("source", f"{model.source} ({model.as_of})" if model.source else "your figures (QwenMagic.models or models.toml)"),
     ]
     return Table(model.name, tuple(rows))
 

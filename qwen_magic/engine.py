@@ -187,8 +187,9 @@ class QwenSession:
         chat = self.chat(options.chat)
         if options.new and not options.dry_run:
             chat.reset()
+            chat.system = None  # afresh: the old system prompt goes too, unless -s gives one
             self.persist(settings, lambda store: store.delete_chat(self.notebook, chat.name))
-        system = options.system or chat.system or settings.system
+        system = options.system or (None if options.new else chat.system) or settings.system
         request_system = with_json_hint(system, prompt) if fmt == "json" else system
         user_content = question(prompt, options.images)
         thinking = options.thinking

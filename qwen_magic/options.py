@@ -190,6 +190,8 @@ class CellOptions:
             "enable_thinking": True if self.thinking else None,
             "thinking_budget": self.thinking_budget,
             "enable_search": True if self.search else None,
+            # Without enable_source DashScope searches but does not say where it looked.
+            "search_options": {"enable_source": True} if self.search else None,
             "response_format": {"type": "json_object"} if self.format == "json" else None,
         }
         return {name: value for name, value in given.items() if value is not None}

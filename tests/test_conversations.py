@@ -120,6 +120,7 @@ def test_new_starts_the_chat_afresh_and_system_is_kept(notebook: Notebook) -> No
     assert notebook.turns() == ["New topic"]
     later = notebook.ask("c", "Go on")
     assert later[0] == {"role": "system", "content": "Answer in haiku."}  # kept for the chat's later turns
+    assert notebook.ask("d", "Start over", "-n")[0] == {"role": "user", "content": "Start over"}  # afresh
 
 
 def test_no_history_is_a_one_off_question(notebook: Notebook) -> None:

@@ -168,6 +168,7 @@ def test_search_sets_enable_search_and_lists_the_sources(shell, gateway: Gateway
         {"title": "Bad", "url": "javascript:alert(1)", "index": 2}]))
     run(shell, "%%qwen --search -o answer\nWeather in Hangzhou yesterday?")
     assert gateway.requests[-1].parameters["enable_search"] is True
+    assert gateway.requests[-1].parameters["search_options"] == {"enable_source": True}
     answer = shell.user_ns["answer"]
     assert "**Sources**\n\n1. [Weather](https://weather.example/hz)\n2. Bad" in answer._repr_markdown_()
     assert '<a href="https://weather.example/hz">Weather</a>' in answer._repr_html_()
