@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 from IPython.core.error import UsageError
 
-from .catalog import Catalog, load_catalog
+from .catalog import Catalog, ModelInfo, load_catalog
 from .client import (
     NO_KEY_HELP,
     CallState,
@@ -27,7 +27,7 @@ from .client import (
     TextDelta,
     Usage,
 )
-from .conversation import Chat, Turn, fit_window, messages_for
+from .conversation import Chat, Turn, Window, fit_window, messages_for
 from .formats import check_capabilities, parse_answer, protocol_for, question, with_json_hint
 from .ledger import Ledger
 from .limits import RateLimiter, RetryPolicy
@@ -108,6 +108,21 @@ class _Ticker(threading.Thread):
             self.join()
 
 
+@dataclass
+class _Plan:
+    """One cell's request before it is sent."""
+
+    prompt: str
+    fmt: str
+    model_name: str
+    model: ModelInfo | None
+    chat: Chat
+    system: str | None
+    window: Window
+    messages: list[dict[str, Any]]
+    preflight: Preflight
+
+
 class QwenSession:
     """What one kernel keeps between cells."""
 
@@ -173,6 +188,54 @@ class QwenSession:
         namespace: Mapping[str, Any] | None = None,
     ) -> QwenResult | DryRun:
         """Send one cell, stream the answer into its view, record the turn."""
+        plan = self._plan(prompt, options, settings, cell_id=cell_id, namespace=namespace)
+        if options.dry_run:
+            return DryRun(plan.preflight, plan.window.note())
+        check_input_limit(plan.preflight)
+        check_cost(plan.preflight, spent=self.ledger.total_cost, budget=self.effective_budget(settings),
+                   max_cost=options.max_cost)
+        connection = self.connection(settings, options)
+        if connection.protocol == "native" and not self.client.resolved_key(connection):
+            raise UsageError(NO_KEY_HELP)
+
+        request = ChatRequest(
+            model=plan.model_name,
+            messages=tuple(plan.messages),
+            parameters=options.parameters(),
+            stream=settings.stream if options.stream is None else options.stream,
+        )
+        view = make_view(settings.display, in_kernel=in_kernel, display=display, fmt=plan.fmt)
+        if not options.no_history:
+            plan.chat.system = plan.system
+        try:
+            self._wait_for_rate_limit(plan.preflight, view)
+        except KeyboardInterrupt:
+            raise QwenInterrupted("stopped while waiting for the rate limit; nothing was sent.") from None
+        sent = self.limiter.record(plan.model_name, plan.preflight.input_tokens)
+        retry = RetryPolicy(settings.max_retries, base_delay=self.retry_base_delay)
+        result, error = self._stream(request, connection, view, retry, plan.preflight)
+        self.limiter.settle(sent, result.usage.total_tokens)
+
+        record = self._settle(plan, result, options, settings, cell_id=cell_id, cell_label=cell_label)
+        view.finish(result, record)
+        if result.status == INTERRUPTED:
+            raise QwenInterrupted(
+                "the answer was interrupted; its partial text is kept above and in the chat."
+            )
+        if error is not None:
+            raise error
+        return result
+
+    def _plan(
+        self,
+        prompt: str,
+        options: CellOptions,
+        settings: Settings,
+        *,
+        cell_id: str | None,
+        namespace: Mapping[str, Any] | None,
+    ) -> "_Plan":
+        """What the request will carry: the filled prompt, the chat's window, the count."""
         # Blank lines around the cell's text are not part of the question (and cost tokens).
         prompt = prompt.strip("\n").rstrip()
         if not prompt.strip():
@@ -192,8 +255,7 @@ class QwenSession:
         system = options.system or (None if options.new else chat.system) or settings.system
         request_system = with_json_hint(system, prompt) if fmt == "json" else system
         user_content = question(prompt, options.images)
-        thinking = options.thinking
-        extra = model.extra_input_tokens(thinking) if model else 0
+        extra = model.extra_input_tokens(options.thinking) if model else 0
         window = fit_window(
             [] if options.no_history else chat.context_for(cell_id),
             fixed_tokens=count_chat_input(messages_for(request_system, [], user_content), extra_tokens=extra),
@@ -203,72 +265,44 @@ class QwenSession:
             model_name=model_name,
         )
         messages = messages_for(request_system, window.turns, user_content)
-        preflight = prepare(model_name, model, messages, max_tokens=options.max_tokens, thinking=thinking)
-        if options.dry_run:
-            return DryRun(preflight, window.note())
-        check_input_limit(preflight)
-        check_cost(
-            preflight,
-            spent=self.ledger.total_cost,
-            budget=self.effective_budget(settings),
-            max_cost=options.max_cost,
-        )
-        connection = self.connection(settings, options)
-        if connection.protocol == "native" and not self.client.resolved_key(connection):
-            raise UsageError(NO_KEY_HELP)
+        preflight = prepare(model_name, model, messages, max_tokens=options.max_tokens, thinking=options.thinking)
+        return _Plan(prompt, fmt, model_name, model, chat, system, window, messages, preflight)
 
-        request = ChatRequest(
-            model=model_name,
-            messages=tuple(messages),
-            parameters=options.parameters(),
-            stream=settings.stream if options.stream is None else options.stream,
-        )
-        view = make_view(settings.display, in_kernel=in_kernel, display=display, fmt=fmt)
-        if not options.no_history:
-            chat.system = system
-        try:
-            self._wait_for_rate_limit(preflight, view)
-        except KeyboardInterrupt:
-            raise QwenInterrupted("stopped while waiting for the rate limit; nothing was sent.") from None
-        sent = self.limiter.record(model_name, preflight.input_tokens)
-        retry = RetryPolicy(settings.max_retries, base_delay=self.retry_base_delay)
-        result, error = self._stream(request, connection, view, retry, preflight)
-        self.limiter.settle(sent, result.usage.total_tokens)
-
-        result.format = fmt
+    def _settle(
+        self,
+        plan: "_Plan",
+        result: QwenResult,
+        options: CellOptions,
+        settings: Settings,
+        *,
+        cell_id: str | None,
+        cell_label: str,
+    ) -> dict[str, Any]:
+        """The answer's format, cost, notes, ledger entry and turn; return the turn's record."""
+        result.format = plan.fmt
         if result.status == COMPLETE:
-            parsed = parse_answer(fmt, result.text)
+            parsed = parse_answer(plan.fmt, result.text)
             result.value, result.code, result.format_error = parsed.value, parsed.code, parsed.error
-            if fmt == "code" and parsed.code is None:
+            if plan.fmt == "code" and parsed.code is None:
                 result.notes.append("The answer has no code block: no cell was added.")
-        result.cost = call_cost(model, result.usage)
+        result.cost = call_cost(plan.model, result.usage)
         if result.cost is None:
-            result.notes.append(UNKNOWN_PRICE_HINT.format(model=model_name))
-        if window.note():
-            result.notes.append(window.note())
-        self.ledger.add(cell=cell_label, chat=None if options.no_history else chat.name, model=model_name,
-                        usage=result.usage, cost=result.cost, status=result.status, elapsed=result.elapsed)
+            result.notes.append(UNKNOWN_PRICE_HINT.format(model=plan.model_name))
+        if plan.window.note():
+            result.notes.append(plan.window.note())
+        chat_name = None if options.no_history else plan.chat.name
+        self.ledger.add(cell=cell_label, chat=chat_name, model=plan.model_name, usage=result.usage,
+                        cost=result.cost, status=result.status, elapsed=result.elapsed)
         result.session_cost = self.ledger.total_cost
-        turn = Turn(prompt=prompt, result=result, cell_id=cell_id, system=system)
-        if options.no_history:
-            result.chat, result.turn = None, None
-        else:
-            result.chat = chat.name
-            result.turn = chat.record(turn)
+        turn = Turn(prompt=plan.prompt, result=result, cell_id=cell_id, system=plan.system)
+        result.chat = chat_name
+        result.turn = None if options.no_history else plan.chat.record(turn)
         record = turn.to_record()
         notebook = self.notebook
         failure = self.persist(settings, lambda store: self._save(store, notebook, result, turn, record))
         if failure:
             result.notes.append(failure)
-        view.finish(result, record)
-
-        if result.status == INTERRUPTED:
-            raise QwenInterrupted(
-                "the answer was interrupted; its partial text is kept above and in the chat."
-            )
-        if error is not None:
-            raise error
-        return result
+        return record
 
     @staticmethod
     def _save(store: Store, notebook: str, result: QwenResult, turn: Turn, record: dict[str, Any]) -> None:
