@@ -58,6 +58,10 @@ ERROR_ADVICE: dict[str, str] = {
     "StreamStalled": "The stream stopped sending: try again, or raise QwenMagic.timeout.",
     "StreamCut": "The connection closed before the answer ended: run the cell again.",
 }
+_RETRYABLE_CODES = frozenset({
+    "Throttling", "Throttling.RateQuota", "InternalError", "ServiceUnavailable", "GatewayTimeout",
+    "ConnectionError", "Timeout",
+})
 _ADVICE_BY_STATUS = {
     401: ERROR_ADVICE["InvalidApiKey"],
     429: ERROR_ADVICE["Throttling"],
@@ -101,10 +105,8 @@ class QwenAPIError(Exception):
         """Worth another try before any text was shown: rate limits and server trouble."""
         if self.code == "Throttling.AllocationQuota":  # an exhausted quota does not come back in seconds
             return False
-        return self.status in (408, 409, 429) or (self.status or 0) >= 500 or self.code in (
-            "ConnectionError",
-            "Timeout",
-        )
+        # An error frame at the head of a stream arrives with HTTP 200: its code says what it is.
+        return self.status in (408, 409, 429) or (self.status or 0) >= 500 or self.code in _RETRYABLE_CODES
 
     def _render_traceback_(self) -> list[str]:
         # IPython shows this instead of a traceback.

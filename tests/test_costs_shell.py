@@ -214,3 +214,12 @@ def test_models_lists_the_catalog_and_one_model_in_full(shell) -> None:
     detail = pretty(shell.run_line_magic("qwen", "models qwen3-max"))
     assert "price, input 32,769–131,072" in detail and "¥4 in → ¥16 out per 1M" in detail
     assert not run(shell, "%qwen models qwen-9000").success
+
+
+def test_a_rate_limit_sent_as_the_streams_first_frame_is_retried_too(shell, gateway: Gateway, capsys) -> None:
+    # DashScope can answer 200 and put the error in the stream's first frame.
+    gateway.script(Reply(chunks=["never shown"], error_after=0, error_code="Throttling", retry_after=0.05))
+    gateway.script(Reply(text="After the wait."))
+    assert run(shell, "%%qwen -o answer\nHi").success
+    assert "Throttling from the server: retrying" in capsys.readouterr().out
+    assert len(gateway.requests) == 2 and shell.user_ns["answer"].text == "After the wait."
