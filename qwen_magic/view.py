@@ -2,7 +2,7 @@
 
 * ``WidgetView`` (Jupyter): a box of HTML widgets. Finished Markdown blocks are rendered
   once into a widget that is never touched again; only the open block is re-rendered.
-  Updates are coalesced to a message budget (~20 messages a second, the last update
+  Updates are coalesced to a message budget (~16 messages a second, the last update
   always sent). At the end the box is replaced, under the same display id, by a plain
   ``text/markdown`` + ``text/html`` output, so a saved notebook needs no widget state.
 * ``MarkdownView``: the same durable output, updated in place without widgets.
