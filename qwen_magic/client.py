@@ -8,7 +8,9 @@ imported here, lazily, so that ``%load_ext`` stays fast.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import threading
 import time
 import warnings
@@ -223,8 +225,16 @@ def mask_key(key: str | None) -> str:
     return f"{key[:3]}…{key[-4:]}" if len(key) > 12 else "…"
 
 
+_BEARER = re.compile(r"(Bearer\s+)[^\s'\"]+")
+
+
 def redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, mask_key(secret)) if secret else text
+    """The text with the key masked, as written and as escaped (a header's repr shows \\n)."""
+    if secret:
+        for form in {secret, secret.strip(), secret.encode("unicode_escape").decode("ascii", "replace")}:
+            if form:
+                text = text.replace(form, mask_key(secret.strip()))
+    return _BEARER.sub(lambda match: match.group(1) + "…", text)
 
 
 class QwenClient:
@@ -245,12 +255,20 @@ class QwenClient:
         with warnings.catch_warnings():
             # dashscope suggests a workspace on every client; notebooks need not see it.
             warnings.filterwarnings("ignore", message="no workspace configured")
-            config = resolve_config(
-                api_key=connection.api_key,
-                base_url=connection.base_url,
-                protocol=connection.protocol,
-                timeout=connection.timeout,
-            )
+            try:
+                config = resolve_config(
+                    api_key=connection.api_key,
+                    base_url=connection.base_url,
+                    protocol=connection.protocol,
+                    timeout=connection.timeout,
+                )
+            except ValueError as error:  # DASHSCOPE_REGION, DASHSCOPE_TIMEOUT, config.toml
+                from IPython.core.error import UsageError
+
+                raise UsageError(f"dashscope's configuration cannot be used: {error}") from None
+            if config.api_key and config.api_key != config.api_key.strip():
+                # A key read from a file often ends in a newline; no key has white space.
+                config = dataclasses.replace(config, api_key=config.api_key.strip())
             identity = (
                 config.api_key,
                 config.protocol_base_url,

@@ -117,6 +117,11 @@ class Chat:
         index = self._index_of(cell_id)
         return len(self.turns) + 1 if index is None else index + 1
 
+    def accepts(self, turn: Turn) -> bool:
+        """A failed re-run does not replace the cell's answer that carries the chat on."""
+        index = self._index_of(turn.cell_id)
+        return index is None or turn.gives_context or not self.turns[index].gives_context
+
     def record(self, turn: Turn) -> int:
         """Replace the cell's earlier turn in place, or append; return its 1-based number."""
         index = self._index_of(turn.cell_id)

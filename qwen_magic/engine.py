@@ -94,8 +94,8 @@ class _Ticker(threading.Thread):
     def run(self) -> None:
         shown_second = -1
         while not self._stop_event.wait(self.PERIOD):
+            self._view.tick()
             if self.text_started:
-                self._view.tick()
                 continue
             second = int(time.monotonic() - self._since)
             if second != shown_second:
@@ -205,13 +205,17 @@ class QwenSession:
             stream=settings.stream if options.stream is None else options.stream,
         )
         view = make_view(settings.display, in_kernel=in_kernel, display=display, fmt=plan.fmt)
+        if options.new:
+            plan.chat.reset()
+            self.persist(settings, lambda store: store.delete_chat(self.notebook, plan.chat.name))
         if not options.no_history:
             plan.chat.system = plan.system
         try:
             self._wait_for_rate_limit(plan.preflight, view)
         except KeyboardInterrupt:
             raise QwenInterrupted("stopped while waiting for the rate limit; nothing was sent.") from None
-        sent = self.limiter.record(plan.model_name, plan.preflight.input_tokens)
+        # Windows are per catalog entry: an aliased name shares its entry's limits.
+        sent = self.limiter.record(plan.model.name if plan.model else plan.model_name, plan.preflight.input_tokens)
         retry = RetryPolicy(settings.max_retries, base_delay=self.retry_base_delay)
         result, error = self._stream(request, connection, view, retry, plan.preflight)
         self.limiter.settle(sent, result.usage.total_tokens)
@@ -219,10 +223,12 @@ class QwenSession:
         record = self._settle(plan, result, options, settings, cell_id=cell_id, cell_label=cell_label)
         view.finish(result, record)
         if result.status == INTERRUPTED:
-            raise QwenInterrupted(
-                "the answer was interrupted; its partial text is kept above and in the chat."
-            )
+            kept = "above" if options.no_history else "above and in the chat"
+            interrupted = QwenInterrupted(f"the answer was interrupted; its partial text is kept {kept}.")
+            interrupted.result = result
+            raise interrupted
         if error is not None:
+            error.result = result  # so that -o still gets the partial answer
             raise error
         return result
 
@@ -248,16 +254,14 @@ class QwenSession:
         model = catalog.get(settings.model_aliases.get(model_name, model_name))
         check_capabilities(model_name, model, catalog, thinking=options.thinking, images=bool(options.images))
         chat = self.chat(options.chat)
-        if options.new and not options.dry_run:
-            chat.reset()
-            chat.system = None  # afresh: the old system prompt goes too, unless -s gives one
-            self.persist(settings, lambda store: store.delete_chat(self.notebook, chat.name))
+        # -n: afresh, without the old turns or system prompt (the chat itself is emptied
+        # only once the call is really sent: a refused call changes nothing).
         system = options.system or (None if options.new else chat.system) or settings.system
         request_system = with_json_hint(system, prompt) if fmt == "json" else system
         user_content = question(prompt, options.images)
         extra = model.extra_input_tokens(options.thinking) if model else 0
         window = fit_window(
-            [] if options.no_history else chat.context_for(cell_id),
+            [] if options.no_history or options.new else chat.context_for(cell_id),
             fixed_tokens=count_chat_input(messages_for(request_system, [], user_content), extra_tokens=extra),
             input_limit=model.max_input if model else None,
             max_turns=options.max_history,
@@ -296,21 +300,35 @@ class QwenSession:
         result.session_cost = self.ledger.total_cost
         turn = Turn(prompt=plan.prompt, result=result, cell_id=cell_id, system=plan.system)
         result.chat = chat_name
-        result.turn = None if options.no_history else plan.chat.record(turn)
+        # The chat's first turn in this kernel starts its stored copy afresh: turns left by an
+        # earlier kernel (not resumed) are set aside under another name, not mixed in.
+        starts_chat = not options.no_history and not plan.chat.turns
+        recorded = not options.no_history and plan.chat.accepts(turn)
+        if recorded:
+            result.turn = plan.chat.record(turn)
+        elif not options.no_history:
+            result.turn = plan.chat.position_for(cell_id)
+            result.notes.append("The cell's earlier answer stays in the chat: this one failed.")
+        else:
+            result.turn = None
         record = turn.to_record()
         notebook = self.notebook
-        failure = self.persist(settings, lambda store: self._save(store, notebook, result, turn, record))
+
+        def save(store: Store) -> None:
+            if starts_chat:
+                kept = store.set_aside(notebook, plan.chat.name)
+                if kept:
+                    result.notes.append(f"This chat's turns from an earlier kernel are kept as "
+                                        f"{kept!r}: %qwen resume '{kept}' brings them back.")
+            store.add_call(notebook, result.chat, result.model, result.usage.input_tokens,
+                           result.usage.output_tokens, result.cost, result.status)
+            if recorded:
+                store.save_turn(notebook, plan.chat.name, result.turn, cell_id, record)
+
+        failure = self.persist(settings, save)
         if failure:
             result.notes.append(failure)
         return record
-
-    @staticmethod
-    def _save(store: Store, notebook: str, result: QwenResult, turn: Turn, record: dict[str, Any]) -> None:
-        """The call always (it cost money); the turn when it belongs to a chat."""
-        store.add_call(notebook, result.chat, result.model, result.usage.input_tokens,
-                       result.usage.output_tokens, result.cost, result.status)
-        if result.chat is not None and result.turn is not None:
-            store.save_turn(notebook, result.chat, result.turn, turn.cell_id, record)
 
     def _wait_for_rate_limit(self, preflight: Preflight, view: View) -> None:
         """Wait, saying so, until the model's QPM and TPM windows have room for this call."""
@@ -375,9 +393,13 @@ class QwenSession:
         finally:
             ticker.stop()
         usage = state.usage
-        if status == INTERRUPTED and not usage.input_tokens:
-            # Cut off before the server reported usage: it still bills what it read and wrote.
-            usage = Usage(input_tokens=preflight.input_tokens, output_tokens=count_text("".join(text)))
+        answered = bool(text or reasoning or state.request_id)
+        if status != COMPLETE and answered and not usage.input_tokens:
+            # Cut off before the server reported usage (compatible mode reports it last): it
+            # still bills what it read and wrote. A call refused or never answered costs nothing.
+            written = count_text("".join(text)) + count_text("".join(reasoning))
+            usage = Usage(input_tokens=preflight.input_tokens, output_tokens=written,
+                          reasoning_tokens=count_text("".join(reasoning)))
         result = QwenResult(
             text="".join(text),
             model=request.model,

@@ -84,8 +84,10 @@ def turns_from_notebook(path: Path, chat: str) -> list[Turn]:
         document = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise UsageError(f"Cannot read {path}: {error.strerror or error}") from None
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{path} is not a notebook (invalid JSON: {error.msg}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path} is not a notebook ({type(error).__name__}).") from None
+    if not isinstance(document, dict) or not isinstance(document.get("cells", []), list):
+        raise UsageError(f"{path} is not a notebook (no list of cells).")
     turns: list[Turn] = []
     for cell in document.get("cells", []):
         for output in cell.get("outputs", []):
@@ -100,7 +102,14 @@ def turns_from_notebook(path: Path, chat: str) -> list[Turn]:
                 text = text_from_markdown(markdown, list(record.get("footer") or []))
             if text is None:
                 continue  # the output was edited by hand: its answer cannot be trusted
-            turn = Turn.from_record({**record, "text": text})
+            try:
+                turn = Turn.from_record({**record, "text": text})
+            except (KeyError, TypeError, ValueError):
+                continue  # a record this version cannot read
             turn.cell_id = turn.cell_id or cell.get("id")
+            number = record.get("turn")
+            if isinstance(number, int) and 1 <= number <= len(turns):
+                # This turn took an earlier place (after -n, undo or a reset): what followed is gone.
+                del turns[number - 1:]
             turns.append(turn)
     return turns

@@ -197,16 +197,22 @@ class QwenMagic(Magics):
 
             return run_command(self, line)
         options = CellOptions.from_namespace(parse_argstring(self.qwen, line))
-        result = self.session.ask(
-            cell,
-            options,
-            self.settings(),
-            cell_id=self._cell_id(),
-            cell_label=f"In [{self.shell.execution_count}]",
-            in_kernel=getattr(self.shell, "kernel", None) is not None,
-            display=_display,
-            namespace=self.shell.user_ns,
-        )
+        try:
+            result = self.session.ask(
+                cell,
+                options,
+                self.settings(),
+                cell_id=self._cell_id(),
+                cell_label=f"In [{self.shell.execution_count}]",
+                in_kernel=getattr(self.shell, "kernel", None) is not None,
+                display=_display,
+                namespace=self.shell.user_ns,
+            )
+        except BaseException as error:
+            partial = getattr(error, "result", None)
+            if options.out and partial is not None:  # a failed or interrupted answer is kept too
+                self.shell.user_ns[options.out] = partial
+            raise
         if options.dry_run:
             return result
         if options.out:

@@ -83,13 +83,18 @@ def check_cost(preflight: Preflight, *, spent: float, budget: float | None, max_
         limits.append((max_cost, f"--max-cost {format_yuan(max_cost)}", "raise --max-cost"))
     if budget is not None:
         left = max(budget - spent, 0.0)
-        limits.append((left, f"the session budget ({format_yuan(left)} left of {format_yuan(budget)})",
-                       f"raise the budget (%qwen budget {_suggest(budget + worst - left)})"))
+        state = f"{format_yuan(left)} left of {format_yuan(budget)}" if left else f"used up: {format_yuan(spent)} spent of {format_yuan(budget)}"
+        limits.append((left, f"the session budget ({state})",
+                       f"raise the budget (%qwen budget {_suggest(spent + worst)})"))
     for allowed, what, raise_it in limits:
         if worst > allowed:
             fits = output_tokens_affordable(model, preflight.input_tokens, allowed, thinking=preflight.thinking)
-            lower = (f"or lower --max-tokens to {fits:,} or less" if fits > 0
-                     else "or shorten the prompt and chat: the input alone is over it")
+            if fits > 0:
+                lower = f"or lower --max-tokens to {fits:,} or less"
+            elif allowed > 0:
+                lower = "or shorten the prompt and chat: the input alone is over it"
+            else:
+                lower = "as nothing is left of it"
             raise UsageError(
                 f"Refused, nothing sent: this call could cost up to {format_yuan(worst)} "
                 f"({preflight.input_tokens:,} input tokens and up to "

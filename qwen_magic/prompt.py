@@ -74,7 +74,7 @@ def _resolve(expr: str, namespace: Mapping[str, Any], written: str) -> Any:
     for kind, key in reversed(steps):
         try:
             value = getattr(value, key) if kind == "attr" else value[key]
-        except (AttributeError, LookupError, TypeError) as error:
+        except (AttributeError, LookupError, TypeError, ValueError) as error:
             raise UsageError(f"{written}: {type(error).__name__}: {error}") from None
     return value
 
@@ -82,7 +82,8 @@ def _resolve(expr: str, namespace: Mapping[str, Any], written: str) -> Any:
 def _constant(node: ast.AST, written: str) -> Any:
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, str)):
         return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+    if (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant)
+            and type(node.operand.value) is int):
         return -node.operand.value
     if isinstance(node, ast.Slice):
         parts = [None if part is None else _constant(part, written) for part in (node.lower, node.upper, node.step)]

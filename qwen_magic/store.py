@@ -127,6 +127,23 @@ class Store:
         with self._transaction():
             self._db.execute("DELETE FROM turns WHERE notebook = ? AND chat = ?", (notebook, chat))
 
+    def set_aside(self, notebook: str, chat: str) -> str | None:
+        """Rename a chat's stored turns out of the way; return the new name (None if none).
+
+        A new kernel's first turn must not mix with an earlier kernel's turns, and those
+        turns must not be lost either: they stay resumable under the returned name.
+        """
+        with self._transaction():
+            found = self._db.execute(
+                "SELECT MAX(updated_at) FROM turns WHERE notebook = ? AND chat = ?", (notebook, chat)
+            ).fetchone()[0]
+            if found is None:
+                return None
+            kept = f"{chat}@{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(found))}"
+            self._db.execute("DELETE FROM turns WHERE notebook = ? AND chat = ?", (notebook, kept))
+            self._db.execute("UPDATE turns SET chat = ? WHERE notebook = ? AND chat = ?", (kept, notebook, chat))
+        return kept
+
     def delete_position(self, notebook: str, chat: str, position: int) -> None:
         with self._transaction():
             self._db.execute(

@@ -231,8 +231,9 @@ class MarkdownView:
         self._lock = threading.Lock()
 
     def waiting(self, text: str) -> None:
-        if not self._has_text:
-            self._handle.update({"text/plain": text, "text/html": f"<em>{escape(text)}</em>"}, raw=True)
+        with self._lock:  # never over the first text the stream has just shown
+            if not self._has_text:
+                self._handle.update({"text/plain": text, "text/html": f"<em>{escape(text)}</em>"}, raw=True)
 
     def notice(self, text: str) -> None:
         self.waiting(text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -271,3 +272,43 @@ def test_a_kernel_killed_mid_stream_leaves_earlier_turns_and_a_readable_file(
         "SELECT record FROM turns WHERE notebook = 'killed.ipynb' ORDER BY position")]
     assert prompts == ["Kept k1", "Kept k2"]
     assert msg_id
+
+
+def test_a_failed_rerun_keeps_the_cells_earlier_answer(notebook: Notebook, gateway: Gateway) -> None:
+    gateway.script(Reply(text="Paris."))
+    notebook.ask("a", "Capital of France?")
+    notebook.run("%config QwenMagic.max_retries = 0")
+    gateway.script(Reply(status=503, error_code="ServiceUnavailable"))
+    failed = notebook.run("%%qwen\nCapital of France?", "a")
+    assert failed.status == "error"
+    assert "The cell's earlier answer stays in the chat" in failed.outputs[0]["data"]["text/markdown"]
+    assert notebook.ask("b", "And Italy?")[:2] == [
+        {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    notebook.run("%config QwenMagic.max_retries = 3")
+
+
+def test_resume_from_a_notebook_honours_a_new_start(notebook: Notebook, kernel: KernelSession, workdir: Path) -> None:
+    saved = nbformat.v4.new_notebook()
+    for cell_id, line in (("r1", "%%qwen -c topics\nOld topic"), ("r2", "%%qwen -c topics -n\nNew topic"),
+                          ("r3", "%%qwen -c topics\nFollow-up")):
+        execution = notebook.run(line, cell_id)
+        cell = nbformat.v4.new_code_cell(line)
+        cell.id = cell_id
+        cell.outputs = [nbformat.from_dict(output) for output in execution.outputs]
+        saved.cells.append(cell)
+    path = workdir / "restarted.ipynb"
+    nbformat.write(saved, path)
+    notebook.run("%qwen reset topics")
+    notebook.run(f"%qwen resume topics --from {path}")
+    assert notebook.turns("topics") == ["New topic", "Follow-up"]
+
+
+def test_interrupting_a_retry_wait_charges_nothing(notebook: Notebook, kernel: KernelSession, gateway: Gateway) -> None:
+    gateway.script(Reply(status=429, error_code="Throttling", retry_after=5))
+    msg_id = kernel.submit("%%qwen -o waited\nHi", cell_id="w")
+    gateway.wait_for_requests(1, timeout=10)
+    time.sleep(0.5)
+    kernel.interrupt()
+    assert kernel.collect(msg_id).status == "error"
+    check = notebook.run("print(waited.status, waited.cost, waited.usage.input_tokens)")
+    assert check.stdout.split() == ["interrupted", "0.0", "0"]

@@ -5,6 +5,8 @@ Real shell, real SDK, the offline gateway with scripted usage.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from IPython.lib.pretty import pretty
 
@@ -223,3 +225,42 @@ def test_a_rate_limit_sent_as_the_streams_first_frame_is_retried_too(shell, gate
     assert run(shell, "%%qwen -o answer\nHi").success
     assert "Throttling from the server: retrying" in capsys.readouterr().out
     assert len(gateway.requests) == 2 and shell.user_ns["answer"].text == "After the wait."
+
+
+def test_a_budget_already_passed_suggests_enough_to_go_on(shell, gateway: Gateway, capsys) -> None:
+    gateway.script(Reply(text="Costly.", usage={"input_tokens": 100_000, "output_tokens": 0}))
+    run(shell, "%%qwen -m qwen-max --max-tokens 10\nSpend")  # ¥0.24
+    shell.run_line_magic("qwen", "budget 0.05")
+    assert not run(shell, "%%qwen -m qwen-max --max-tokens 100\nMore").success
+    shown = capsys.readouterr()
+    text = shown.out + shown.err
+    assert "the session budget (used up: ¥0.24 spent of ¥0.05)" in text
+    suggested = float(re.search(r"%qwen budget ([\d.]+)\)", text).group(1))
+    shell.run_line_magic("qwen", f"budget {suggested}")
+    assert run(shell, "%%qwen -m qwen-max --max-tokens 100\nMore").success
+
+
+def test_a_cut_in_compatible_mode_still_counts_what_was_sent_and_written(shell, gateway: Gateway, capsys) -> None:
+    shell.run_line_magic("config", f"QwenMagic.base_url = '{gateway.compatible_base_url}'")
+    gateway.script(Reply(text="word " * 200, chunk_size=5, cut_after=20))
+    assert not run(shell, "%%qwen --protocol openai -m qwen-max -o answer\nTalk").success
+    answer = shell.user_ns["answer"]
+    assert answer.usage.input_tokens > 0 and answer.usage.output_tokens > 0 and answer.cost > 0
+
+
+def test_an_aliased_model_shares_its_entrys_rate_limit(shell, gateway: Gateway, capsys) -> None:
+    shell.run_line_magic("config", "QwenMagic.models = {'my-qwen': {'input': 1, 'output': 1, 'qpm': 1}}")
+    shell.run_line_magic("config", "QwenMagic.model_aliases = {'Qwen/Qwen3-8B': 'my-qwen'}")
+    shell.magics_manager.registry["QwenMagic"].session.limiter.window = 1.0
+    run(shell, "%%qwen -m my-qwen\nOne")
+    run(shell, "%%qwen -m Qwen/Qwen3-8B\nTwo")
+    assert "[Rate limit of Qwen/Qwen3-8B (1 requests per minute): waiting" in capsys.readouterr().out
+
+
+def test_a_refused_new_chat_leaves_the_chat_as_it_was(shell, gateway: Gateway) -> None:
+    run(shell, "%%qwen\nKeep me")
+    assert not run(shell, "%%qwen -n --max-cost 0.0000001\nStart over").success
+    session = shell.magics_manager.registry["QwenMagic"].session
+    assert [t.prompt for t in session.chat().turns] == ["Keep me"]
+    assert [r["prompt"] for r in session.store(shell.magics_manager.registry["QwenMagic"].settings())
+            .turns(session.notebook, "default")] == ["Keep me"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -265,3 +266,65 @@ def test_cell_help_lists_options_and_examples(shell) -> None:
     doc = shell.magics_manager.magics["cell"]["qwen"].__doc__
     for piece in ("--max-tokens", "--no-stream", "-o VAR", "%%qwen -m qwen-max"):
         assert piece in doc
+
+
+def test_a_key_read_from_a_file_with_its_newline_works_and_is_never_shown(shell, gateway: Gateway, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-from-a-file-0123456789\n")
+    assert run(shell, "%%qwen\nHi").success
+    assert gateway.requests[-1].api_key == "sk-from-a-file-0123456789"
+    gateway.script(Reply(status=401, error_code="InvalidApiKey"))
+    shell.run_line_magic("config", "QwenMagic.max_retries = 0")
+    run(shell, "%%qwen\nHi")
+    shown = capsys.readouterr()
+    assert "sk-from-a-file-0123456789" not in shown.out + shown.err
+
+
+def test_the_redaction_covers_escaped_keys_and_bearer_headers() -> None:
+    from qwen_magic.client import redact
+
+    key = "sk-secret-abcdef0123456789\n"
+    line = "Illegal header value b'Bearer sk-secret-abcdef0123456789\\n'"
+    assert "abcdef0123456789" not in redact(line, key)
+    assert redact("Authorization: Bearer sk-other-key-999", None) == "Authorization: Bearer …"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [("DASHSCOPE_REGION", "atlantis", "invalid region"), ("DASHSCOPE_TIMEOUT", "soon", "DASHSCOPE_TIMEOUT")],
+)
+def test_a_broken_dashscope_setting_is_one_line(shell, gateway: Gateway, monkeypatch, capsys, variable, value, message) -> None:
+    monkeypatch.setenv(variable, value)
+    assert not run(shell, "%%qwen\nHi").success
+    assert not run(shell, "%qwen config").success
+    shown = capsys.readouterr()
+    text = shown.out + shown.err
+    assert text.count("UsageError: dashscope's configuration cannot be used:") == 2 and message in text
+    assert "Traceback" not in text
+
+
+def test_a_failed_answer_is_kept_in_its_out_variable(shell, gateway: Gateway) -> None:
+    gateway.script(Reply(chunks=["Half ", "of it"], cut_after=1))
+    assert not run(shell, "%%qwen -o answer\nHi").success
+    assert shell.user_ns["answer"].status == "failed" and shell.user_ns["answer"].text == "Half "
+
+
+def test_resume_from_something_that_is_not_a_notebook_is_one_line(shell, tmp_path, capsys) -> None:
+    for name, content in (("list.ipynb", b"[1, 2]"), ("binary.ipynb", b"\xff\xfe\x00garbage")):
+        (tmp_path / name).write_bytes(content)
+        assert not run(shell, f"%qwen resume --from {tmp_path / name}").success
+    shown = capsys.readouterr()
+    assert (shown.out + shown.err).count("is not a notebook") == 2
+
+
+def test_a_new_kernels_first_turn_sets_the_stored_chat_aside_not_mixed(shell, gateway: Gateway, capsys) -> None:
+    run(shell, "%%qwen\nOld one")
+    run(shell, "%%qwen\nOld two")
+    shell.run_line_magic("reload_ext", "qwen_magic")  # a new kernel: same notebook, same file
+    run(shell, "%%qwen\nNew one")
+    printed = capsys.readouterr().out
+    kept = re.search(r"turns from an earlier kernel are kept as '([^']+)'", printed).group(1)
+    magics = shell.magics_manager.registry["QwenMagic"]
+    store = magics.session.store(magics.settings())
+    assert [r["prompt"] for r in store.turns(magics.session.notebook, "default")] == ["New one"]
+    shell.run_line_magic("qwen", f"resume '{kept}'")
+    assert [t.prompt for t in magics.session.chat(kept).turns] == ["Old one", "Old two"]
