@@ -392,16 +392,16 @@ class QwenSession:
             status, failure = FAILED, error
         finally:
             ticker.stop()
+        answer, thought = "".join(text), "".join(reasoning)
         usage = state.usage
-        answered = bool(text or reasoning or state.request_id)
-        if status != COMPLETE and answered and not usage.input_tokens:
+        if status != COMPLETE and (answer or thought or state.request_id) and not usage.input_tokens:
             # Cut off before the server reported usage (compatible mode reports it last): it
             # still bills what it read and wrote. A call refused or never answered costs nothing.
-            written = count_text("".join(text)) + count_text("".join(reasoning))
-            usage = Usage(input_tokens=preflight.input_tokens, output_tokens=written,
-                          reasoning_tokens=count_text("".join(reasoning)))
+            thought_tokens = count_text(thought)
+            usage = Usage(input_tokens=preflight.input_tokens, output_tokens=count_text(answer) + thought_tokens,
+                          reasoning_tokens=thought_tokens)
         result = QwenResult(
-            text="".join(text),
+            text=answer,
             model=request.model,
             usage=usage,
             request_id=state.request_id,
@@ -409,7 +409,7 @@ class QwenSession:
             first_text_after=first_text_after,
             status=status,
             finish_reason=state.finish_reason,
-            reasoning="".join(reasoning),
+            reasoning=thought,
             error=failure.code if failure else None,
             search_results=state.search_results,
         )

@@ -127,10 +127,15 @@ def answer_markdown(fmt: str, text: str, parsed: Parsed) -> str:
     return text
 
 
+def preformatted(text: str) -> str:
+    """Plain text, escaped, as it is (for -f text, and for JSON while it streams)."""
+    return f'<pre style="white-space: pre-wrap">{escape(text)}</pre>' if text else ""
+
+
 def answer_html(fmt: str, text: str, parsed: Parsed) -> str:
     """The answer as safe HTML, by format."""
     if fmt == "text" or (fmt == "json" and parsed.error is not None):
-        return f'<pre style="white-space: pre-wrap">{escape(text)}</pre>' if text else ""
+        return preformatted(text)
     if fmt == "json":
         return json_tree(parsed.value)
     return render_markdown(text)

@@ -140,14 +140,18 @@ class QwenResult:
         printer.text(self.text + "".join(f"\n[{line}]" for line in self.footer_lines()))
 
 
+def _footer_markdown(footer_lines: list[str]) -> str:
+    return "".join(f"\n\n*{line}*" for line in footer_lines)
+
+
 def markdown_with_footer(text: str, footer_lines: list[str]) -> str:
     """The answer's Markdown with its footer lines in italics under it."""
-    return (text + "".join(f"\n\n*{line}*" for line in footer_lines)).lstrip("\n")
+    return (text + _footer_markdown(footer_lines)).lstrip("\n")
 
 
 def text_from_markdown(markdown: str, footer_lines: list[str]) -> str | None:
     """The answer back out of ``markdown_with_footer``'s output (None if it is not one)."""
-    suffix = "".join(f"\n\n*{line}*" for line in footer_lines)
+    suffix = _footer_markdown(footer_lines)
     if markdown.endswith(suffix):
         return markdown[: len(markdown) - len(suffix)]
     if markdown == suffix.lstrip("\n"):

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TextIO
 
 from .markdown import BlockSplitter, escape, render_markdown
-from .formats import reasoning_html
+from .formats import preformatted, reasoning_html
 from .result import FOOTER_STYLE, markdown_with_footer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,15 +70,16 @@ def durable_bundle(result: "QwenResult", record: dict[str, Any]) -> tuple[dict[s
 class _Pacer:
     """Spaces updates by the number of messages the last one cost."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, interval: float = MESSAGE_INTERVAL) -> None:
         self._clock = clock
+        self._interval = interval
         self._next = 0.0
 
     def due(self) -> bool:
         return self._clock() >= self._next
 
-    def spent(self, messages: int) -> None:
-        self._next = self._clock() + MESSAGE_INTERVAL * max(messages, 1)
+    def spent(self, messages: int = 1) -> None:
+        self._next = self._clock() + self._interval * max(messages, 1)
 
 
 class WidgetView:
@@ -120,7 +121,6 @@ class WidgetView:
         self._splitter = BlockSplitter()
         self._unread: list[str] = []  # deltas not yet fed to the splitter
         self._pacer = _Pacer(clock)
-        self._clock = clock
         self._has_text = False
         # The timer thread's tick() and the stream's add_text() both flush.
         self._lock = threading.Lock()
@@ -222,10 +222,9 @@ class MarkdownView:
         clock: Callable[[], float] = time.monotonic,
     ):
         self._render = render
-        self._clock = clock
         self._handle = display({"text/markdown": "", "text/html": ""}, raw=True, display_id=True)
         self._parts: list[str] = []
-        self._next = 0.0
+        self._pacer = _Pacer(clock, self.UPDATE_INTERVAL)
         self._has_text = False
         self._dirty = False
         self._lock = threading.Lock()
@@ -253,10 +252,10 @@ class MarkdownView:
             self._update_if_due()
 
     def _update_if_due(self) -> None:
-        if self._dirty and self._clock() >= self._next:
+        if self._dirty and self._pacer.due():
             text = "".join(self._parts)
             self._handle.update({"text/markdown": text, "text/html": self._render(text)}, raw=True)
-            self._next = self._clock() + self.UPDATE_INTERVAL
+            self._pacer.spent()
             self._dirty = False
 
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
@@ -275,8 +274,7 @@ class TerminalView:
     def __init__(self, stream: TextIO | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._stream = stream
         self._ends_with_newline = True
-        self._clock = clock
-        self._next_flush = 0.0
+        self._pacer = _Pacer(clock)
         self._pending = False
         self._lock = threading.Lock()  # the timer thread's tick() flushes too
         self._thinking_shown = False
@@ -300,10 +298,7 @@ class TerminalView:
             if not self._thinking_shown:
                 self._out.write("[thinking]\n")
                 self._thinking_shown = True
-            self._out.write(delta)
-            self._pending = True
-            if self._clock() >= self._next_flush:
-                self._flush()
+            self._write(delta)
 
     def tick(self) -> None:
         with self._lock:
@@ -315,16 +310,19 @@ class TerminalView:
             if self._thinking_shown and not self._answer_started:
                 self._out.write("\n[answer]\n")
             self._answer_started = True
-            self._out.write(delta)
             self._ends_with_newline = delta.endswith("\n")
-            self._pending = True
-            if self._clock() >= self._next_flush:
-                self._flush()
+            self._write(delta)
+
+    def _write(self, text: str) -> None:
+        self._out.write(text)
+        self._pending = True
+        if self._pacer.due():
+            self._flush()
 
     def _flush(self) -> None:
         self._out.flush()
         self._pending = False
-        self._next_flush = self._clock() + MESSAGE_INTERVAL
+        self._pacer.spent()
 
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
         prefix = "" if self._ends_with_newline else "\n"
@@ -332,11 +330,6 @@ class TerminalView:
         with self._lock:
             self._out.write(f"{prefix}\n{footer}")
             self._flush()
-
-
-def preformatted(text: str) -> str:
-    """Plain text, escaped, as it is (for -f text and for JSON while it streams)."""
-    return f'<pre style="white-space: pre-wrap">{escape(text)}</pre>' if text else ""
 
 
 def make_view(mode: str, *, in_kernel: bool, display: Callable[..., Any], fmt: str = "markdown") -> View:
