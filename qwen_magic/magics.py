@@ -254,7 +254,7 @@ class QwenMagic(Magics):
             self.shell.configurables.remove(self)
 
 
-def _display(*objs: Any, **kwargs: Any) -> Any:
-    from IPython.display import display
+def _display(obj: Any, **kwargs: Any) -> Any:
+    from .publish import display
 
-    return display(*objs, **kwargs)
+    return display(obj, **kwargs)
