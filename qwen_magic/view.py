@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TextIO
 
 from .markdown import BlockSplitter, escape, render_markdown
@@ -65,6 +66,11 @@ def durable_bundle(result: "QwenResult", record: dict[str, Any]) -> tuple[dict[s
         del output_record["text"]
     metadata = {"qwen_magic": output_record}
     return {"text/markdown": markdown, "text/html": html}, metadata
+
+
+def _drain(pending: "deque[str]") -> str:
+    """Everything appended so far, removed; appends from the stream may go on meanwhile."""
+    return "".join([pending.popleft() for _ in range(len(pending))])
 
 
 class _Pacer:
@@ -119,10 +125,12 @@ class WidgetView:
             display_id=True,
         )
         self._splitter = BlockSplitter()
-        self._unread: list[str] = []  # deltas not yet fed to the splitter
+        # Deltas not yet fed to the splitter. The stream appends without the lock (once per
+        # frame, it must be cheap); whoever updates drains it under the lock.
+        self._unread: deque[str] = deque()
         self._pacer = _Pacer(clock)
         self._has_text = False
-        # The timer thread's tick() and the stream's add_text() both flush.
+        # The timer thread's tick() and the stream's add_text() both update.
         self._lock = threading.Lock()
         self._notices: list[str] = []
 
@@ -131,7 +139,7 @@ class WidgetView:
 
     def waiting(self, text: str) -> None:
         with self._lock:
-            if not self._has_text:
+            if not self._has_text and not self._unread:
                 notices = "".join(f"<div>{escape(n)}</div>" for n in self._notices)
                 self._open.value = (
                     f'<div class="qwen-waiting" style="{FOOTER_STYLE}">{notices}{escape(text)}</div>'
@@ -160,24 +168,26 @@ class WidgetView:
 
     def add_text(self, delta: str) -> None:
         # Called once per frame: only remember the text; the work is done once per update.
-        with self._lock:
-            if not self._has_text and self._reasoning:
-                self._show_reasoning(opened=False)  # the answer starts: fold the thinking away
-            self._has_text = True
-            self._unread.append(delta)
-            if self._pacer.due():
-                self._flush()
+        self._unread.append(delta)
+        if self._pacer.due():
+            self.tick()
 
     def tick(self) -> None:
         with self._lock:
-            if self._unread and self._pacer.due():
+            if not self._pacer.due():
+                return
+            if self._unread:
+                if not self._has_text:
+                    self._has_text = True
+                    if self._reasoning:  # the answer starts: fold the thinking away first
+                        self._show_reasoning(opened=False)
+                        return
                 self._flush()
-            elif not self._has_text and self._reasoning and self._pacer.due():
+            elif not self._has_text and self._reasoning:
                 self._show_reasoning(opened=True)
 
     def _flush(self) -> None:
-        finished = self._splitter.feed("".join(self._unread))
-        self._unread.clear()
+        finished = self._splitter.feed(_drain(self._unread))
         messages = self._freeze("\n\n".join(finished)) if finished else 0
         self._open.value = self._render(self._splitter.open_block)
         self._pacer.spent(messages + 1)
@@ -197,6 +207,7 @@ class WidgetView:
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
         with self._lock:
             self._unread.clear()
+            self._has_text = True  # nothing live is shown any more
         bundle, metadata = durable_bundle(result, record)
         self._handle.update(bundle, raw=True, metadata=metadata)
         # The durable output replaced the view: release the widgets' comms.
@@ -223,15 +234,15 @@ class MarkdownView:
     ):
         self._render = render
         self._handle = display({"text/markdown": "", "text/html": ""}, raw=True, display_id=True)
-        self._parts: list[str] = []
+        self._shown: list[str] = []  # the deltas in the output so far
+        self._unread: deque[str] = deque()  # appended by the stream without the lock
         self._pacer = _Pacer(clock, self.UPDATE_INTERVAL)
         self._has_text = False
-        self._dirty = False
         self._lock = threading.Lock()
 
     def waiting(self, text: str) -> None:
         with self._lock:  # never over the first text the stream has just shown
-            if not self._has_text:
+            if not self._has_text and not self._unread:
                 self._handle.update({"text/plain": text, "text/html": f"<em>{escape(text)}</em>"}, raw=True)
 
     def notice(self, text: str) -> None:
@@ -241,26 +252,23 @@ class MarkdownView:
         """Reasoning is kept in the result; the live view shows the answer only."""
 
     def add_text(self, delta: str) -> None:
-        with self._lock:
-            self._has_text = True
-            self._parts.append(delta)
-            self._dirty = True
-            self._update_if_due()
+        self._unread.append(delta)
+        if self._pacer.due():
+            self.tick()
 
     def tick(self) -> None:
         with self._lock:
-            self._update_if_due()
-
-    def _update_if_due(self) -> None:
-        if self._dirty and self._pacer.due():
-            text = "".join(self._parts)
-            self._handle.update({"text/markdown": text, "text/html": self._render(text)}, raw=True)
-            self._pacer.spent()
-            self._dirty = False
+            if self._unread and self._pacer.due():
+                self._has_text = True
+                self._shown.append(_drain(self._unread))
+                text = "".join(self._shown)
+                self._handle.update({"text/markdown": text, "text/html": self._render(text)}, raw=True)
+                self._pacer.spent()
 
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
         with self._lock:
-            self._dirty = False
+            self._unread.clear()
+            self._has_text = True
         bundle, metadata = durable_bundle(result, record)
         self._handle.update(bundle, raw=True, metadata=metadata)
 
@@ -268,15 +276,17 @@ class MarkdownView:
 class TerminalView:
     """Text printed as it arrives; the footer on its own line.
 
-    Flushes are paced like the other views' updates: in a kernel each flush is a message.
+    Writes are paced like the other views' updates. A terminal is flushed after each; a
+    kernel's stream sends itself (every 0.2 s), and a flush there would wait on the
+    kernel's IOPub thread, so it is flushed at the end only.
     """
 
     def __init__(self, stream: TextIO | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._stream = stream
         self._ends_with_newline = True
         self._pacer = _Pacer(clock)
-        self._pending = False
-        self._lock = threading.Lock()  # the timer thread's tick() flushes too
+        self._unread: deque[str] = deque()  # appended by the stream without the lock
+        self._lock = threading.Lock()  # the timer thread's tick() writes too
         self._thinking_shown = False
         self._answer_started = False
 
@@ -289,47 +299,54 @@ class TerminalView:
         """Nothing: a terminal keeps its scrollback clean until text comes."""
 
     def notice(self, text: str) -> None:
-        self._out.write(f"[{text}]\n")
-        self._out.flush()
+        with self._lock:
+            self._out.write(f"[{text}]\n")
+            self._out.flush()
 
     def add_reasoning(self, delta: str) -> None:
         """Thinking is printed as it comes, under a heading, before the answer."""
-        with self._lock:
-            if not self._thinking_shown:
-                self._out.write("[thinking]\n")
-                self._thinking_shown = True
-            self._write(delta)
+        if not self._thinking_shown:
+            self._thinking_shown = True
+            self._unread.append("[thinking]\n")
+        self._unread.append(delta)
+        if self._pacer.due():
+            self.tick()
+
+    def add_text(self, delta: str) -> None:
+        if not self._answer_started:
+            self._answer_started = True
+            if self._thinking_shown:
+                self._unread.append("\n[answer]\n")
+        self._unread.append(delta)
+        if self._pacer.due():
+            self.tick()
 
     def tick(self) -> None:
         with self._lock:
-            if self._pending:
-                self._flush()
+            if self._unread and self._pacer.due():
+                self._write(flush=not _sends_itself(self._out))
 
-    def add_text(self, delta: str) -> None:
-        with self._lock:
-            if self._thinking_shown and not self._answer_started:
-                self._out.write("\n[answer]\n")
-            self._answer_started = True
-            self._ends_with_newline = delta.endswith("\n")
-            self._write(delta)
-
-    def _write(self, text: str) -> None:
-        self._out.write(text)
-        self._pending = True
-        if self._pacer.due():
-            self._flush()
-
-    def _flush(self) -> None:
-        self._out.flush()
-        self._pending = False
+    def _write(self, *, flush: bool) -> None:
+        text = _drain(self._unread)
+        if text:
+            self._out.write(text)
+            self._ends_with_newline = text.endswith("\n")
+        if flush:
+            self._out.flush()
         self._pacer.spent()
 
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
-        prefix = "" if self._ends_with_newline else "\n"
-        footer = "".join(f"[{line}]\n" for line in result.footer_lines())
         with self._lock:
+            self._write(flush=False)
+            prefix = "" if self._ends_with_newline else "\n"
+            footer = "".join(f"[{line}]\n" for line in result.footer_lines())
             self._out.write(f"{prefix}\n{footer}")
-            self._flush()
+            self._out.flush()
+
+
+def _sends_itself(stream: TextIO) -> bool:
+    """A kernel's stdout (ipykernel's OutStream) sends what is written on a timer of its own."""
+    return getattr(stream, "flush_interval", None) is not None
 
 
 def make_view(mode: str, *, in_kernel: bool, display: Callable[..., Any], fmt: str = "markdown") -> View:
