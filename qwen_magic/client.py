@@ -144,19 +144,15 @@ class Usage:
         return self.input_tokens + self.output_tokens
 
 
-class TextDelta(NamedTuple):
-    """New answer text (a tuple: one is made per frame, and tuples are cheap)."""
-
-    text: str
-
-
 class ReasoningDelta(NamedTuple):
     """New thinking text, before the answer."""
 
     text: str
 
 
-Event = Union[TextDelta, ReasoningDelta]
+# An event is new answer text (a plain ``str``: one comes per frame, and wrapping each in
+# an object would cost more than everything else done with it) or new thinking text.
+Event = Union[str, ReasoningDelta]
 
 
 @dataclass(frozen=True)
@@ -295,9 +291,6 @@ class QwenClient:
                     self._clients[identity] = client
                 return client
 
-    def resolved_key(self, connection: Connection) -> str | None:
-        return self.sdk_client(connection).config.api_key
-
     def resolved_base_url(self, connection: Connection) -> str:
         return self.sdk_client(connection).config.protocol_base_url
 
@@ -310,29 +303,30 @@ class QwenClient:
         retry: "RetryPolicy | None" = None,
         on_retry: Callable[[QwenAPIError, float, int], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        sdk: "dashscope.Client | None" = None,
     ) -> Iterator[Event]:
         """Yield the answer's events; raise ``QwenAPIError`` for any failure.
 
         A rate limit or server error that comes before anything was shown is retried as
         ``retry`` allows (``on_retry`` is told first); once text has been shown, never.
         ``state`` is filled as frames arrive, so a caller that stops early (an interrupt)
-        or catches an error still has the usage and request id seen so far.
+        or catches an error still has the usage and request id seen so far. ``sdk`` is the
+        client ``sdk_client(connection)`` gave, when the caller has it already.
         """
-        client = self.sdk_client(connection)
+        client = sdk or self.sdk_client(connection)
         answer = self._stream_events if request.stream else self._whole_answer
         attempt = 0
         while True:
-            shown = False
+            events = answer(client, request, state)
             try:
-                for event in answer(client, request, state):
-                    shown = True
-                    yield event
-                return
+                first = next(events, None)
             except QwenAPIError as error:
                 failure = error
             except Exception as error:  # every SDK / transport failure becomes one line
                 failure = self._translate(error, client, state, client.config.api_key)
-            if shown or not failure.retryable or retry is None or attempt >= retry.max_retries:
+            else:
+                break
+            if not failure.retryable or retry is None or attempt >= retry.max_retries:
                 raise failure from None
             attempt += 1
             delay = retry.delay(attempt, failure.retry_after)
@@ -340,6 +334,17 @@ class QwenClient:
                 on_retry(failure, delay, attempt)
             sleep(delay)
             state.request_id = None
+        if first is None:
+            return
+        # Text has been shown: from here on nothing is retried, and the rest of the events
+        # pass straight through (``yield from`` costs nothing per frame).
+        try:
+            yield first
+            yield from events
+        except QwenAPIError:
+            raise
+        except Exception as error:
+            raise self._translate(error, client, state, client.config.api_key) from None
 
     @staticmethod
     def _create(client: "dashscope.Client", request: ChatRequest, *, stream: bool) -> Any:
@@ -354,21 +359,25 @@ class QwenClient:
         try:
             for chunk in stream:
                 # Runs once per frame: keep references, convert nothing until the end.
-                state.request_id = chunk.request_id or state.request_id
+                if state.request_id is None:
+                    state.request_id = chunk.request_id
                 if chunk.usage is not None:
                     state.raw_usage = chunk.usage
                 if chunk.search_info is not None:
                     state.raw_search_info = chunk.search_info
-                if not chunk.choices:
+                choices = chunk.choices
+                if not choices:
                     continue
-                choice = chunk.choices[0]
+                choice = choices[0]
                 delta = choice.delta
-                if delta.reasoning_content:
-                    yield ReasoningDelta(delta.reasoning_content)
-                if delta.content:
-                    yield TextDelta(delta.content)
-                if choice.finish_reason and choice.finish_reason != "null":
-                    state.finish_reason = choice.finish_reason
+                thought, text = delta.reasoning_content, delta.content
+                if thought:
+                    yield ReasoningDelta(thought)
+                if text:
+                    yield text
+                finish_reason = choice.finish_reason
+                if finish_reason and finish_reason != "null":
+                    state.finish_reason = finish_reason
         finally:
             stream.close()
         if state.finish_reason is None:
@@ -391,7 +400,7 @@ class QwenClient:
             if choice.message.reasoning_content:
                 yield ReasoningDelta(choice.message.reasoning_content)
             if choice.message.content:
-                yield TextDelta(choice.message.content)
+                yield choice.message.content
         else:
             state.finish_reason = "stop"
 

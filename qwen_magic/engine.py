@@ -24,7 +24,6 @@ from .client import (
     Connection,
     QwenAPIError,
     QwenClient,
-    TextDelta,
     Usage,
 )
 from .conversation import Chat, Turn, Window, fit_window, messages_for
@@ -78,34 +77,63 @@ class Settings:
     model_aliases: Mapping[str, str] = field(default_factory=dict)
 
 
-class _Ticker(threading.Thread):
-    """Says how long the first text is taking, then keeps pending updates flowing."""
+class _Ticker:
+    """Says how long the first text is taking, then keeps pending updates flowing.
+
+    One timer thread per session, started with the first answer and idle between answers
+    (starting a thread for every cell would cost more than the cell's own bookkeeping).
+    """
 
     PERIOD = 0.1
 
-    def __init__(self, view: View, model: str, started: float) -> None:
-        super().__init__(name="qwen-magic-ticker", daemon=True)
-        self._view = view
-        self._model = model
-        self._since = started
-        self._stop_event = threading.Event()
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # held while the view is ticked: release() waits for it
+        self._active = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._view: View | None = None
+        self._model = ""
+        self._since = 0.0
+        self._shown_second = -1
         self.text_started = False
 
-    def run(self) -> None:
-        shown_second = -1
-        while not self._stop_event.wait(self.PERIOD):
-            self._view.tick()
-            if self.text_started:
-                continue
-            second = int(time.monotonic() - self._since)
-            if second != shown_second:
-                shown_second = second
-                self._view.waiting(f"Waiting for {self._model}… {second} s")
+    def watch(self, view: View, model: str, started: float) -> None:
+        with self._lock:
+            self._view, self._model, self._since = view, model, started
+            self._shown_second = -1
+            self.text_started = False
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="qwen-magic-ticker", daemon=True)
+            self._thread.start()
+        self._active.set()
 
-    def stop(self) -> None:
-        self._stop_event.set()
-        if self.is_alive():
-            self.join()
+    def release(self) -> None:
+        """Stop ticking the view; once this returns, the view is never called again."""
+        self._active.clear()
+        with self._lock:
+            self._view = None
+
+    def close(self) -> None:
+        self._closed = True
+        self.release()
+        self._active.set()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._active.wait()
+            time.sleep(self.PERIOD)
+            with self._lock:
+                if self._view is not None and not self._closed:
+                    self._tick(self._view)
+
+    def _tick(self, view: View) -> None:
+        view.tick()
+        if self.text_started:
+            return
+        second = int(time.monotonic() - self._since)
+        if second != self._shown_second:
+            self._shown_second = second
+            view.waiting(f"Waiting for {self._model}… {second} s")
 
 
 @dataclass
@@ -137,6 +165,7 @@ class QwenSession:
         self.retry_base_delay = 1.0
         self.notebook = "ipython"  # the magic sets the notebook's key (its path) before each cell
         self._stores: dict[Path, Store] = {}
+        self.ticker = _Ticker()
 
     def chat(self, name: str = "default") -> Chat:
         return self.chats.setdefault(name, Chat(name))
@@ -195,7 +224,8 @@ class QwenSession:
         check_cost(plan.preflight, spent=self.ledger.total_cost, budget=self.effective_budget(settings),
                    max_cost=options.max_cost)
         connection = self.connection(settings, options)
-        if connection.protocol == "native" and not self.client.resolved_key(connection):
+        sdk = self.client.sdk_client(connection)  # resolved once: the key check and the call
+        if connection.protocol == "native" and not sdk.config.api_key:
             raise UsageError(NO_KEY_HELP)
 
         request = ChatRequest(
@@ -217,7 +247,7 @@ class QwenSession:
         # Windows are per catalog entry: an aliased name shares its entry's limits.
         sent = self.limiter.record(plan.model.name if plan.model else plan.model_name, plan.preflight.input_tokens)
         retry = RetryPolicy(settings.max_retries, base_delay=self.retry_base_delay)
-        result, error = self._stream(request, connection, view, retry, plan.preflight)
+        result, error = self._stream(request, connection, view, retry, plan.preflight, sdk=sdk)
         self.limiter.settle(sent, result.usage.total_tokens)
 
         record = self._settle(plan, result, options, settings, cell_id=cell_id, cell_label=cell_label)
@@ -315,15 +345,15 @@ class QwenSession:
         notebook = self.notebook
 
         def save(store: Store) -> None:
-            if starts_chat:
-                kept = store.set_aside(notebook, plan.chat.name)
-                if kept:
-                    result.notes.append(f"This chat's turns from an earlier kernel are kept as "
-                                        f"{kept!r}: %qwen resume '{kept}' brings them back.")
-            store.add_call(notebook, result.chat, result.model, result.usage.input_tokens,
-                           result.usage.output_tokens, result.cost, result.status)
-            if recorded:
-                store.save_turn(notebook, plan.chat.name, result.turn, cell_id, record)
+            with store.transaction():  # the call and its turn: one commit
+                kept = store.set_aside(notebook, plan.chat.name) if starts_chat else None
+                store.add_call(notebook, result.chat, result.model, result.usage.input_tokens,
+                               result.usage.output_tokens, result.cost, result.status)
+                if recorded:
+                    store.save_turn(notebook, plan.chat.name, result.turn, cell_id, record)
+            if kept:
+                result.notes.append(f"This chat's turns from an earlier kernel are kept as "
+                                    f"{kept!r}: %qwen resume '{kept}' brings them back.")
 
         failure = self.persist(settings, save)
         if failure:
@@ -358,6 +388,8 @@ class QwenSession:
         view: View,
         retry: RetryPolicy,
         preflight: Preflight,
+        *,
+        sdk: Any = None,
     ) -> tuple[QwenResult, QwenAPIError | None]:
         """Drive the view from the stream; an interrupt or a failure keeps the partial text."""
         state = CallState()
@@ -373,16 +405,19 @@ class QwenSession:
                 f"(try {attempt + 1} of {retry.max_retries + 1})."
             )
 
-        ticker = _Ticker(view, request.model, started)
-        ticker.start()
+        ticker = self.ticker
+        ticker.watch(view, request.model, started)
+        events = self.client.stream(connection, request, state, retry=retry, on_retry=on_retry, sdk=sdk)
+        # The loop runs once per frame: its methods are looked up once, before it.
+        keep_text, show_text = text.append, view.add_text
         try:
-            for event in self.client.stream(connection, request, state, retry=retry, on_retry=on_retry):
-                if isinstance(event, TextDelta):
+            for event in events:
+                if type(event) is str:
                     if first_text_after is None:
                         first_text_after = time.monotonic() - started
                         ticker.text_started = True
-                    text.append(event.text)
-                    view.add_text(event.text)
+                    keep_text(event)
+                    show_text(event)
                 else:
                     reasoning.append(event.text)
                     view.add_reasoning(event.text)
@@ -391,7 +426,7 @@ class QwenSession:
         except QwenAPIError as error:
             status, failure = FAILED, error
         finally:
-            ticker.stop()
+            ticker.release()
         answer, thought = "".join(text), "".join(reasoning)
         usage = state.usage
         if status != COMPLETE and (answer or thought or state.request_id) and not usage.input_tokens:
@@ -416,6 +451,7 @@ class QwenSession:
         return result, failure
 
     def close(self) -> None:
+        self.ticker.close()
         self.client.close()
         for store in self._stores.values():
             store.close()

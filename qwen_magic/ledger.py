@@ -35,17 +35,21 @@ class ModelTotals:
 @dataclass
 class Ledger:
     records: list[CallRecord] = field(default_factory=list)
+    # Kept as calls are added (in the same order a sum would add them): every cell reads it
+    # twice, and a long session has thousands of calls.
+    _total_cost: float = field(default=0.0, init=False, repr=False)
 
     def add(self, *, cell: str, chat: str, model: str, usage: Usage, cost: float | None,
             status: str, elapsed: float) -> CallRecord:
         record = CallRecord(len(self.records) + 1, cell, chat, model, usage, cost, status, elapsed)
         self.records.append(record)
+        self._total_cost += cost or 0.0
         return record
 
     @property
     def total_cost(self) -> float:
         """Yuan spent this session (calls of unknown price count as 0, and are flagged)."""
-        return sum(r.cost or 0.0 for r in self.records)
+        return self._total_cost
 
     def per_model(self) -> dict[str, ModelTotals]:
         totals: dict[str, ModelTotals] = {}

@@ -72,6 +72,7 @@ class Store:
             os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
             os.chmod(path, 0o600)
             self._db = sqlite3.connect(path, timeout=15, isolation_level=None, check_same_thread=False)
+            self._open_transaction = _Transaction(self._db)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
@@ -85,20 +86,21 @@ class Store:
                 f"{self.path} was written by a newer qwen_magic (schema {version}); upgrade to read it"
             )
         for number in range(version, SCHEMA_VERSION):
-            with self._transaction():
+            with self.transaction():
                 for statement in _statements(MIGRATIONS[number]):
                     self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version = {number + 1}")
 
-    def _transaction(self) -> "_Transaction":
-        return _Transaction(self._db)
+    def transaction(self) -> "_Transaction":
+        """Group several writes into one commit (one call's row and its turn, together)."""
+        return self._open_transaction
 
     # ---- turns
 
     def save_turn(self, notebook: str, chat: str, position: int, cell_id: str | None, record: dict[str, Any]) -> None:
         """Write a chat's turn at ``position`` (replacing what stood there, or that cell's turn)."""
         data = json.dumps(record, ensure_ascii=False)
-        with self._transaction():
+        with self.transaction():
             if cell_id is not None:
                 self._db.execute(
                     "DELETE FROM turns WHERE notebook = ? AND chat = ? AND cell_id = ? AND position != ?",
@@ -124,7 +126,7 @@ class Store:
         return [row[0] for row in rows]
 
     def delete_chat(self, notebook: str, chat: str) -> None:
-        with self._transaction():
+        with self.transaction():
             self._db.execute("DELETE FROM turns WHERE notebook = ? AND chat = ?", (notebook, chat))
 
     def set_aside(self, notebook: str, chat: str) -> str | None:
@@ -133,7 +135,7 @@ class Store:
         A new kernel's first turn must not mix with an earlier kernel's turns, and those
         turns must not be lost either: they stay resumable under the returned name.
         """
-        with self._transaction():
+        with self.transaction():
             found = self._db.execute(
                 "SELECT MAX(updated_at) FROM turns WHERE notebook = ? AND chat = ?", (notebook, chat)
             ).fetchone()[0]
@@ -145,14 +147,14 @@ class Store:
         return kept
 
     def delete_position(self, notebook: str, chat: str, position: int) -> None:
-        with self._transaction():
+        with self.transaction():
             self._db.execute(
                 "DELETE FROM turns WHERE notebook = ? AND chat = ? AND position = ?", (notebook, chat, position)
             )
 
     def replace_chat(self, notebook: str, chat: str, records: Iterable[tuple[str | None, dict[str, Any]]]) -> None:
         """Rewrite a chat whole (a resume from a notebook file)."""
-        with self._transaction():
+        with self.transaction():
             self._db.execute("DELETE FROM turns WHERE notebook = ? AND chat = ?", (notebook, chat))
             for position, (cell_id, record) in enumerate(records, start=1):
                 self._db.execute(
@@ -164,7 +166,7 @@ class Store:
 
     def add_call(self, notebook: str, chat: str | None, model: str, input_tokens: int, output_tokens: int,
                  cost: float | None, status: str) -> None:
-        with self._transaction():
+        with self.transaction():
             self._db.execute(
                 "INSERT INTO calls (notebook, chat, model, input_tokens, output_tokens, cost, status, at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -183,16 +185,24 @@ class Store:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error: a turn is written whole or not at all."""
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error: a turn is written whole or not at all.
+
+    Nested uses join the outermost one, which alone commits or rolls back.
+    """
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
+        self._depth = 0
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        if self._depth == 0:
+            self._db.execute("BEGIN IMMEDIATE")
+        self._depth += 1
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
-        self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+        self._depth -= 1
+        if self._depth == 0:
+            self._db.execute("COMMIT" if kind is None else "ROLLBACK")
 
 
 def _statements(script: str) -> list[str]:
