@@ -33,27 +33,46 @@ def escape(text: str) -> str:
     return html.escape(text, quote=True)
 
 
+# After a blank line, an indented line may still belong to the block above (a list item's
+# next paragraph, indented code), and so may a list item if the block holds a list (a loose
+# list): no split there.
+_INDENTED = re.compile(r"[ \t]")
+_LIST_ITEM = re.compile(r" {0,3}(?:[*+-]|\d{1,9}[.)])(?:[ \t]+|$)")
+# The start of a line that cannot be judged yet: a bare marker, or digits that may end in one.
+_UNDECIDED = re.compile(r"[*+-]|\d{1,9}[.)]?")
+
 class BlockSplitter:
     """Feeds on a streamed answer and hands back each Markdown block once it is finished.
 
-    A block ends at a blank line outside a fenced code block. Finished blocks never
-    change again, so a view renders each of them once; only the open block is re-rendered.
+    A block ends at a blank line outside a fenced code block, once the next line shows it
+    cannot carry the block on: it is not indented, and starts no list item after a list (so
+    loose lists and code inside list items stay whole). Finished blocks never change again,
+    so a view renders each of them once and only the open block is re-rendered. For the
+    usual shapes of an answer the blocks render as the whole text does; the durable output
+    is still rendered whole, since link references and odd nestings can differ.
     """
 
     def __init__(self) -> None:
         self._partial_line = ""
         self._block_lines: list[str] = []
+        self._blank_lines = 0  # after the block, not yet known to end it
+        self._holds_list = False  # a list item began in the block
+        self._item_content = 0  # the column where the last list item's text begins
         self._fence: str | None = None  # the opening fence while inside a code block
 
     def feed(self, delta: str) -> list[str]:
         """Add streamed text; return the blocks it finished (in order)."""
-        if "\n" not in delta:
-            self._partial_line += delta
-            return []
-        *lines, self._partial_line = (self._partial_line + delta).split("\n")
         finished: list[str] = []
-        for line in lines:
-            self._take_line(line, finished)
+        if "\n" in delta:
+            *lines, self._partial_line = (self._partial_line + delta).split("\n")
+            for line in lines:
+                self._take_line(line, finished)
+        else:
+            self._partial_line += delta
+        if self._blank_lines and self._partial_line:
+            # The next line has begun: its first characters may already tell.
+            if _UNDECIDED.fullmatch(self._partial_line) is None:
+                self._end_or_continue(self._partial_line, finished)
         return finished
 
     @property
@@ -61,18 +80,34 @@ class BlockSplitter:
         """The unfinished block's text, the partial last line included."""
         if not self._block_lines:
             return self._partial_line
-        return "\n".join([*self._block_lines, self._partial_line])
+        return "\n".join([*self._block_lines, *[""] * self._blank_lines, self._partial_line])
+
+    def _end_or_continue(self, line: str, finished: list[str]) -> None:
+        if _INDENTED.match(line) or (self._holds_list and _LIST_ITEM.match(line)):
+            self._block_lines.extend([""] * self._blank_lines)
+        else:
+            finished.append("\n".join(self._block_lines))
+            self._block_lines = []
+            self._holds_list = False
+        self._blank_lines = 0
 
     def _take_line(self, line: str, finished: list[str]) -> None:
+        if self._fence is None and not line.strip():
+            if self._block_lines:
+                self._blank_lines += 1
+            return
+        if self._blank_lines:
+            self._end_or_continue(line, finished)
         fence = _FENCE.match(line)
         if self._fence is None:
-            if not line.strip():
-                if self._block_lines:
-                    finished.append("\n".join(self._block_lines))
-                    self._block_lines = []
-                return
-            if fence:
+            item = _LIST_ITEM.match(line)
+            # A fence inside a list item ends with the item, not at a closing fence: only
+            # fences outside lists are followed (blank lines in an item never split anyway).
+            if fence and (not self._holds_list or fence.start(1) < self._item_content):
                 self._fence = fence.group(1)
+            elif item:
+                self._holds_list = True
+                self._item_content = item.end() + (1 if item.end() == len(line) else 0)
         elif fence and fence.group(1)[0] == self._fence[0] and len(fence.group(1)) >= len(self._fence):
             if not line.strip().strip(self._fence[0]):  # a closing fence has no info string
                 self._fence = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from qwen_magic.markdown import BlockSplitter, render_markdown
@@ -70,3 +72,95 @@ def test_joined_blocks_and_open_block_give_back_the_text() -> None:
     splitter = BlockSplitter()
     blocks = feed_all(splitter, text, 2)
     assert "\n\n".join([*blocks, splitter.open_block]) == "a\n\nb\nc\n\nd\n\ne"
+
+
+def test_a_loose_list_and_code_inside_an_item_stay_one_block() -> None:
+    text = (
+        "Steps:\n\n"
+        "1. Install it.\n\n"
+        "2. Run this:\n\n"
+        "   ```bash\n   qwen-magic demo\n\n   # then open the link\n   ```\n\n"
+        "3. Done.\n\n"
+        "After the list."
+    )
+    splitter = BlockSplitter()
+    blocks = feed_all(splitter, text, 5)
+    assert blocks == [
+        "Steps:",
+        "1. Install it.\n\n2. Run this:\n\n   ```bash\n   qwen-magic demo\n\n   # then open the link\n"
+        "   ```\n\n3. Done.",
+    ]
+    assert splitter.open_block == "After the list."
+
+
+def test_a_list_after_a_paragraph_is_a_block_of_its_own() -> None:
+    splitter = BlockSplitter()
+    assert feed_all(splitter, "Intro.\n\n- a\n- b\n\n", 3) == ["Intro."]
+    assert splitter.open_block == "- a\n- b\n\n"
+
+
+def test_the_next_line_decides_as_soon_as_its_first_characters_tell() -> None:
+    splitter = BlockSplitter()
+    assert splitter.feed("- a\n\n") == []
+    assert splitter.feed("-") == []  # a list item, or a rule: not known yet
+    assert splitter.feed("-- a rule") == ["- a"]
+    splitter = BlockSplitter()
+    splitter.feed("- a\n\n")
+    assert splitter.feed("  more of a") == []  # indented: still the item
+    assert splitter.open_block == "- a\n\n  more of a"
+
+
+def _answer_like_document(rng: random.Random) -> str:
+    """Markdown shaped like a model's answer: the constructs the live view meets."""
+    words = "the model streams tokens as they are generated and each frame carries text".split()
+
+    def sentence() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(3, 10))).capitalize() + "."
+
+    def code(indent: str = "") -> str:
+        body = [f"{indent}def f(x):", f"{indent}    return x", "", f"{indent}print(f(1))"]
+        return "\n".join([f"{indent}```python", *body, f"{indent}```"])
+
+    def item_list(ordered: bool) -> str:
+        items, loose = [], rng.random() < 0.5
+        for number in range(1, rng.randint(2, 5)):
+            marker = f"{number}." if ordered else "-"
+            item = f"{marker} {sentence()}"
+            pad = " " * (len(marker) + 1)
+            if rng.random() < 0.3:
+                item += "\n\n" + code(pad)
+            elif rng.random() < 0.3:
+                item += f"\n\n{pad}{sentence()}"
+            elif rng.random() < 0.3:
+                item += f"\n{pad}- {sentence()}"
+            items.append(item)
+        return ("\n\n" if loose else "\n").join(items)
+
+    makers = [
+        lambda: f"{'#' * rng.randint(1, 3)} {sentence()}",
+        lambda: "\n".join(sentence() for _ in range(rng.randint(1, 3))),
+        lambda: item_list(ordered=False),
+        lambda: item_list(ordered=True),
+        code,
+        lambda: "| a | b |\n|---|---|\n| 1 | 2 |",
+        lambda: f"> {sentence()}\n> {sentence()}",
+        lambda: "---",
+        lambda: f"**Note:** {sentence()}",
+    ]
+    return "\n\n".join(rng.choice(makers)() for _ in range(rng.randint(3, 12)))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_blocks_of_an_answer_render_as_the_whole_answer_does(seed: int) -> None:
+    rng = random.Random(seed)
+    text = _answer_like_document(rng)
+    splitter = BlockSplitter()
+    rendered, start = [], 0
+    while start < len(text):
+        size = rng.randint(1, 12)
+        finished = splitter.feed(text[start : start + size])
+        start += size
+        if finished:
+            rendered.append(render_markdown("\n\n".join(finished)))
+    rendered.append(render_markdown(splitter.open_block))
+    assert "".join(rendered) == render_markdown(text)
