@@ -116,6 +116,35 @@ def test_markdown_display_mode_streams_without_widgets(cells: Cells, gateway: Ga
     assert final_answer(execution)["data"]["text/markdown"].startswith("One. Two. Three.")
 
 
+def test_text_printed_before_an_output_is_sent_before_it(cells: Cells) -> None:
+    # Outputs are published without flushing idle streams; text waiting in one still goes first.
+    execution = cells.run(
+        "from qwen_magic.publish import display\n"
+        "print('printed first')\n"
+        "handle = display({'text/plain': 'shown'}, raw=True)\n"
+        "handle.update({'text/plain': 'replaced'}, raw=True)"
+    )
+    kinds = [m.msg_type for m in execution.messages if m.msg_type != "execute_input"]
+    assert kinds == ["stream", "display_data", "update_display_data"], kinds
+    assert execution.outputs == [
+        {"output_type": "stream", "name": "stdout", "text": "printed first\n"},
+        {"output_type": "display_data", "data": {"text/plain": "replaced"}, "metadata": {}},
+    ]
+
+
+def test_text_display_mode_in_a_kernel_streams_as_stdout(cells: Cells, gateway: Gateway) -> None:
+    cells.run("%config QwenMagic.display = 'text'")
+    gateway.script(Reply(chunks=["One. ", "Two. ", "Three. ", "Four."], frame_delay=0.3,
+                         usage={"input_tokens": 9, "output_tokens": 4}))
+    execution = cells.run("%%qwen\nCount.")
+    streams = [m for m in execution.of_type("stream") if m.content["name"] == "stdout"]
+    text = "".join(m.content["text"] for m in streams)
+    assert text.startswith("One. Two. Three. Four.\n\n[qwen-plus · 9 in / 4 out tokens")
+    # The kernel's stream sends what was written every 0.2 s: the answer came in pieces.
+    assert sum("One." in m.content["text"] or "Four." in m.content["text"] for m in streams) >= 2
+    assert not execution.of_type("comm_open", "display_data")
+
+
 def test_an_api_error_is_one_line_and_the_kernel_lives_on(cells: Cells, gateway: Gateway) -> None:
     gateway.script(Reply(status=401, error_code="InvalidApiKey", request_id="req-401"))
     execution = cells.run("%%qwen\nHi")

@@ -54,6 +54,28 @@ def test_turns_replace_by_cell_and_by_position(tmp_path) -> None:
     assert store.turns("nb", "default") == []
 
 
+def test_a_call_and_its_turn_are_written_together_or_not_at_all(tmp_path) -> None:
+    store = Store(tmp_path / "h.sqlite3")
+    other = sqlite3.connect(store.path)
+    with store.transaction():
+        store.add_call("nb", "default", "qwen-plus", 10, 5, 0.001, "complete")
+        store.save_turn("nb", "default", 1, "c1", turn("q", "a", "c1").to_record())
+        # Inside the outer transaction nothing is committed yet: another reader sees neither.
+        assert other.execute("SELECT COUNT(*) FROM calls").fetchone()[0] == 0
+    assert other.execute("SELECT COUNT(*) FROM calls").fetchone()[0] == 1
+    assert [r["prompt"] for r in store.turns("nb", "default")] == ["q"]
+
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            store.add_call("nb", "default", "qwen-plus", 10, 5, 0.001, "complete")
+            store.save_turn("nb", "default", 2, "c2", turn("q2", "a2", "c2").to_record())
+            raise RuntimeError("the kernel stopped half-way")
+    assert other.execute("SELECT COUNT(*) FROM calls").fetchone()[0] == 1
+    assert [r["prompt"] for r in store.turns("nb", "default")] == ["q"]
+    store.add_call("nb", None, "qwen-plus", 1, 1, None, "failed")  # and the store still writes
+    assert other.execute("SELECT COUNT(*) FROM calls").fetchone()[0] == 2
+
+
 def test_records_round_trip_into_turns() -> None:
     original = Turn("q?", QwenResult(text="a.", model="qwen-max", usage=Usage(3, 4, 1, 2), cost=0.5,
                                      status=INTERRUPTED, chat="c", turn=2), "cell-9", "be brief")
