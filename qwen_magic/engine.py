@@ -7,12 +7,14 @@ client, the session's key, the chats, the ledger) lives in one ``QwenSession`` p
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from IPython.core.error import UsageError
 
@@ -136,6 +138,24 @@ class _Ticker:
             view.waiting(f"Waiting for {self._model}… {second} s")
 
 
+@contextmanager
+def _interrupts_held() -> Iterator[list[int]]:
+    """Hold Ctrl-C while the answer is written, so that no output or turn is left half-done.
+
+    Yields a list that records the interrupts held back; the caller raises once done.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield []
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @dataclass
 class _Plan:
     """One cell's request before it is sent."""
@@ -250,8 +270,13 @@ class QwenSession:
         result, error = self._stream(request, connection, view, retry, plan.preflight, sdk=sdk)
         self.limiter.settle(sent, result.usage.total_tokens)
 
-        record = self._settle(plan, result, options, settings, cell_id=cell_id, cell_label=cell_label)
-        view.finish(result, record)
+        with _interrupts_held() as held:
+            record = self._settle(plan, result, options, settings, cell_id=cell_id, cell_label=cell_label)
+            view.finish(result, record)
+        if held and result.status == COMPLETE:
+            late = QwenInterrupted("stopped as the answer was being saved; it is complete and kept.")
+            late.result = result
+            raise late
         if result.status == INTERRUPTED:
             kept = "above" if options.no_history else "above and in the chat"
             interrupted = QwenInterrupted(f"the answer was interrupted; its partial text is kept {kept}.")

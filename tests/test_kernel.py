@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -218,6 +219,45 @@ def test_interrupt_keeps_the_partial_answer_and_stops_run_all(cells: Cells, kern
     assert check.stdout.strip() == "False"
     gateway.reset()
     assert cells.run("%%qwen\nAre you still there?").status == "ok"
+
+
+def test_an_interrupt_while_the_answer_is_saved_is_held_until_it_is_written(
+    cells: Cells, kernel: KernelSession, gateway: Gateway
+) -> None:
+    # Writing the durable output is made slow, so that the interrupt lands in the middle of it.
+    slow = cells.run(
+        "import time, qwen_magic.view as _view\n"
+        "_durable = _view.durable_bundle\n"
+        "_view.durable_bundle = lambda *args: (time.sleep(1.5), _durable(*args))[1]"
+    )
+    assert slow.status == "ok"
+    try:
+        gateway.script(Reply(text="A complete answer.", usage={"input_tokens": 9, "output_tokens": 4}))
+        saving = kernel.submit("%%qwen\nAnswer briefly.")
+        queued = kernel.submit("after_late_interrupt = True")
+        interrupted = []
+
+        def interrupt_once_the_answer_shows(message: Message) -> None:
+            if not interrupted and message.msg_type == "comm_msg" and "A comple" in json.dumps(message.content):
+                interrupted.append(message.received)
+                time.sleep(0.3)  # the answer is complete by now: its output is being written
+                kernel.interrupt()
+
+        execution = kernel.collect(saving, during=interrupt_once_the_answer_shows, timeout=30)
+        assert interrupted
+        assert execution.error["ename"] == "QwenInterrupted"
+        assert execution.error["traceback"] == [
+            "KeyboardInterrupt: stopped as the answer was being saved; it is complete and kept."
+        ]
+        data = final_answer(execution)["data"]
+        assert data["text/markdown"].startswith("A complete answer.\n\n*qwen-plus · 9 in / 4 out tokens")
+        assert "interrupted" not in data["text/markdown"]
+        assert len(execution.of_type("comm_close")) == len(execution.of_type("comm_open"))
+        assert kernel.collect(queued).status == "aborted"
+        turns = cells.run("%qwen history")
+        assert "A complete answer." in json.dumps([o.get("data", o.get("text")) for o in turns.outputs])
+    finally:
+        cells.run("_view.durable_bundle = _durable")
 
 
 def test_a_notebook_runs_under_nbclient_and_saves_plain_outputs(
