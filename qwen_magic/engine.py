@@ -126,7 +126,10 @@ class _Ticker:
             time.sleep(self.PERIOD)
             with self._lock:
                 if self._view is not None and not self._closed:
-                    self._tick(self._view)
+                    try:
+                        self._tick(self._view)
+                    except Exception:  # the live view is best effort; the answer's own
+                        self._view = None  # output is written by the cell, which reports failures
 
     def _tick(self, view: View) -> None:
         view.tick()

@@ -1,0 +1,60 @@
+"""The session's timer thread: ticks the live view, says how long the wait is, survives a bad view."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from qwen_magic.engine import _Ticker
+
+
+class RecordingView:
+    def __init__(self, *, fail: bool = False) -> None:
+        self.ticks = 0
+        self.waits: list[str] = []
+        self.fail = fail
+        self.ticked = threading.Event()
+
+    def tick(self) -> None:
+        self.ticks += 1
+        self.ticked.set()
+        if self.fail:
+            raise RuntimeError("the front end went away")
+
+    def waiting(self, text: str) -> None:
+        self.waits.append(text)
+
+
+def test_one_thread_ticks_each_view_in_turn_and_stops_when_released() -> None:
+    ticker = _Ticker()
+    first = RecordingView()
+    ticker.watch(first, "qwen-plus", time.monotonic())
+    assert first.ticked.wait(2)
+    thread = ticker._thread
+    ticker.release()
+    ticks = first.ticks
+    time.sleep(3 * ticker.PERIOD)
+    assert first.ticks == ticks  # released: never called again
+    assert first.waits and first.waits[0] == "Waiting for qwen-plus… 0 s"
+
+    second = RecordingView()
+    ticker.watch(second, "qwen-max", time.monotonic())
+    assert second.ticked.wait(2)
+    assert ticker._thread is thread  # the same thread, not one per cell
+    ticker.close()
+
+
+def test_a_view_that_fails_is_dropped_and_the_thread_lives_on() -> None:
+    ticker = _Ticker()
+    broken = RecordingView(fail=True)
+    ticker.watch(broken, "qwen-plus", time.monotonic())
+    assert broken.ticked.wait(2)
+    thread = ticker._thread
+    time.sleep(3 * ticker.PERIOD)
+    assert broken.ticks == 1
+    assert thread is not None and thread.is_alive()
+    healthy = RecordingView()
+    ticker.watch(healthy, "qwen-plus", time.monotonic())
+    assert healthy.ticked.wait(2)
+    assert ticker._thread is thread
+    ticker.close()
