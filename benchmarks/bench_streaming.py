@@ -209,7 +209,7 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str]]:
             f"{m['iopub_messages_median']:.0f}",
         ))
         rows.append((
-            f"  ratio wall (paired) / CPU (paired)",
+            "  ratio wall (paired) / CPU (paired)",
             f"{m['wall_ratio']:.2f}x ({m['wall_ratio_paired_median']:.2f}x) / "
             f"{m['cpu_ratio']:.2f}x ({m['cpu_ratio_paired_median']:.2f}x)"
             + ("" if mode != "auto" else f"  target <= {result['target_ratio']:.2f}x: "

@@ -207,7 +207,6 @@ class WidgetView:
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
         with self._lock:
             self._unread.clear()
-            self._has_text = True  # nothing live is shown any more
         bundle, metadata = durable_bundle(result, record)
         self._handle.update(bundle, raw=True, metadata=metadata)
         # The durable output replaced the view: release the widgets' comms.
@@ -234,15 +233,14 @@ class MarkdownView:
     ):
         self._render = render
         self._handle = display({"text/markdown": "", "text/html": ""}, raw=True, display_id=True)
-        self._shown: list[str] = []  # the deltas in the output so far
+        self._text = ""  # the answer in the output so far
         self._unread: deque[str] = deque()  # appended by the stream without the lock
         self._pacer = _Pacer(clock, self.UPDATE_INTERVAL)
-        self._has_text = False
         self._lock = threading.Lock()
 
     def waiting(self, text: str) -> None:
         with self._lock:  # never over the first text the stream has just shown
-            if not self._has_text and not self._unread:
+            if not self._text and not self._unread:
                 self._handle.update({"text/plain": text, "text/html": f"<em>{escape(text)}</em>"}, raw=True)
 
     def notice(self, text: str) -> None:
@@ -259,16 +257,13 @@ class MarkdownView:
     def tick(self) -> None:
         with self._lock:
             if self._unread and self._pacer.due():
-                self._has_text = True
-                self._shown.append(_drain(self._unread))
-                text = "".join(self._shown)
-                self._handle.update({"text/markdown": text, "text/html": self._render(text)}, raw=True)
+                self._text += _drain(self._unread)
+                self._handle.update({"text/markdown": self._text, "text/html": self._render(self._text)}, raw=True)
                 self._pacer.spent()
 
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
         with self._lock:
             self._unread.clear()
-            self._has_text = True
         bundle, metadata = durable_bundle(result, record)
         self._handle.update(bundle, raw=True, metadata=metadata)
 
