@@ -143,7 +143,13 @@ def run_lab(*, out: Path, port: int, offline: bool, open_browser: bool) -> int:
         print(f"JupyterLab: http://127.0.0.1:{port}/lab?token={token}  (Ctrl-C stops JupyterLab and the gateway)",
               flush=True)
         try:
-            return lab.wait()
+            while True:
+                # Waited on in short steps: Ctrl-C may reach one of the gateway's threads, and
+                # then only a main thread that wakes up notices it.
+                try:
+                    return lab.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    continue
         except KeyboardInterrupt:
             print("\nStopping JupyterLab and the gateway…", flush=True)
             lab.send_signal(signal.SIGTERM)

@@ -1246,7 +1246,9 @@ def serve(host: str = "127.0.0.1", port: int = 8765, *, quiet: bool = False) -> 
     )
     try:
         while True:
-            time.sleep(3600)
+            # Short sleeps: Ctrl-C may reach a server thread, and then only a main thread that
+            # wakes up notices it.
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -72,6 +73,9 @@ def test_demo_opens_jupyterlab_offline_and_ctrl_c_stops_everything(tmp_path: Pat
             assert line, "".join(lines)
             lines.append(line)
         printed = "".join(lines)
+        # Keep reading, as a terminal would: a full pipe would block JupyterLab's and the
+        # demo's own shutdown messages, and with them Ctrl-C.
+        threading.Thread(target=lambda: lines.extend(demo.stdout), daemon=True).start()
         assert "No DashScope API key found -> the tutorials run against the qwen_magic offline gateway" in printed
         gateway_port = int(re.search(r"offline gateway at http://127\.0\.0\.1:(\d+)/api/v1", printed).group(1))
         token = re.search(r"token=([0-9a-f]+)", printed).group(1)
@@ -89,7 +93,11 @@ def test_demo_opens_jupyterlab_offline_and_ctrl_c_stops_everything(tmp_path: Pat
         assert _listening(gateway_port)
 
         demo.send_signal(signal.SIGINT)  # Ctrl-C
-        assert demo.wait(timeout=30) == 0
+        try:
+            code = demo.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("Ctrl-C did not stop the demo; it printed:\n" + "".join(lines[-30:])) from None
+        assert code == 0
         assert not _listening(port) and not _listening(gateway_port)
     finally:
         if demo.poll() is None:
