@@ -39,6 +39,9 @@ class Ledger:
     # twice, and a long session has thousands of calls.
     _total_cost: float = field(default=0.0, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        self._total_cost = sum(r.cost or 0.0 for r in self.records)
+
     def add(self, *, cell: str, chat: str, model: str, usage: Usage, cost: float | None,
             status: str, elapsed: float) -> CallRecord:
         record = CallRecord(len(self.records) + 1, cell, chat, model, usage, cost, status, elapsed)

@@ -8,6 +8,7 @@ import pytest
 
 from qwen_magic.catalog import CatalogError, builtin_catalog, load_catalog
 from qwen_magic.client import Usage
+from qwen_magic.ledger import CallRecord, Ledger
 from qwen_magic.limits import RateLimiter, RetryPolicy
 from qwen_magic.pricing import call_cost, estimate, format_yuan, output_tokens_affordable
 from qwen_magic.tokens import count_chat_input
@@ -178,3 +179,14 @@ def test_retry_backoff_is_exponential_with_jitter_and_honours_retry_after() -> N
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(set(delays)) > 1  # jittered, not in lockstep
     assert policy.delay(1, retry_after=2.5) == 2.5
+
+
+def test_the_session_total_counts_every_call_given_or_added() -> None:
+    earlier = CallRecord(1, "In [1]", "default", "qwen-plus", Usage(10, 5), 0.25, "complete", 1.0)
+    ledger = Ledger(records=[earlier])
+    assert ledger.total_cost == 0.25
+    ledger.add(cell="In [2]", chat="default", model="qwen-plus", usage=Usage(1, 1), cost=None,
+               status="failed", elapsed=0.1)
+    ledger.add(cell="In [3]", chat="default", model="qwen-plus", usage=Usage(1, 1), cost=0.5,
+               status="complete", elapsed=0.1)
+    assert ledger.total_cost == sum(r.cost or 0.0 for r in ledger.records) == 0.75
