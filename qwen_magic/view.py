@@ -88,6 +88,34 @@ class _Pacer:
         self._next = self._clock() + self._interval * max(messages, 1)
 
 
+class WidgetLook:
+    """The layout and style that every widget of the live views shares.
+
+    ipywidgets gives each widget a layout and a style model of its own: two more comms to
+    open and to close per block. One pair serves every block of every answer in a session
+    (the engine keeps it), so an answer opens only its own blocks. Made again if they were
+    closed (``Widget.close_all()``); ``close`` releases them when the extension unloads.
+    """
+
+    def __init__(self) -> None:
+        self._pair: tuple[Any, Any] | None = None
+
+    def layout_and_style(self) -> tuple[Any, Any]:
+        if self._pair is None or any(widget.comm is None for widget in self._pair):
+            import ipywidgets as widgets
+            from ipywidgets.widgets.widget_string import HTMLStyle
+
+            self.close()
+            self._pair = (widgets.Layout(), HTMLStyle())
+        return self._pair
+
+    def close(self) -> None:
+        if self._pair is not None:
+            for widget in self._pair:
+                widget.close()
+            self._pair = None
+
+
 class WidgetView:
     """Live ipywidgets view that freezes finished blocks and re-renders only the open one."""
 
@@ -97,18 +125,18 @@ class WidgetView:
         *,
         render: Callable[[str], str] = render_markdown,
         clock: Callable[[], float] = time.monotonic,
+        look: WidgetLook | None = None,
     ):
         import ipywidgets as widgets
-        from ipywidgets.widgets.widget_string import HTMLStyle
 
         self._render = render
         self._reasoning: list[str] = []
         self._reasoning_widget: Any = None
 
         self._widgets = widgets
-        # Shared layout and style: one comm each, instead of two more per block.
-        self._layout = widgets.Layout()
-        self._style = HTMLStyle()
+        # Without a session's look, the view makes its own and closes it when it finishes.
+        self._own_look = WidgetLook() if look is None else None
+        self._layout, self._style = (look or self._own_look).layout_and_style()
         self._open = self._html("")
         self._groups: list[Any] = []
         self._box = widgets.VBox(children=[self._open], layout=self._layout)
@@ -214,9 +242,11 @@ class WidgetView:
             for child in group.children:
                 child.close()
             group.close()
-        for widget in (self._reasoning_widget, self._open, self._box, self._style, self._layout):
+        for widget in (self._reasoning_widget, self._open, self._box):
             if widget is not None:
                 widget.close()
+        if self._own_look is not None:
+            self._own_look.close()
 
 
 class MarkdownView:
@@ -344,7 +374,14 @@ def _sends_itself(stream: TextIO) -> bool:
     return getattr(stream, "flush_interval", None) is not None
 
 
-def make_view(mode: str, *, in_kernel: bool, display: Callable[..., Any], fmt: str = "markdown") -> View:
+def make_view(
+    mode: str,
+    *,
+    in_kernel: bool,
+    display: Callable[..., Any],
+    fmt: str = "markdown",
+    look: WidgetLook | None = None,
+) -> View:
     """Pick the view for a display mode (auto: widgets in a kernel, text in a terminal)."""
     render = preformatted if fmt in ("text", "json") else render_markdown
     if mode == "text" or (mode == "auto" and not in_kernel):
@@ -352,7 +389,7 @@ def make_view(mode: str, *, in_kernel: bool, display: Callable[..., Any], fmt: s
     if mode == "markdown":
         return MarkdownView(display, render=render)
     try:
-        return WidgetView(display, render=render)
+        return WidgetView(display, render=render, look=look)
     except ImportError:
         if mode == "widget":
             from IPython.core.error import UsageError

@@ -56,6 +56,22 @@ def final_answer(execution: Execution) -> dict:
     return displays[0]
 
 
+LOOK_MODELS = {"LayoutModel", "HTMLStyleModel"}
+
+
+def opened_comms(execution: Execution) -> tuple[set[str], set[str]]:
+    """Comm ids the cell opened: the answer's own widgets, and the session's shared look."""
+    own, look = set(), set()
+    for message in execution.of_type("comm_open"):
+        name = message.content["data"]["state"].get("_model_name")
+        (look if name in LOOK_MODELS else own).add(message.content["comm_id"])
+    return own, look
+
+
+def closed_comms(execution: Execution) -> set[str]:
+    return {m.content["comm_id"] for m in execution.of_type("comm_close")}
+
+
 def test_the_answer_streams_before_the_last_frame_is_sent(cells: Cells, gateway: Gateway) -> None:
     paragraphs = [f"Paragraph {n} of the streamed answer.\n\n" for n in range(1, 11)]
     gateway.script(Reply(chunks=paragraphs, frame_delay=0.15))
@@ -85,10 +101,20 @@ def test_the_durable_output_replaces_the_widget_and_carries_a_footer(cells: Cell
         assert "qwen-plus · 30 in / 9 out tokens ·" in shown
     meta = output["metadata"]["qwen_magic"]
     assert meta["status"] == "complete" and meta["usage"]["output_tokens"] == 9
-    # The widget comms are closed once the durable output is in place.
-    opened = {m.content["comm_id"] for m in execution.of_type("comm_open")}
-    closed = {m.content["comm_id"] for m in execution.of_type("comm_close")}
-    assert opened and opened <= closed
+    # The answer's widget comms are closed once the durable output is in place; the layout
+    # and style its widgets share are opened once for the session and kept.
+    own, look = opened_comms(execution)
+    assert own and own <= closed_comms(execution)
+    assert len(look) == 2 and not look & closed_comms(execution)
+
+    gateway.script(Reply(text="A second answer.\n\nWith two blocks."))
+    second = cells.run("%%qwen\nAgain.")
+    own_again, look_again = opened_comms(second)
+    assert own_again and own_again <= closed_comms(second) and not look_again
+    assert "A second answer." in final_answer(second)["data"]["text/markdown"]
+
+    unloaded = cells.run("%unload_ext qwen_magic")
+    assert look <= closed_comms(unloaded)
 
 
 def test_the_view_says_it_is_waiting_until_the_first_text(cells: Cells, gateway: Gateway) -> None:
@@ -252,7 +278,8 @@ def test_an_interrupt_while_the_answer_is_saved_is_held_until_it_is_written(
         data = final_answer(execution)["data"]
         assert data["text/markdown"].startswith("A complete answer.\n\n*qwen-plus · 9 in / 4 out tokens")
         assert "interrupted" not in data["text/markdown"]
-        assert len(execution.of_type("comm_close")) == len(execution.of_type("comm_open"))
+        own, _ = opened_comms(execution)
+        assert own and own <= closed_comms(execution)
         assert kernel.collect(queued).status == "aborted"
         turns = cells.run("%qwen history")
         assert "A complete answer." in json.dumps([o.get("data", o.get("text")) for o in turns.outputs])
