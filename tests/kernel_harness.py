@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import zmq
 from jupyter_client.manager import KernelManager
 
 
@@ -130,10 +131,28 @@ class KernelSession:
         timeout: float = 60.0,
         stdin: Callable[[str], str] | None = None,
         during: Callable[[Message], None] | None = None,
+        quiet: bool = False,
     ) -> Execution:
-        """Run ``code``; ``during`` sees each IOPub message as it arrives."""
+        """Run ``code``; ``during`` sees each IOPub message as it arrives.
+
+        ``quiet``: read nothing until the reply has come, then the cell's IOPub messages, so
+        that this process takes no CPU from the kernel while the cell runs (benchmarks time
+        the cell inside the kernel; arrival times then mean nothing).
+        """
         msg_id = self.submit(code, cell_id=cell_id, allow_stdin=stdin is not None)
+        if quiet:
+            self._wait_for_reply(msg_id, timeout)
         return self.collect(msg_id, code=code, timeout=timeout, stdin=stdin, during=during)
+
+    def _wait_for_reply(self, msg_id: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while msg_id not in self._replies:
+            remaining = deadline - time.monotonic()
+            try:
+                reply = self.client.shell_channel.get_msg(timeout=max(remaining, 0.001))
+            except queue.Empty:
+                raise TimeoutError(f"no reply in {timeout} s") from None
+            self._replies[reply["parent_header"].get("msg_id")] = reply["content"]
 
     def collect(
         self,
@@ -150,58 +169,60 @@ class KernelSession:
         ``collect``.
         """
         client = self.client
+        # Wait on every channel at once: a message is read the moment it arrives, and the
+        # cell is done as soon as both its reply and its idle status are in.
+        poller = zmq.Poller()
+        for channel in (client.shell_channel, client.iopub_channel):
+            poller.register(channel.socket, zmq.POLLIN)
+        if stdin is not None:
+            poller.register(client.stdin_channel.socket, zmq.POLLIN)
         execution = Execution(reply={}, started=time.monotonic())
         deadline = time.monotonic() + timeout
         idle = False
         while not idle or not execution.reply:
+            if not execution.reply and msg_id in self._replies:
+                execution.reply = self._replies.pop(msg_id)
+                continue
+            backlog = self._iopub.get(msg_id)
+            if backlog:
+                idle = self._record(backlog.pop(0), execution, during) or idle
+                continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"cell did not finish in {timeout} s: {code[:60]!r}")
-            if stdin is not None:
-                try:
-                    asked = client.stdin_channel.get_msg(timeout=0.001)
-                    prompt = asked["content"]["prompt"]
-                    execution.stdin_prompts.append(prompt)
-                    execution.stdin_hidden.append(bool(asked["content"].get("password")))
-                    client.input(stdin(prompt))
-                except queue.Empty:
-                    pass
-            if not execution.reply:
-                execution.reply = self._replies.pop(msg_id, {})
-            if not execution.reply:
-                try:
-                    reply = client.shell_channel.get_msg(timeout=0.001)
-                    self._replies[reply["parent_header"].get("msg_id")] = reply["content"]
-                except queue.Empty:
-                    pass
-            backlog = self._iopub.get(msg_id)
-            if backlog:
-                raw = backlog.pop(0)
-            else:
-                try:
-                    raw = client.iopub_channel.get_msg(timeout=min(0.05, max(remaining, 0.001)))
-                except queue.Empty:
-                    continue
-                parent = raw["parent_header"].get("msg_id")
-                if parent != msg_id:
-                    self._iopub.setdefault(parent, []).append(raw)
-                    continue
-            msg_type = raw["header"]["msg_type"]
-            if msg_type == "status":
-                idle = raw["content"]["execution_state"] == "idle"
-                continue
-            message = Message(
-                received=time.monotonic(),
-                msg_type=msg_type,
-                content=raw["content"],
-                metadata=raw.get("metadata", {}),
-                size=len(json.dumps(_jsonable(raw), default=str)),
-                content_size=len(json.dumps(raw["content"], default=str)),
-            )
-            execution.messages.append(message)
-            if during is not None:
-                during(message)
+            ready = dict(poller.poll(min(remaining, 1.0) * 1000))
+            if stdin is not None and client.stdin_channel.socket in ready:
+                asked = client.stdin_channel.get_msg(timeout=0)
+                prompt = asked["content"]["prompt"]
+                execution.stdin_prompts.append(prompt)
+                execution.stdin_hidden.append(bool(asked["content"].get("password")))
+                client.input(stdin(prompt))
+            if client.shell_channel.socket in ready:
+                reply = client.shell_channel.get_msg(timeout=0)
+                self._replies[reply["parent_header"].get("msg_id")] = reply["content"]
+            if client.iopub_channel.socket in ready:
+                raw = client.iopub_channel.get_msg(timeout=0)
+                self._iopub.setdefault(raw["parent_header"].get("msg_id"), []).append(raw)
         return execution
+
+    @staticmethod
+    def _record(raw: dict[str, Any], execution: Execution, during: Callable[[Message], None] | None) -> bool:
+        """Add one IOPub message to the execution; True if it says the kernel is idle."""
+        msg_type = raw["header"]["msg_type"]
+        if msg_type == "status":
+            return raw["content"]["execution_state"] == "idle"
+        message = Message(
+            received=time.monotonic(),
+            msg_type=msg_type,
+            content=raw["content"],
+            metadata=raw.get("metadata", {}),
+            size=len(json.dumps(_jsonable(raw), default=str)),
+            content_size=len(json.dumps(raw["content"], default=str)),
+        )
+        execution.messages.append(message)
+        if during is not None:
+            during(message)
+        return False
 
     def interrupt(self) -> None:
         self.manager.interrupt_kernel()
