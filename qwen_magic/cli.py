@@ -96,7 +96,9 @@ def run_headless(*, out: Path, timeout: int) -> int:
             notebook = nbformat.read(source, as_version=4)
             env["JPY_SESSION_NAME"] = source.name
             try:
-                NotebookClient(notebook, timeout=timeout, store_widget_state=True).execute(env=env, cwd=str(out))
+                # The answers' outputs need no widget state; nbclient would save the state of every
+                # live view's widgets, closed ones too, and the HTML would then load a widget manager.
+                NotebookClient(notebook, timeout=timeout, store_widget_state=False).execute(env=env, cwd=str(out))
             except Exception as error:  # report it, write what ran, go on to the next tutorial
                 failures += 1
                 print(f"FAILED {source.name}: {str(error).strip().splitlines()[-1]}", file=sys.stderr)

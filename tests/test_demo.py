@@ -48,6 +48,9 @@ def test_headless_demo_executes_every_tutorial_offline_and_writes_html(tmp_path:
         assert "Offline demo: answers come from the qwen_magic offline gateway" in first_text
         assert "离线演示" in first_text
         assert "out tokens" in html.read_text()
+        # The answers stand on their own: no widget state is saved, none is needed to show them.
+        assert "widgets" not in notebook["metadata"]
+        assert "widget-state+json" not in html.read_text()
 
 
 def _free_port() -> int:
