@@ -138,6 +138,7 @@ class WidgetView:
         self._own_look = WidgetLook() if look is None else None
         self._layout, self._style = (look or self._own_look).layout_and_style()
         self._open = self._html("")
+        self._loose: list[Any] = []  # frozen blocks in the box itself, until there are more than a group
         self._groups: list[Any] = []
         self._box = widgets.VBox(children=[self._open], layout=self._layout)
         # The widget's own bundle, published as is: IPython's formatters would also build a
@@ -223,14 +224,23 @@ class WidgetView:
     def _freeze(self, blocks: str) -> int:
         """Add finished blocks as a widget that is never updated again; return messages sent."""
         frozen = self._html(self._render(blocks))
-        if self._groups and len(self._groups[-1].children) < GROUP_SIZE:
+        head = (self._reasoning_widget,) if self._reasoning_widget is not None else ()
+        if not self._groups and len(self._loose) < GROUP_SIZE:
+            # A short answer's blocks sit in the box itself: no group to open and close.
+            self._loose.append(frozen)
+            self._box.children = (*head, *self._loose, self._open)
+            return 2
+        regrouped = 0
+        if self._loose:  # the answer grew long: its first blocks become the first group
+            self._groups.append(self._widgets.VBox(children=self._loose, layout=self._layout))
+            self._loose, regrouped = [], 1
+        if len(self._groups[-1].children) < GROUP_SIZE:
             group = self._groups[-1]
             group.children = (*group.children, frozen)
             return 2
         self._groups.append(self._widgets.VBox(children=[frozen], layout=self._layout))
-        head = (self._reasoning_widget,) if self._reasoning_widget is not None else ()
         self._box.children = (*head, *self._groups, self._open)
-        return 3
+        return 3 + regrouped
 
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
         with self._lock:
@@ -242,6 +252,8 @@ class WidgetView:
             for child in group.children:
                 child.close()
             group.close()
+        for frozen in self._loose:
+            frozen.close()
         for widget in (self._reasoning_widget, self._open, self._box):
             if widget is not None:
                 widget.close()

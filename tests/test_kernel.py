@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Iterator
@@ -87,6 +88,53 @@ def test_the_answer_streams_before_the_last_frame_is_sent(cells: Cells, gateway:
     # The answer grew in several visible steps, not all at once.
     steps = {value for _, value in updates if "Paragraph" in value}
     assert len(steps) >= 3
+
+
+def live_view_html(messages: list[Message]) -> str:
+    """What the live view shows after these messages: its widget tree, read as a front end does."""
+    states: dict[str, dict] = {}
+    root = None
+    for message in messages:
+        if message.msg_type in ("comm_open", "comm_msg"):
+            state = message.content.get("data", {}).get("state")
+            if state:
+                states.setdefault(message.content["comm_id"], {}).update(state)
+        elif message.msg_type == "display_data" and WIDGET_VIEW in message.content["data"]:
+            root = message.content["data"][WIDGET_VIEW]["model_id"]
+
+    def shown(model_id: str) -> str:
+        state = states[model_id]
+        if "children" in state:
+            return "".join(shown(child.removeprefix("IPY_MODEL_")) for child in state["children"])
+        return state.get("value", "")
+
+    return shown(root) if root else ""
+
+
+def test_the_live_view_keeps_every_block_in_order_as_a_long_answer_is_regrouped(
+    cells: Cells, gateway: Gateway
+) -> None:
+    paragraphs = [f"Paragraph {n} of a long answer.\n\n" for n in range(1, 17)]
+    gateway.script(Reply(chunks=paragraphs, frame_delay=0.13))
+    execution = cells.run("%%qwen\nTell me sixteen things.")
+    assert execution.status == "ok"
+    # Each update ends by setting the open block (a freeze adds the frozen block just before):
+    # there the view is whole again.
+    updates_done = [i for i, m in enumerate(execution.messages)
+                    if m.msg_type == "comm_msg" and "value" in m.content["data"].get("state", {})]
+    seen = []
+    for index in updates_done:
+        html = live_view_html(execution.messages[: index + 1])
+        shown = [int(n) for n in re.findall(r"Paragraph (\d+) ", html)]
+        assert shown == list(range(1, len(shown) + 1)), shown  # in order, none twice, none missing
+        seen.append(len(shown))
+    assert len(set(seen)) > 8 and seen[-1] >= 14, seen
+    assert "Paragraph 16 " in final_answer(execution)["data"]["text/markdown"]
+    # More blocks were frozen than fit the box itself: they were moved into groups.
+    boxes = [m for m in execution.of_type("comm_open") if m.content["data"]["state"]["_model_name"] == "VBoxModel"]
+    assert len(boxes) >= 3
+    own, _ = opened_comms(execution)
+    assert own <= closed_comms(execution)
 
 
 def test_the_durable_output_replaces_the_widget_and_carries_a_footer(cells: Cells, gateway: Gateway) -> None:
