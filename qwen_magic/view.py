@@ -314,8 +314,9 @@ class TerminalView:
     """Text printed as it arrives; the footer on its own line.
 
     Writes are paced like the other views' updates. A terminal is flushed after each; a
-    kernel's stream sends itself (every 0.2 s), and a flush there would wait on the
-    kernel's IOPub thread, so it is flushed at the end only.
+    kernel's stream sends itself (every 0.2 s, and before the cell's reply or any display
+    output), and a flush there would wait on the kernel's IOPub thread, so it is never
+    flushed from here.
     """
 
     def __init__(self, stream: TextIO | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -378,7 +379,8 @@ class TerminalView:
             prefix = "" if self._ends_with_newline else "\n"
             footer = "".join(f"[{line}]\n" for line in result.footer_lines())
             self._out.write(f"{prefix}\n{footer}")
-            self._out.flush()
+            if not _sends_itself(self._out):  # a kernel flushes its streams as the cell ends
+                self._out.flush()
 
 
 def _sends_itself(stream: TextIO) -> bool:

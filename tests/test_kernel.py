@@ -219,6 +219,15 @@ def test_text_display_mode_in_a_kernel_streams_as_stdout(cells: Cells, gateway: 
     assert sum("One." in m.content["text"] or "Four." in m.content["text"] for m in streams) >= 2
     assert not execution.of_type("comm_open", "display_data")
 
+    # What the cell prints or displays after the answer comes after its footer.
+    gateway.script(Reply(text="Five.", usage={"input_tokens": 9, "output_tokens": 1}))
+    after = cells.run('get_ipython().run_cell_magic("qwen", "", "Count on.")\nprint("printed after")\n'
+                      'display({"text/plain": "shown after"}, raw=True)')
+    printed, shown = after.outputs
+    assert printed["text"].startswith("Five.\n\n[qwen-plus · 9 in / 1 out tokens")
+    assert printed["text"].endswith("]\nprinted after\n")
+    assert shown["data"] == {"text/plain": "shown after"}
+
 
 def test_an_api_error_is_one_line_and_the_kernel_lives_on(cells: Cells, gateway: Gateway) -> None:
     gateway.script(Reply(status=401, error_code="InvalidApiKey", request_id="req-401"))
