@@ -17,12 +17,20 @@ from typing import Any, Callable
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_load_ext, bench_preflight, bench_resume, bench_streaming, bench_traffic
+from benchmarks import (
+    bench_contention,
+    bench_load_ext,
+    bench_preflight,
+    bench_resume,
+    bench_streaming,
+    bench_traffic,
+)
 from benchmarks._common import RESULTS, environment
 
 BENCHMARKS: list[tuple[str, Any]] = [
     ("load_ext", bench_load_ext),
     ("streaming", bench_streaming),
+    ("contention", bench_contention),
     ("traffic", bench_traffic),
     ("preflight", bench_preflight),
     ("resume", bench_resume),
@@ -55,6 +63,11 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 target += f" (CPU: {_met(m['cpu_ratio'] <= r['target_ratio'])})"
             rows.append(("streaming", f"%%qwen {mode}: wall ratio / CPU ratio",
                          f"{m['wall_ratio']:.2f}x / {m['cpu_ratio']:.2f}x", target))
+    r = results.get("contention")
+    if r:
+        added = ", ".join(f"{count}: {m['added_ms_paired_median']:+.1f}" for count, m in r["with_messages"].items())
+        rows.append(("contention", "messages sent during the raw loop: ms added",
+                     f"{added} (loop {r['loop_ms_median']:.0f} ms)", ""))
     r = results.get("traffic")
     if r:
         q, n = r["qwen"], r["naive"]
