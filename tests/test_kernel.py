@@ -221,8 +221,10 @@ def test_text_display_mode_in_a_kernel_streams_as_stdout(cells: Cells, gateway: 
 
     # What the cell prints or displays after the answer comes after its footer.
     gateway.script(Reply(text="Five.", usage={"input_tokens": 9, "output_tokens": 1}))
-    after = cells.run('get_ipython().run_cell_magic("qwen", "", "Count on.")\nprint("printed after")\n'
-                      'display({"text/plain": "shown after"}, raw=True)')
+    after = cells.run('from IPython.display import display as show\n'
+                      'get_ipython().run_cell_magic("qwen", "", "Count on.")\nprint("printed after")\n'
+                      'show({"text/plain": "shown after"}, raw=True)')
+    assert len(after.outputs) == 2, after.outputs
     printed, shown = after.outputs
     assert printed["text"].startswith("Five.\n\n[qwen-plus · 9 in / 1 out tokens")
     assert printed["text"].endswith("]\nprinted after\n")
