@@ -130,29 +130,24 @@ class WidgetView:
         import ipywidgets as widgets
 
         self._render = render
+        self._display = display
         self._reasoning: list[str] = []
         self._reasoning_widget: Any = None
 
         self._widgets = widgets
         # Without a session's look, the view makes its own and closes it when it finishes.
         self._own_look = WidgetLook() if look is None else None
-        self._layout, self._style = (look or self._own_look).layout_and_style()
-        self._open = self._html("")
+        self._look = look or self._own_look
+        self._layout: Any = None
+        self._style: Any = None
+        # Made when there is something to show (the first text, or the wait after ~0.1 s): an
+        # empty view would cost its messages for nothing, and an answer that fails at once
+        # shows its output without any widget.
+        self._open: Any = None
+        self._box: Any = None
+        self._handle: Any = None
         self._loose: list[Any] = []  # frozen blocks in the box itself, until there are more than a group
         self._groups: list[Any] = []
-        self._box = widgets.VBox(children=[self._open], layout=self._layout)
-        # The widget's own bundle, published as is: IPython's formatters would also build a
-        # text repr of the whole box, every time.
-        self._handle = display(
-            {
-                "application/vnd.jupyter.widget-view+json": {
-                    "version_major": 2, "version_minor": 0, "model_id": self._box.model_id,
-                },
-                "text/plain": "Qwen answer (live view)",
-            },
-            raw=True,
-            display_id=True,
-        )
         self._splitter = BlockSplitter()
         # Deltas not yet fed to the splitter. The stream appends without the lock (once per
         # frame, it must be cheap); whoever updates drains it under the lock.
@@ -164,15 +159,41 @@ class WidgetView:
         self._notices: list[str] = []
 
     def _html(self, value: str) -> Any:
+        if self._layout is None:
+            self._layout, self._style = self._look.layout_and_style()
         return self._widgets.HTML(value=value, layout=self._layout, style=self._style)
+
+    def _show(self, open_html: str) -> int:
+        """Make the box with what there is and display it; return the messages sent."""
+        self._open = self._html(open_html)
+        head = (self._reasoning_widget,) if self._reasoning_widget is not None else ()
+        self._box = self._widgets.VBox(children=[*head, *self._loose, self._open], layout=self._layout)
+        # The widget's own bundle, published as is: IPython's formatters would also build a
+        # text repr of the whole box, every time.
+        self._handle = self._display(
+            {
+                "application/vnd.jupyter.widget-view+json": {
+                    "version_major": 2, "version_minor": 0, "model_id": self._box.model_id,
+                },
+                "text/plain": "Qwen answer (live view)",
+            },
+            raw=True,
+            display_id=True,
+        )
+        return 3
+
+    def _set_open(self, html: str) -> int:
+        """Show ``html`` as the open block (the view is made if need be); return messages sent."""
+        if self._box is None:
+            return self._show(html)
+        self._open.value = html
+        return 1
 
     def waiting(self, text: str) -> None:
         with self._lock:
             if not self._has_text and not self._unread:
                 notices = "".join(f"<div>{escape(n)}</div>" for n in self._notices)
-                self._open.value = (
-                    f'<div class="qwen-waiting" style="{FOOTER_STYLE}">{notices}{escape(text)}</div>'
-                )
+                self._set_open(f'<div class="qwen-waiting" style="{FOOTER_STYLE}">{notices}{escape(text)}</div>')
 
     def notice(self, text: str) -> None:
         self._notices.append(text)
@@ -189,8 +210,11 @@ class WidgetView:
         html = reasoning_html("".join(self._reasoning), opened=opened)
         if self._reasoning_widget is None:
             self._reasoning_widget = self._html(html)
-            self._box.children = (self._reasoning_widget, *self._box.children)
-            self._pacer.spent(2)
+            if self._box is None:
+                self._pacer.spent(1 + self._show(""))
+            else:
+                self._box.children = (self._reasoning_widget, *self._box.children)
+                self._pacer.spent(2)
         else:
             self._reasoning_widget.value = html
             self._pacer.spent(1)
@@ -217,9 +241,13 @@ class WidgetView:
 
     def _flush(self) -> None:
         finished = self._splitter.feed(_drain(self._unread))
-        messages = self._freeze("\n\n".join(finished)) if finished else 0
-        self._open.value = self._render(self._splitter.open_block)
-        self._pacer.spent(messages + 1)
+        if finished and self._box is None:  # the view is made with its first blocks frozen
+            self._loose.append(self._html(self._render("\n\n".join(finished))))
+            messages = 1
+        else:
+            messages = self._freeze("\n\n".join(finished)) if finished else 0
+        messages += self._set_open(self._render(self._splitter.open_block))
+        self._pacer.spent(messages)
 
     def _freeze(self, blocks: str) -> int:
         """Add finished blocks as a widget that is never updated again; return messages sent."""
@@ -246,7 +274,10 @@ class WidgetView:
         with self._lock:
             self._unread.clear()
         bundle, metadata = durable_bundle(result, record)
-        self._handle.update(bundle, raw=True, metadata=metadata)
+        if self._handle is None:  # nothing was shown yet: the answer's output is the first
+            self._display(bundle, raw=True, metadata=metadata)
+        else:
+            self._handle.update(bundle, raw=True, metadata=metadata)
         # The durable output replaced the view: release the widgets' comms.
         for group in self._groups:
             for child in group.children:

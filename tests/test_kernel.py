@@ -170,6 +170,9 @@ def test_the_view_says_it_is_waiting_until_the_first_text(cells: Cells, gateway:
     execution = cells.run("%%qwen\nTake your time.")
     waiting = [value for _, value in execution.widget_value_updates() if "Waiting for qwen-plus" in value]
     assert any("1 s" in value for value in waiting), waiting
+    # The view appears with the wait already in it: no empty widget is shown first.
+    first_open = next(m for m in execution.of_type("comm_open") if m.content["data"]["state"].get("value"))
+    assert "Waiting for qwen-plus" in first_open.content["data"]["state"]["value"]
     assert "Finally." in final_answer(execution)["data"]["text/markdown"]
 
 
@@ -241,6 +244,7 @@ def test_an_api_error_is_one_line_and_the_kernel_lives_on(cells: Cells, gateway:
         + "Check the key: keys are region-specific (mainland vs international), so use the key "
         "of the region you call; set it with %qwen login or DASHSCOPE_API_KEY."
     ]
+    assert not execution.of_type("comm_open")  # refused at once: no live view was worth making
     assert cells.run("%%qwen\nStill there?").status == "ok"
 
 
@@ -323,7 +327,8 @@ def test_an_interrupt_while_the_answer_is_saved_is_held_until_it_is_written(
         interrupted = []
 
         def interrupt_once_the_answer_shows(message: Message) -> None:
-            if not interrupted and message.msg_type == "comm_msg" and "A comple" in json.dumps(message.content):
+            shown = message.msg_type in ("comm_open", "comm_msg") and "A comple" in json.dumps(message.content)
+            if shown and not interrupted:
                 interrupted.append(message.received)
                 time.sleep(0.3)  # the answer is complete by now: its output is being written
                 kernel.interrupt()
