@@ -305,16 +305,23 @@ class MarkdownView:
         clock: Callable[[], float] = time.monotonic,
     ):
         self._render = render
-        self._handle = display({"text/markdown": "", "text/html": ""}, raw=True, display_id=True)
+        self._display = display
+        self._handle: Any = None  # the output, displayed with its first content
         self._text = ""  # the answer in the output so far
         self._unread: deque[str] = deque()  # appended by the stream without the lock
         self._pacer = _Pacer(clock, self.UPDATE_INTERVAL)
         self._lock = threading.Lock()
 
+    def _show(self, bundle: dict[str, str], **kwargs: Any) -> None:
+        if self._handle is None:
+            self._handle = self._display(bundle, raw=True, display_id=True, **kwargs)
+        else:
+            self._handle.update(bundle, raw=True, **kwargs)
+
     def waiting(self, text: str) -> None:
         with self._lock:  # never over the first text the stream has just shown
             if not self._text and not self._unread:
-                self._handle.update({"text/plain": text, "text/html": f"<em>{escape(text)}</em>"}, raw=True)
+                self._show({"text/plain": text, "text/html": f"<em>{escape(text)}</em>"})
 
     def notice(self, text: str) -> None:
         self.waiting(text)
@@ -331,14 +338,14 @@ class MarkdownView:
         with self._lock:
             if self._unread and self._pacer.due():
                 self._text += _drain(self._unread)
-                self._handle.update({"text/markdown": self._text, "text/html": self._render(self._text)}, raw=True)
+                self._show({"text/markdown": self._text, "text/html": self._render(self._text)})
                 self._pacer.spent()
 
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
         with self._lock:
             self._unread.clear()
         bundle, metadata = durable_bundle(result, record)
-        self._handle.update(bundle, raw=True, metadata=metadata)
+        self._show(bundle, metadata=metadata)
 
 
 class TerminalView:

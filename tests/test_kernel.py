@@ -190,6 +190,8 @@ def test_markdown_display_mode_streams_without_widgets(cells: Cells, gateway: Ga
     gateway.script(Reply(chunks=["One. ", "Two. ", "Three."], frame_delay=0.3))
     execution = cells.run("%%qwen\nCount.")
     assert not execution.of_type("comm_open")
+    (first,) = execution.of_type("display_data")
+    assert first.content["data"]["text/markdown"].startswith("One.")  # no empty output first
     assert len(execution.of_type("update_display_data")) >= 3
     assert final_answer(execution)["data"]["text/markdown"].startswith("One. Two. Three.")
 
