@@ -241,11 +241,7 @@ class WidgetView:
 
     def _flush(self) -> None:
         finished = self._splitter.feed(_drain(self._unread))
-        if finished and self._box is None:  # the view is made with its first blocks frozen
-            self._loose.append(self._html(self._render("\n\n".join(finished))))
-            messages = 1
-        else:
-            messages = self._freeze("\n\n".join(finished)) if finished else 0
+        messages = self._freeze("\n\n".join(finished)) if finished else 0
         messages += self._set_open(self._render(self._splitter.open_block))
         self._pacer.spent(messages)
 
@@ -256,6 +252,8 @@ class WidgetView:
         if not self._groups and len(self._loose) < GROUP_SIZE:
             # A short answer's blocks sit in the box itself: no group to open and close.
             self._loose.append(frozen)
+            if self._box is None:  # the view is made next, with this block in it
+                return 1
             self._box.children = (*head, *self._loose, self._open)
             return 2
         regrouped = 0

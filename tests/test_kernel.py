@@ -137,6 +137,17 @@ def test_the_live_view_keeps_every_block_in_order_as_a_long_answer_is_regrouped(
     assert own <= closed_comms(execution)
 
 
+def test_a_first_frame_that_finishes_a_block_shows_it_frozen_above_the_open_one(
+    cells: Cells, gateway: Gateway
+) -> None:
+    gateway.script(Reply(chunks=["First block.\n\nSecond", " block."], frame_delay=0.5))
+    execution = cells.run("%%qwen\nTwo blocks.")
+    shown_at = next(i for i, m in enumerate(execution.messages) if m.msg_type == "display_data")
+    assert live_view_html(execution.messages[: shown_at + 1]) == "<p>First block.</p>\n<p>Second</p>\n"
+    own, _ = opened_comms(execution)
+    assert len(own) == 3 and own <= closed_comms(execution)  # the frozen block, the open one, the box
+
+
 def test_the_durable_output_replaces_the_widget_and_carries_a_footer(cells: Cells, gateway: Gateway) -> None:
     gateway.script(Reply(text="# Title\n\nSome **bold** text.", usage={"input_tokens": 30, "output_tokens": 9}))
     execution = cells.run("%%qwen\nFormat something.")
