@@ -166,8 +166,7 @@ class WidgetView:
     def _show(self, open_html: str) -> int:
         """Make the box with what there is and display it; return the messages sent."""
         self._open = self._html(open_html)
-        head = (self._reasoning_widget,) if self._reasoning_widget is not None else ()
-        self._box = self._widgets.VBox(children=[*head, *self._loose, self._open], layout=self._layout)
+        self._box = self._widgets.VBox(children=self._children(), layout=self._layout)
         # The widget's own bundle, published as is: IPython's formatters would also build a
         # text repr of the whole box, every time.
         self._handle = self._display(
@@ -181,6 +180,11 @@ class WidgetView:
             display_id=True,
         )
         return 3
+
+    def _children(self) -> tuple[Any, ...]:
+        """The box's contents: the thinking, the frozen blocks (loose, or in groups), the open block."""
+        head = (self._reasoning_widget,) if self._reasoning_widget is not None else ()
+        return (*head, *self._groups, *self._loose, self._open)
 
     def _set_open(self, html: str) -> int:
         """Show ``html`` as the open block (the view is made if need be); return messages sent."""
@@ -213,7 +217,7 @@ class WidgetView:
             if self._box is None:
                 self._pacer.spent(1 + self._show(""))
             else:
-                self._box.children = (self._reasoning_widget, *self._box.children)
+                self._box.children = self._children()
                 self._pacer.spent(2)
         else:
             self._reasoning_widget.value = html
@@ -248,13 +252,12 @@ class WidgetView:
     def _freeze(self, blocks: str) -> int:
         """Add finished blocks as a widget that is never updated again; return messages sent."""
         frozen = self._html(self._render(blocks))
-        head = (self._reasoning_widget,) if self._reasoning_widget is not None else ()
         if not self._groups and len(self._loose) < GROUP_SIZE:
             # A short answer's blocks sit in the box itself: no group to open and close.
             self._loose.append(frozen)
             if self._box is None:  # the view is made next, with this block in it
                 return 1
-            self._box.children = (*head, *self._loose, self._open)
+            self._box.children = self._children()
             return 2
         regrouped = 0
         if self._loose:  # the answer grew long: its first blocks become the first group
@@ -265,7 +268,7 @@ class WidgetView:
             group.children = (*group.children, frozen)
             return 2
         self._groups.append(self._widgets.VBox(children=[frozen], layout=self._layout))
-        self._box.children = (*head, *self._groups, self._open)
+        self._box.children = self._children()
         return 3 + regrouped
 
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
