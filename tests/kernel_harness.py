@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,19 +139,7 @@ class KernelSession:
         the cell inside the kernel; arrival times then mean nothing).
         """
         msg_id = self.submit(code, cell_id=cell_id, allow_stdin=stdin is not None)
-        if quiet:
-            self._wait_for_reply(msg_id, timeout)
-        return self.collect(msg_id, code=code, timeout=timeout, stdin=stdin, during=during)
-
-    def _wait_for_reply(self, msg_id: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while msg_id not in self._replies:
-            remaining = deadline - time.monotonic()
-            try:
-                reply = self.client.shell_channel.get_msg(timeout=max(remaining, 0.001))
-            except queue.Empty:
-                raise TimeoutError(f"no reply in {timeout} s") from None
-            self._replies[reply["parent_header"].get("msg_id")] = reply["content"]
+        return self.collect(msg_id, code=code, timeout=timeout, stdin=stdin, during=during, quiet=quiet)
 
     def collect(
         self,
@@ -162,8 +149,11 @@ class KernelSession:
         timeout: float = 60.0,
         stdin: Callable[[str], str] | None = None,
         during: Callable[[Message], None] | None = None,
+        quiet: bool = False,
     ) -> Execution:
         """Gather the reply and the IOPub messages of one request, until the kernel is idle.
+
+        ``quiet``: IOPub is read only once the reply is in (see ``execute``).
 
         Messages of other requests (a queued cell, as in Run All) are kept for their own
         ``collect``.
@@ -172,8 +162,9 @@ class KernelSession:
         # Wait on every channel at once: a message is read the moment it arrives, and the
         # cell is done as soon as both its reply and its idle status are in.
         poller = zmq.Poller()
-        for channel in (client.shell_channel, client.iopub_channel):
-            poller.register(channel.socket, zmq.POLLIN)
+        poller.register(client.shell_channel.socket, zmq.POLLIN)
+        if not quiet:
+            poller.register(client.iopub_channel.socket, zmq.POLLIN)
         if stdin is not None:
             poller.register(client.stdin_channel.socket, zmq.POLLIN)
         execution = Execution(reply={}, started=time.monotonic())
@@ -182,6 +173,8 @@ class KernelSession:
         while not idle or not execution.reply:
             if not execution.reply and msg_id in self._replies:
                 execution.reply = self._replies.pop(msg_id)
+                if quiet:
+                    poller.register(client.iopub_channel.socket, zmq.POLLIN)
                 continue
             backlog = self._iopub.get(msg_id)
             if backlog:
