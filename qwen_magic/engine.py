@@ -39,7 +39,7 @@ from .pricing import UNKNOWN_PRICE_HINT, call_cost
 from .result import COMPLETE, FAILED, INTERRUPTED, QwenResult
 from .store import Store, StoreError, default_store_path
 from .tokens import count_chat_input, count_text
-from .view import View, WidgetLook, make_view
+from .view import View, WidgetPool, make_view
 
 
 class QwenInterrupted(KeyboardInterrupt):
@@ -189,7 +189,7 @@ class QwenSession:
         self.notebook = "ipython"  # the magic sets the notebook's key (its path) before each cell
         self._stores: dict[Path, Store] = {}
         self.ticker = _Ticker()
-        self.widget_look = WidgetLook()  # made with the first widget view
+        self.widgets = WidgetPool()  # made with the first widget view
 
     def chat(self, name: str = "default") -> Chat:
         return self.chats.setdefault(name, Chat(name))
@@ -259,7 +259,7 @@ class QwenSession:
             stream=settings.stream if options.stream is None else options.stream,
         )
         view = make_view(settings.display, in_kernel=in_kernel, display=display, fmt=plan.fmt,
-                         look=self.widget_look)
+                         pool=self.widgets)
         if options.new:
             plan.chat.reset()
             self.persist(settings, lambda store: store.delete_chat(self.notebook, plan.chat.name))
@@ -482,7 +482,7 @@ class QwenSession:
 
     def close(self) -> None:
         self.ticker.close()
-        self.widget_look.close()
+        self.widgets.close()
         self.client.close()
         for store in self._stores.values():
             store.close()

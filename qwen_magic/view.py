@@ -88,32 +88,79 @@ class _Pacer:
         self._next = self._clock() + self._interval * max(messages, 1)
 
 
-class WidgetLook:
-    """The layout and style that every widget of the live views shares.
+class WidgetPool:
+    """The widgets a session's live views share or reuse, so that an answer opens few comms.
 
-    ipywidgets gives each widget a layout and a style model of its own: two more comms to
-    open and to close per block. One pair serves every block of every answer in a session
-    (the engine keeps it), so an answer opens only its own blocks. Made again if they were
-    closed (``Widget.close_all()``); ``close`` releases them when the extension unloads.
+    * The layout and style: ipywidgets gives each widget a layout and a style model of its
+      own, two more comms to open and to close per block. One pair serves every block of
+      every answer.
+    * The frame (the box and its open block): lent to one answer at a time and given back
+      emptied, so the next answer shows with an update and a display, not with new comms
+      opened while its stream is being read (each message then slows the stream: see
+      benchmarks/README.md).
+
+    Widgets closed from outside (``Widget.close_all()``) are made again; ``close`` releases
+    them all when the extension unloads.
     """
 
     def __init__(self) -> None:
-        self._pair: tuple[Any, Any] | None = None
+        self._look: tuple[Any, Any] | None = None
+        self._spare_frame: tuple[Any, Any] | None = None
+        self._lock = threading.Lock()  # frames are taken on the timer thread and given back on the cell's
 
     def layout_and_style(self) -> tuple[Any, Any]:
-        if self._pair is None or any(widget.comm is None for widget in self._pair):
-            import ipywidgets as widgets
-            from ipywidgets.widgets.widget_string import HTMLStyle
+        with self._lock:
+            if self._look is None or not _all_open(self._look):
+                import ipywidgets as widgets
+                from ipywidgets.widgets.widget_string import HTMLStyle
 
-            self.close()
-            self._pair = (widgets.Layout(), HTMLStyle())
-        return self._pair
+                _close_all(self._look)
+                self._look = (widgets.Layout(), HTMLStyle())
+            return self._look
+
+    def take_frame(self, value: str) -> tuple[Any, Any, int]:
+        """A box holding one open HTML block that shows ``value``; also the messages sent."""
+        with self._lock:
+            spare, self._spare_frame = self._spare_frame, None
+        if spare is not None and _all_open(spare):
+            box, open_block = spare
+            open_block.value = value
+            return box, open_block, 1
+        _close_all(spare)
+        import ipywidgets as widgets
+
+        layout, style = self.layout_and_style()
+        open_block = widgets.HTML(value=value, layout=layout, style=style)
+        return widgets.VBox(children=(open_block,), layout=layout), open_block, 2
+
+    def give_back(self, box: Any, open_block: Any) -> None:
+        """Keep a frame for the next answer, emptied: no answer stays in a live widget."""
+        if not _all_open((box, open_block)):
+            _close_all((box, open_block))
+            return
+        if open_block.value:
+            open_block.value = ""
+        if tuple(box.children) != (open_block,):
+            box.children = (open_block,)
+        with self._lock:
+            spare, self._spare_frame = self._spare_frame, (box, open_block)
+        _close_all(spare)  # two answers' views at once (rare): one frame is enough to keep
 
     def close(self) -> None:
-        if self._pair is not None:
-            for widget in self._pair:
-                widget.close()
-            self._pair = None
+        with self._lock:
+            frame, look = self._spare_frame, self._look
+            self._spare_frame = self._look = None
+        _close_all(frame)
+        _close_all(look)
+
+
+def _all_open(widgets: tuple[Any, ...]) -> bool:
+    return all(widget.comm is not None for widget in widgets)
+
+
+def _close_all(widgets: tuple[Any, ...] | None) -> None:
+    for widget in widgets or ():
+        widget.close()
 
 
 class WidgetView:
@@ -125,7 +172,7 @@ class WidgetView:
         *,
         render: Callable[[str], str] = render_markdown,
         clock: Callable[[], float] = time.monotonic,
-        look: WidgetLook | None = None,
+        pool: WidgetPool | None = None,
     ):
         import ipywidgets as widgets
 
@@ -135,9 +182,9 @@ class WidgetView:
         self._reasoning_widget: Any = None
 
         self._widgets = widgets
-        # Without a session's look, the view makes its own and closes it when it finishes.
-        self._own_look = WidgetLook() if look is None else None
-        self._look = look or self._own_look
+        # Without a session's pool, the view makes its own and closes it when it finishes.
+        self._own_pool = WidgetPool() if pool is None else None
+        self._pool = pool or self._own_pool
         self._layout: Any = None
         self._style: Any = None
         # Made when there is something to show (the first text, or the wait after ~0.1 s): an
@@ -160,13 +207,16 @@ class WidgetView:
 
     def _html(self, value: str) -> Any:
         if self._layout is None:
-            self._layout, self._style = self._look.layout_and_style()
+            self._layout, self._style = self._pool.layout_and_style()
         return self._widgets.HTML(value=value, layout=self._layout, style=self._style)
 
     def _show(self, open_html: str) -> int:
-        """Make the box with what there is and display it; return the messages sent."""
-        self._open = self._html(open_html)
-        self._box = self._widgets.VBox(children=self._children(), layout=self._layout)
+        """Fill the box with what there is and display it; return the messages sent."""
+        self._box, self._open, sent = self._pool.take_frame(open_html)
+        children = self._children()
+        if children != (self._open,):
+            self._box.children = children
+            sent += 1
         # The widget's own bundle, published as is: IPython's formatters would also build a
         # text repr of the whole box, every time.
         self._handle = self._display(
@@ -179,7 +229,7 @@ class WidgetView:
             raw=True,
             display_id=True,
         )
-        return 3
+        return sent + 1
 
     def _children(self) -> tuple[Any, ...]:
         """The box's contents: the thinking, the frozen blocks (loose, or in groups), the open block."""
@@ -279,18 +329,19 @@ class WidgetView:
             self._display(bundle, raw=True, metadata=metadata)
         else:
             self._handle.update(bundle, raw=True, metadata=metadata)
-        # The durable output replaced the view: release the widgets' comms.
+        # The durable output replaced the view: release the blocks' comms, keep the frame.
         for group in self._groups:
             for child in group.children:
                 child.close()
             group.close()
         for frozen in self._loose:
             frozen.close()
-        for widget in (self._reasoning_widget, self._open, self._box):
-            if widget is not None:
-                widget.close()
-        if self._own_look is not None:
-            self._own_look.close()
+        if self._reasoning_widget is not None:
+            self._reasoning_widget.close()
+        if self._box is not None:
+            self._pool.give_back(self._box, self._open)
+        if self._own_pool is not None:
+            self._own_pool.close()
 
 
 class MarkdownView:
@@ -433,7 +484,7 @@ def make_view(
     in_kernel: bool,
     display: Callable[..., Any],
     fmt: str = "markdown",
-    look: WidgetLook | None = None,
+    pool: WidgetPool | None = None,
 ) -> View:
     """Pick the view for a display mode (auto: widgets in a kernel, text in a terminal)."""
     render = preformatted if fmt in ("text", "json") else render_markdown
@@ -442,7 +493,7 @@ def make_view(
     if mode == "markdown":
         return MarkdownView(display, render=render)
     try:
-        return WidgetView(display, render=render, look=look)
+        return WidgetView(display, render=render, pool=pool)
     except ImportError:
         if mode == "widget":
             from IPython.core.error import UsageError

@@ -218,3 +218,29 @@ def test_interrupting_from_the_toolbar_keeps_the_partial_answer(page, lab: Lab, 
     assert "word299" not in text
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "interrupted-answer.png"))
+
+
+def test_a_second_answer_streams_into_its_own_cell_and_the_first_stays(page, lab: Lab, gateway: Gateway) -> None:
+    # The second answer's live view reuses the widgets the first one gave back.
+    name = lab.notebook("two.ipynb", "%load_ext qwen_magic", "%%qwen\nFirst question.", "%%qwen\nSecond question.")
+    gateway.script(
+        Reply(chunks=["The first answer.\n\n", "Its second block."], frame_delay=0.3),  # one block frozen
+        Reply(chunks=[f"Step {n} of the second answer.\n\n" for n in range(1, 9)], frame_delay=0.3),
+    )
+    open_notebook(page, lab, name)
+    run_cell(page, 0)
+    run_cell(page, 1)
+    first = wait_for_output(page, 1, "out tokens")
+    run_cell(page, 2)
+
+    seen: list[int] = []
+    deadline = time.monotonic() + 60
+    while "out tokens" not in (text := output_text(page, 2)) and time.monotonic() < deadline:
+        if "Step" in text and (not seen or text.count("Step") != seen[-1]):
+            seen.append(text.count("Step"))
+        time.sleep(0.05)
+    assert len(seen) >= 3 and seen == sorted(seen) and seen[0] < 8, seen
+    second = wait_for_output(page, 2, "out tokens")
+    assert "Step 8 of the second answer." in second and "turn 2" in second
+    assert "The first answer" not in second
+    assert output_text(page, 1) == first  # the first cell keeps its own answer

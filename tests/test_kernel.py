@@ -57,20 +57,31 @@ def final_answer(execution: Execution) -> dict:
     return displays[0]
 
 
-LOOK_MODELS = {"LayoutModel", "HTMLStyleModel"}
+# What a session keeps between answers: the shared layout and style, and the frame (a box
+# and its open block) that the next answer reuses.
+SESSION_WIDGETS = ["HTMLModel", "HTMLStyleModel", "LayoutModel", "VBoxModel"]
 
 
-def opened_comms(execution: Execution) -> tuple[set[str], set[str]]:
-    """Comm ids the cell opened: the answer's own widgets, and the session's shared look."""
-    own, look = set(), set()
-    for message in execution.of_type("comm_open"):
-        name = message.content["data"]["state"].get("_model_name")
-        (look if name in LOOK_MODELS else own).add(message.content["comm_id"])
-    return own, look
+def opened_comms(execution: Execution) -> dict[str, str]:
+    """Comm id -> model name of every widget the cell opened."""
+    return {m.content["comm_id"]: m.content["data"]["state"]["_model_name"] for m in execution.of_type("comm_open")}
 
 
 def closed_comms(execution: Execution) -> set[str]:
     return {m.content["comm_id"] for m in execution.of_type("comm_close")}
+
+
+def widgets_left_open(execution: Execution) -> list[str]:
+    """The model names of the widgets the cell opened and left open, checked to hold no text."""
+    opened = opened_comms(execution)
+    left = set(opened) - closed_comms(execution)
+    values: dict[str, str] = {}
+    for message in execution.of_type("comm_open", "comm_msg"):
+        state = message.content.get("data", {}).get("state", {})
+        if message.content["comm_id"] in left and "value" in state:
+            values[message.content["comm_id"]] = state["value"]
+    assert not any(values.values()), f"an answer was left in a live widget: {values}"
+    return sorted(opened[comm_id] for comm_id in left)
 
 
 def test_the_answer_streams_before_the_last_frame_is_sent(cells: Cells, gateway: Gateway) -> None:
@@ -120,7 +131,9 @@ def test_the_live_view_keeps_every_block_in_order_as_a_long_answer_is_regrouped(
     assert execution.status == "ok"
     # Each update ends by setting the open block (a freeze adds the frozen block just before):
     # there the view is whole again.
-    updates_done = [i for i, m in enumerate(execution.messages)
+    # (Until the durable output replaces the view: then the frame is emptied for the next answer.)
+    replaced_at = next(i for i, m in enumerate(execution.messages) if m.msg_type == "update_display_data")
+    updates_done = [i for i, m in enumerate(execution.messages[:replaced_at])
                     if m.msg_type == "comm_msg" and "value" in m.content["data"].get("state", {})]
     seen = []
     for index in updates_done:
@@ -133,8 +146,7 @@ def test_the_live_view_keeps_every_block_in_order_as_a_long_answer_is_regrouped(
     # More blocks were frozen than fit the box itself: they were moved into groups.
     boxes = [m for m in execution.of_type("comm_open") if m.content["data"]["state"]["_model_name"] == "VBoxModel"]
     assert len(boxes) >= 3
-    own, _ = opened_comms(execution)
-    assert own <= closed_comms(execution)
+    assert widgets_left_open(execution) == SESSION_WIDGETS
 
 
 def test_a_first_frame_that_finishes_a_block_shows_it_frozen_above_the_open_one(
@@ -144,8 +156,9 @@ def test_a_first_frame_that_finishes_a_block_shows_it_frozen_above_the_open_one(
     execution = cells.run("%%qwen\nTwo blocks.")
     shown_at = next(i for i, m in enumerate(execution.messages) if m.msg_type == "display_data")
     assert live_view_html(execution.messages[: shown_at + 1]) == "<p>First block.</p>\n<p>Second</p>\n"
-    own, _ = opened_comms(execution)
-    assert len(own) == 3 and own <= closed_comms(execution)  # the frozen block, the open one, the box
+    # The frozen block, the open one, the box (with the session's layout and style).
+    assert sorted(opened_comms(execution).values()) == sorted([*SESSION_WIDGETS, "HTMLModel"])
+    assert widgets_left_open(execution) == SESSION_WIDGETS
 
 
 def test_the_durable_output_replaces_the_widget_and_carries_a_footer(cells: Cells, gateway: Gateway) -> None:
@@ -160,20 +173,26 @@ def test_the_durable_output_replaces_the_widget_and_carries_a_footer(cells: Cell
         assert "qwen-plus · 30 in / 9 out tokens ·" in shown
     meta = output["metadata"]["qwen_magic"]
     assert meta["status"] == "complete" and meta["usage"]["output_tokens"] == 9
-    # The answer's widget comms are closed once the durable output is in place; the layout
-    # and style its widgets share are opened once for the session and kept.
-    own, look = opened_comms(execution)
-    assert own and own <= closed_comms(execution)
-    assert len(look) == 2 and not look & closed_comms(execution)
+    # Once the durable output is in place, the answer's frozen blocks are closed; the session
+    # keeps its layout and style, and the frame emptied for the next answer.
+    kept = set(opened_comms(execution)) - closed_comms(execution)
+    assert widgets_left_open(execution) == SESSION_WIDGETS
+    shown = next(m for m in execution.of_type("display_data"))
+    box = shown.content["data"][WIDGET_VIEW]["model_id"]
+    assert box in kept
 
-    gateway.script(Reply(text="A second answer.\n\nWith two blocks."))
+    gateway.script(Reply(chunks=["A second answer.\n\n", "With two ", "blocks."], frame_delay=0.3))
     second = cells.run("%%qwen\nAgain.")
-    own_again, look_again = opened_comms(second)
-    assert own_again and own_again <= closed_comms(second) and not look_again
+    # The second answer opens only its frozen block: the frame is shown again, refilled.
+    assert list(opened_comms(second).values()) == ["HTMLModel"]
+    assert widgets_left_open(second) == []
+    assert second.widget_value_updates()[-1][1] == ""  # emptied again once the answer ended
+    shown_again = next(m for m in second.of_type("display_data"))
+    assert shown_again.content["data"][WIDGET_VIEW]["model_id"] == box
     assert "A second answer." in final_answer(second)["data"]["text/markdown"]
 
     unloaded = cells.run("%unload_ext qwen_magic")
-    assert look <= closed_comms(unloaded)
+    assert kept <= closed_comms(unloaded)
 
 
 def test_the_view_says_it_is_waiting_until_the_first_text(cells: Cells, gateway: Gateway) -> None:
@@ -355,8 +374,7 @@ def test_an_interrupt_while_the_answer_is_saved_is_held_until_it_is_written(
         data = final_answer(execution)["data"]
         assert data["text/markdown"].startswith("A complete answer.\n\n*qwen-plus · 9 in / 4 out tokens")
         assert "interrupted" not in data["text/markdown"]
-        own, _ = opened_comms(execution)
-        assert own and own <= closed_comms(execution)
+        assert widgets_left_open(execution) == SESSION_WIDGETS
         assert kernel.collect(queued).status == "aborted"
         turns = cells.run("%qwen history")
         assert "A complete answer." in json.dumps([o.get("data", o.get("text")) for o in turns.outputs])
