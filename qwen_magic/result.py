@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from .client import Usage
@@ -85,9 +86,10 @@ class QwenResult:
 
     def metadata(self) -> dict[str, Any]:
         """What the output's metadata carries, so a saved notebook knows its answers."""
-        data = asdict(self)
-        for transient in ("session_cost", "notes", "value"):
-            data.pop(transient)
+        # Field by field: asdict() would deep-copy the parsed value only to drop it.
+        data = {name: getattr(self, name) for name in _RECORDED_FIELDS}
+        data["usage"] = asdict(self.usage)
+        data["search_results"] = copy.deepcopy(self.search_results)
         return data
 
     def __str__(self) -> str:
@@ -138,6 +140,11 @@ class QwenResult:
             printer.text("QwenResult(...)")
             return
         printer.text(self.text + "".join(f"\n[{line}]" for line in self.footer_lines()))
+
+
+# What the metadata keeps: not the session's running total, the notes (the footer shows
+# them) or the parsed value (the text holds it).
+_RECORDED_FIELDS = tuple(f.name for f in fields(QwenResult) if f.name not in ("session_cost", "notes", "value"))
 
 
 def _footer_markdown(footer_lines: list[str]) -> str:

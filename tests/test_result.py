@@ -65,6 +65,18 @@ def test_metadata_is_plain_json() -> None:
     assert data["request_id"] == "req-1"
 
 
+def test_metadata_keeps_every_field_but_the_transient_ones_and_copies_what_can_change() -> None:
+    from dataclasses import fields
+
+    sources = [{"title": "Hangzhou", "url": "https://example.com"}]
+    result = make(search_results=sources, notes=["a note"], value={"parsed": True}, session_cost=0.5)
+    data = result.metadata()
+    assert set(data) == {f.name for f in fields(QwenResult)} - {"session_cost", "notes", "value"}
+    assert data["search_results"] == sources and data["search_results"] is not sources
+    data["search_results"][0]["title"] = "changed"
+    assert sources[0]["title"] == "Hangzhou"
+
+
 def test_usage_reads_native_and_compatible_names() -> None:
     native = Usage.from_sdk(
         {"input_tokens": 5, "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 3},
