@@ -328,3 +328,25 @@ def test_a_new_kernels_first_turn_sets_the_stored_chat_aside_not_mixed(shell, ga
     assert [r["prompt"] for r in store.turns(magics.session.notebook, "default")] == ["New one"]
     shell.run_line_magic("qwen", f"resume '{kept}'")
     assert [t.prompt for t in magics.session.chat(kept).turns] == ["Old one", "Old two"]
+
+
+def test_an_interrupt_between_frames_keeps_the_servers_usage_and_request_id(shell, gateway: Gateway, monkeypatch) -> None:
+    from qwen_magic import view
+
+    gateway.script(Reply(chunks=[f"w{n} " for n in range(40)], usage={"input_tokens": 77, "output_tokens": 40}))
+    shown: list[str] = []
+    add_text = view.TerminalView.add_text
+
+    def interrupted_at_the_tenth_frame(self, delta: str) -> None:
+        shown.append(delta)
+        if len(shown) == 10:  # Ctrl-C lands in the cell's own loop, not in the SDK's read
+            raise KeyboardInterrupt
+        add_text(self, delta)
+
+    monkeypatch.setattr(view.TerminalView, "add_text", interrupted_at_the_tenth_frame)
+    assert not run(shell, "%%qwen -o answer\nHi").success
+    answer = shell.user_ns["answer"]
+    assert answer.status == "interrupted" and answer.text == "".join(f"w{n} " for n in range(10))
+    # The server's running usage from the last frame read, not a local estimate.
+    assert answer.usage.input_tokens == 77 and 0 < answer.usage.output_tokens < 40
+    assert answer.request_id
