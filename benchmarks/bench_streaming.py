@@ -7,7 +7,7 @@ with no delays. Baseline: a cell that loops over ``dashscope.Client().chat.compl
 times itself inside the kernel (``perf_counter`` and ``process_time`` around the call), so
 the figures exclude the front end's round trip; the round trip is recorded too.
 
-    python benchmarks/bench_streaming.py [--rounds 15]
+    python benchmarks/bench_streaming.py [--rounds 40]
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _cell(variant: str) -> str:
     return RAW_CELL if variant == "raw" else QWEN_CELL.format(mode=variant)
 
 
-def run(rounds: int = 15, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
+def run(rounds: int = 40, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
     chunks = answer_chunks()
     expected_chars = len("".join(chunks))
     reply = Reply(chunks=chunks, usage={"input_tokens": 12, "output_tokens": FRAMES})
@@ -222,7 +222,7 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated; the first is the target's")
     args = parser.parse_args(argv)
     result = {"environment": environment(), **run(args.rounds, tuple(args.modes.split(",")))}

@@ -314,19 +314,53 @@ class QwenClient:
         client ``sdk_client(connection)`` gave, when the caller has it already.
         """
         client = sdk or self.sdk_client(connection)
-        answer = self._stream_events if request.stream else self._whole_answer
         attempt = 0
         while True:
-            events = answer(client, request, state)
+            shown = False
             try:
-                first = next(events, None)
+                if not request.stream:
+                    yield from self._whole_answer(client, request, state)
+                    return
+                # The frame loop is written out here, not in a generator of its own: it runs
+                # once per frame, and each layer of generators costs on every frame.
+                frames = self._create(client, request, stream=True)
+                try:
+                    for chunk in frames:
+                        # Keep references, convert nothing until the end.
+                        if state.request_id is None:
+                            state.request_id = chunk.request_id
+                        if chunk.usage is not None:
+                            state.raw_usage = chunk.usage
+                        if chunk.search_info is not None:
+                            state.raw_search_info = chunk.search_info
+                        choices = chunk.choices
+                        if not choices:
+                            continue
+                        choice = choices[0]
+                        delta = choice.delta
+                        thought, text = delta.reasoning_content, delta.content
+                        if thought:
+                            shown = True
+                            yield ReasoningDelta(thought)
+                        if text:
+                            shown = True
+                            yield text
+                        finish_reason = choice.finish_reason
+                        if finish_reason and finish_reason != "null":
+                            state.finish_reason = finish_reason
+                finally:
+                    frames.close()
+                if state.finish_reason is None:
+                    raise QwenAPIError(
+                        "StreamCut", "the stream ended before the answer was finished", request_id=state.request_id
+                    )
+                return
             except QwenAPIError as error:
                 failure = error
             except Exception as error:  # every SDK / transport failure becomes one line
                 failure = self._translate(error, client, state, client.config.api_key)
-            else:
-                break
-            if not failure.retryable or retry is None or attempt >= retry.max_retries:
+            # Once text has been shown, nothing is retried.
+            if shown or not failure.retryable or retry is None or attempt >= retry.max_retries:
                 raise failure from None
             attempt += 1
             delay = retry.delay(attempt, failure.retry_after)
@@ -334,58 +368,12 @@ class QwenClient:
                 on_retry(failure, delay, attempt)
             sleep(delay)
             state.request_id = None
-        if first is None:
-            return
-        # Text has been shown: from here on nothing is retried, and the rest of the events
-        # pass straight through (``yield from`` costs nothing per frame).
-        try:
-            yield first
-            yield from events
-        except QwenAPIError:
-            raise
-        except Exception as error:
-            raise self._translate(error, client, state, client.config.api_key) from None
 
     @staticmethod
     def _create(client: "dashscope.Client", request: ChatRequest, *, stream: bool) -> Any:
         return client.chat.completions.create(
             model=request.model, messages=list(request.messages), stream=stream, **request.parameters
         )
-
-    def _stream_events(
-        self, client: "dashscope.Client", request: ChatRequest, state: CallState
-    ) -> Iterator[Event]:
-        stream = self._create(client, request, stream=True)
-        try:
-            for chunk in stream:
-                # Runs once per frame: keep references, convert nothing until the end.
-                if state.request_id is None:
-                    state.request_id = chunk.request_id
-                if chunk.usage is not None:
-                    state.raw_usage = chunk.usage
-                if chunk.search_info is not None:
-                    state.raw_search_info = chunk.search_info
-                choices = chunk.choices
-                if not choices:
-                    continue
-                choice = choices[0]
-                delta = choice.delta
-                thought, text = delta.reasoning_content, delta.content
-                if thought:
-                    yield ReasoningDelta(thought)
-                if text:
-                    yield text
-                finish_reason = choice.finish_reason
-                if finish_reason and finish_reason != "null":
-                    state.finish_reason = finish_reason
-        finally:
-            stream.close()
-        if state.finish_reason is None:
-            raise QwenAPIError(
-                "StreamCut",
-                "the stream ended before the answer was finished",
-                request_id=state.request_id,
-            )
 
     def _whole_answer(
         self, client: "dashscope.Client", request: ChatRequest, state: CallState

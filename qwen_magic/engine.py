@@ -86,7 +86,9 @@ class _Ticker:
     (starting a thread for every cell would cost more than the cell's own bookkeeping).
     """
 
-    PERIOD = 0.1
+    # Often enough that the views' paced updates (one message per 60 ms at most) go out on
+    # time: the stream only hands text over, the updates are sent from here.
+    PERIOD = 0.02
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # held while the view is ticked: release() waits for it
@@ -438,14 +440,21 @@ class QwenSession:
         ticker = self.ticker
         ticker.watch(view, request.model, started)
         events = self.client.stream(connection, request, state, retry=retry, on_retry=on_retry, sdk=sdk)
-        # The loop runs once per frame: its methods are looked up once, before it.
-        keep_text, show_text = text.append, view.add_text
         try:
+            for event in events:  # until the first answer text, which is shown at once
+                if type(event) is str:
+                    first_text_after = time.monotonic() - started
+                    ticker.text_started = True
+                    text.append(event)
+                    view.add_text(event)
+                    break
+                reasoning.append(event.text)
+                view.add_reasoning(event.text)
+            # The rest runs once per frame: keep the text and hand it to the view, nothing
+            # more (the timer thread shows it); the methods are looked up once, before.
+            keep_text, show_text = text.append, view.text_sink()
             for event in events:
                 if type(event) is str:
-                    if first_text_after is None:
-                        first_text_after = time.monotonic() - started
-                        ticker.text_started = True
                     keep_text(event)
                     show_text(event)
                 else:

@@ -37,12 +37,17 @@ class View(Protocol):
     def waiting(self, text: str) -> None:
         """Before the first text: say what is being waited for (called from a timer thread)."""
 
-    def add_text(self, delta: str) -> None: ...
+    def add_text(self, delta: str) -> None:
+        """New answer text, shown at once if an update is due (the first text is)."""
+
+    def text_sink(self) -> Callable[[str], None]:
+        """What the stream calls with each later delta: it only keeps the text (it runs once
+        per frame, so it must cost next to nothing); ``tick`` shows it."""
 
     def add_reasoning(self, delta: str) -> None: ...
 
     def tick(self) -> None:
-        """While streaming, called every ~100 ms from a timer thread: send what is pending."""
+        """While streaming, called every few ms from a timer thread: send what is pending."""
 
     def notice(self, text: str) -> None:
         """Before any text: a wait or a retry the user should know about."""
@@ -274,10 +279,12 @@ class WidgetView:
             self._pacer.spent(1)
 
     def add_text(self, delta: str) -> None:
-        # Called once per frame: only remember the text; the work is done once per update.
         self._unread.append(delta)
         if self._pacer.due():
             self.tick()
+
+    def text_sink(self) -> Callable[[str], None]:
+        return self._unread.append
 
     def tick(self) -> None:
         with self._lock:
@@ -386,6 +393,9 @@ class MarkdownView:
         if self._pacer.due():
             self.tick()
 
+    def text_sink(self) -> Callable[[str], None]:
+        return self._unread.append
+
     def tick(self) -> None:
         with self._lock:
             if self._unread and self._pacer.due():
@@ -448,6 +458,9 @@ class TerminalView:
         self._unread.append(delta)
         if self._pacer.due():
             self.tick()
+
+    def text_sink(self) -> Callable[[str], None]:
+        return self.add_text if not self._answer_started else self._unread.append
 
     def tick(self) -> None:
         with self._lock:

@@ -217,13 +217,14 @@ def test_hostile_markup_in_an_answer_stays_text(cells: Cells, gateway: Gateway) 
 
 def test_markdown_display_mode_streams_without_widgets(cells: Cells, gateway: Gateway) -> None:
     cells.run("%config QwenMagic.display = 'markdown'")
-    gateway.script(Reply(chunks=["One. ", "Two. ", "Three."], frame_delay=0.3))
+    gateway.script(Reply(chunks=["One. ", "Two. ", "Three. ", "Four. ", "Five."], frame_delay=0.3))
     execution = cells.run("%%qwen\nCount.")
     assert not execution.of_type("comm_open")
     (first,) = execution.of_type("display_data")
     assert first.content["data"]["text/markdown"].startswith("One.")  # no empty output first
-    assert len(execution.of_type("update_display_data")) >= 3
-    assert final_answer(execution)["data"]["text/markdown"].startswith("One. Two. Three.")
+    live = [m.content["data"]["text/markdown"] for m in execution.of_type("update_display_data")][:-1]
+    assert live[:3] == ["One. Two. ", "One. Two. Three. ", "One. Two. Three. Four. "]  # as each frame came
+    assert final_answer(execution)["data"]["text/markdown"].startswith("One. Two. Three. Four. Five.")
 
 
 def test_text_printed_before_an_output_is_sent_before_it(cells: Cells) -> None:
@@ -419,8 +420,8 @@ def test_code_format_puts_the_code_in_a_new_cell_below(cells: Cells, gateway: Ga
 
 
 def test_thinking_streams_into_a_section_that_folds_when_the_answer_starts(cells: Cells, gateway: Gateway) -> None:
-    gateway.script(Reply(reasoning="First I consider the question carefully. " * 3, text="The answer is 42.",
-                         chunk_size=12, frame_delay=0.08))
+    gateway.script(Reply(reasoning="First I consider the question carefully. " * 3,
+                         text="The answer is 42. It follows from the question.", chunk_size=12, frame_delay=0.08))
     execution = cells.run("%%qwen --thinking\nLife?")
     values = [value for _, value in execution.widget_value_updates()]
     opened = [i for i, v in enumerate(values) if v.startswith('<details class="qwen-thinking" open>')]

@@ -334,16 +334,21 @@ def test_an_interrupt_between_frames_keeps_the_servers_usage_and_request_id(shel
     from qwen_magic import view
 
     gateway.script(Reply(chunks=[f"w{n} " for n in range(40)], usage={"input_tokens": 77, "output_tokens": 40}))
-    shown: list[str] = []
-    add_text = view.TerminalView.add_text
+    handed_over: list[str] = []
+    text_sink = view.TerminalView.text_sink
 
-    def interrupted_at_the_tenth_frame(self, delta: str) -> None:
-        shown.append(delta)
-        if len(shown) == 10:  # Ctrl-C lands in the cell's own loop, not in the SDK's read
-            raise KeyboardInterrupt
-        add_text(self, delta)
+    def interrupted_at_the_tenth_frame(self):
+        keep = text_sink(self)
 
-    monkeypatch.setattr(view.TerminalView, "add_text", interrupted_at_the_tenth_frame)
+        def sink(delta: str) -> None:
+            handed_over.append(delta)
+            if len(handed_over) == 9:  # the tenth frame (the first is shown at once, not sunk)
+                raise KeyboardInterrupt  # Ctrl-C lands in the cell's own loop, not in the SDK's read
+            keep(delta)
+
+        return sink
+
+    monkeypatch.setattr(view.TerminalView, "text_sink", interrupted_at_the_tenth_frame)
     assert not run(shell, "%%qwen -o answer\nHi").success
     answer = shell.user_ns["answer"]
     assert answer.status == "interrupted" and answer.text == "".join(f"w{n} " for n in range(10))
