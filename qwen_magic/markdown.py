@@ -48,8 +48,9 @@ class BlockSplitter:
     cannot carry the block on: it is not indented, and starts no list item after a list (so
     loose lists and code inside list items stay whole). Finished blocks never change again,
     so a view renders each of them once and only the open block is re-rendered. For the
-    usual shapes of an answer the blocks render as the whole text does; the durable output
-    is still rendered whole, since link references and odd nestings can differ.
+    usual shapes of an answer the blocks render as the whole text does, and the durable output
+    reuses them. Where they may not, it is rendered whole: a link reference definition
+    anywhere in the text, or a fence the splitter left to a list item (``renders_as_whole``).
     """
 
     def __init__(self) -> None:
@@ -59,6 +60,9 @@ class BlockSplitter:
         self._holds_list = False  # a list item began in the block
         self._item_content = 0  # the column where the last list item's text begins
         self._fence: str | None = None  # the opening fence while inside a code block
+        # False once a fence met inside a list item was left to the item (not followed): the
+        # blocks may then render differently from the whole text, which must be rendered whole.
+        self.renders_as_whole = True
 
     def feed(self, delta: str) -> list[str]:
         """Add streamed text; return the blocks it finished (in order)."""
@@ -105,6 +109,8 @@ class BlockSplitter:
             # fences outside lists are followed (blank lines in an item never split anyway).
             if fence and (not self._holds_list or fence.start(1) < self._item_content):
                 self._fence = fence.group(1)
+            elif fence:
+                self.renders_as_whole = False
             elif item:
                 self._holds_list = True
                 self._item_content = item.end() + (1 if item.end() == len(line) else 0)

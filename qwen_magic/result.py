@@ -114,11 +114,15 @@ class QwenResult:
         sources = sources_markdown(self.search_results)
         return f"{body}\n\n{sources}" if sources else body
 
-    def body_html(self) -> str:
+    def body_html(self, rendered_answer: str | None = None) -> str:
+        """Thinking, the answer and the sources as safe HTML; ``rendered_answer`` is the
+        answer already rendered (by the live view), when it is."""
         from .formats import answer_html, reasoning_html, sources_markdown
         from .markdown import render_markdown
 
-        html = f'<div class="qwen-answer">{answer_html(self.format, self.text, self._parsed())}</div>'
+        if rendered_answer is None:
+            rendered_answer = answer_html(self.format, self.text, self._parsed())
+        html = f'<div class="qwen-answer">{rendered_answer}</div>'
         if self.reasoning:
             html = reasoning_html(self.reasoning, opened=False, tokens=self.usage.reasoning_tokens) + html
         sources = sources_markdown(self.search_results)
@@ -128,12 +132,15 @@ class QwenResult:
         return markdown_with_footer(self.body_markdown(), self.footer_lines())
 
     def _repr_html_(self) -> str:
+        return self.html_with_footer()
+
+    def html_with_footer(self, rendered_answer: str | None = None) -> str:
         from .markdown import escape
 
         footer = "".join(
             f'<div class="qwen-footer" style="{FOOTER_STYLE}">{escape(line)}</div>' for line in self.footer_lines()
         )
-        return self.body_html() + footer
+        return self.body_html(rendered_answer) + footer
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         if cycle:

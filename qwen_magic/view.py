@@ -59,10 +59,15 @@ class View(Protocol):
         """
 
 
-def durable_bundle(result: "QwenResult", record: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
-    """The output a saved notebook keeps: Markdown for readers, safe HTML for display."""
+def durable_bundle(
+    result: "QwenResult", record: dict[str, Any], *, rendered_answer: str | None = None
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """The output a saved notebook keeps: Markdown for readers, safe HTML for display.
+
+    ``rendered_answer``: the answer's HTML where the live view has it already.
+    """
     markdown = result._repr_markdown_()
-    html = result._repr_html_()
+    html = result.html_with_footer(rendered_answer)
     # The turn, so a saved notebook holds its own conversation. Where the Markdown is the
     # answer plus the footer lines, the text is not sent (and saved) a second time.
     output_record = dict(record)
@@ -201,6 +206,8 @@ class WidgetView:
         self._loose: list[Any] = []  # frozen blocks in the box itself, until there are more than a group
         self._groups: list[Any] = []
         self._splitter = BlockSplitter()
+        self._fed = 0  # characters fed to the splitter
+        self._frozen_html: list[str] = []  # the frozen blocks' HTML, in order
         # Deltas not yet fed to the splitter. The stream appends without the lock (once per
         # frame, it must be cheap); whoever updates drains it under the lock.
         self._unread: deque[str] = deque()
@@ -235,6 +242,24 @@ class WidgetView:
             display_id=True,
         )
         return sent + 1
+
+    def _rendered_answer(self, result: "QwenResult") -> str | None:
+        """The whole answer's HTML from the blocks rendered while it streamed, plus the rest.
+
+        Blocks render as the whole text does (tests/test_markdown.py checks it) except where a
+        link reference definition (``[label]: url``) reaches across them, or where the splitter
+        says it guessed (a fence inside a list item): then ``None``, and the answer is rendered
+        whole. So is an answer not in Markdown.
+        """
+        if result.format not in ("markdown", "code") or self._render is not render_markdown or "]:" in result.text:
+            return None
+        rest = _drain(self._unread)
+        if self._fed + len(rest) != len(result.text):  # not the text this view was given
+            return None
+        tail = [*self._splitter.feed(rest), self._splitter.open_block]
+        if not self._splitter.renders_as_whole:
+            return None
+        return "".join(self._frozen_html) + self._render("\n\n".join(tail))
 
     def _children(self) -> tuple[Any, ...]:
         """The box's contents: the thinking, the frozen blocks (loose, or in groups), the open block."""
@@ -301,14 +326,18 @@ class WidgetView:
                 self._show_reasoning(opened=True)
 
     def _flush(self) -> None:
-        finished = self._splitter.feed(_drain(self._unread))
+        delta = _drain(self._unread)
+        self._fed += len(delta)
+        finished = self._splitter.feed(delta)
         messages = self._freeze("\n\n".join(finished)) if finished else 0
         messages += self._set_open(self._render(self._splitter.open_block))
         self._pacer.spent(messages)
 
     def _freeze(self, blocks: str) -> int:
         """Add finished blocks as a widget that is never updated again; return messages sent."""
-        frozen = self._html(self._render(blocks))
+        html = self._render(blocks)
+        self._frozen_html.append(html)
+        frozen = self._html(html)
         if not self._groups and len(self._loose) < GROUP_SIZE:
             # A short answer's blocks sit in the box itself: no group to open and close.
             self._loose.append(frozen)
@@ -330,8 +359,8 @@ class WidgetView:
 
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
         with self._lock:
-            self._unread.clear()
-        bundle, metadata = durable_bundle(result, record)
+            rendered_answer = self._rendered_answer(result)
+        bundle, metadata = durable_bundle(result, record, rendered_answer=rendered_answer)
         if self._handle is None:  # nothing was shown yet: the answer's output is the first
             self._display(bundle, raw=True, metadata=metadata)
         else:

@@ -350,7 +350,7 @@ def test_an_interrupt_while_the_answer_is_saved_is_held_until_it_is_written(
     slow = cells.run(
         "import time, qwen_magic.view as _view\n"
         "_durable = _view.durable_bundle\n"
-        "_view.durable_bundle = lambda *args: (time.sleep(1.5), _durable(*args))[1]"
+        "_view.durable_bundle = lambda *args, **kwargs: (time.sleep(1.5), _durable(*args, **kwargs))[1]"
     )
     assert slow.status == "ok"
     try:

@@ -1,8 +1,10 @@
-"""The widgets a session's live views share (layout, style) or reuse (the frame)."""
+"""The widget view: the widgets a session shares (layout, style) or reuses (the frame), and the
+durable output it leaves."""
 
 from __future__ import annotations
 
 import ipywidgets
+import pytest
 
 from qwen_magic.view import WidgetPool
 
@@ -71,4 +73,57 @@ def test_two_frames_lent_at_once_are_distinct_and_one_is_kept() -> None:
     pool.give_back(*second)
     assert all(widget.comm is None for widget in first)  # one spare frame is enough
     assert pool.take_frame("")[:2] == second
+    pool.close()
+
+
+class _Output:
+    """A display() stand-in that keeps what was shown last."""
+
+    def __init__(self) -> None:
+        self.shown: list[dict] = []
+
+    def __call__(self, bundle: dict, **kwargs) -> "_Output":
+        self.shown.append(bundle)
+        return self
+
+    def update(self, bundle: dict, **kwargs) -> None:
+        self.shown.append(bundle)
+
+
+ANSWERS = {
+    "plain": "# Plan\n\nFirst paragraph of the answer.\n\n- one\n- two\n\n```python\nprint(1)\n```\n\nThe end.",
+    "reference": "See [the docs] for more.\n\nAnother block.\n\n[the docs]: https://example.com",
+    "fence in a list": "1. Install it:\n   ```bash\n   pip install x\n\n   pip list\n   ```\n\nDone.",
+}
+
+
+@pytest.mark.parametrize("name", ANSWERS)
+def test_the_durable_output_is_the_whole_answer_rendered_reusing_the_live_blocks_where_safe(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qwen_magic import formats
+    from qwen_magic.client import Usage
+    from qwen_magic.markdown import render_markdown
+    from qwen_magic.result import QwenResult
+    from qwen_magic.view import WidgetView
+
+    text = ANSWERS[name]
+    rendered_whole: list[str] = []
+    monkeypatch.setattr(formats, "render_markdown", lambda t: rendered_whole.append(t) or render_markdown(t))
+    pool, output = WidgetPool(), _Output()
+    view = WidgetView(output, pool=pool)
+    view.add_text(text[:5])
+    sink = view.text_sink()
+    for start in range(5, len(text), 7):
+        sink(text[start : start + 7])
+        view._pacer._next = 0.0  # an update is due at every tick
+        view.tick()
+    sink("")  # a last delta the timer never showed is still in the durable output
+    result = QwenResult(text=text, model="qwen-plus", usage=Usage(input_tokens=3, output_tokens=30))
+    view.finish(result, {"text": text})
+    rendered_whole_at_the_end = rendered_whole.count(text)
+
+    assert output.shown[-1]["text/html"] == result._repr_html_()  # what rendering it whole gives
+    # The plain answer's blocks were rendered as they streamed; the others are rendered whole.
+    assert rendered_whole_at_the_end == (0 if name == "plain" else 1)
     pool.close()
