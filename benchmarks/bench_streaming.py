@@ -3,11 +3,12 @@
 One real kernel; the offline gateway (in a process of its own) sends a 2,000-frame answer
 with no delays. Baseline: a cell that loops over ``dashscope.Client().chat.completions
 .create(..., stream=True)`` and only joins the text. Candidate: the same request through
-``%%qwen`` (display ``auto`` = the widget view; also ``markdown`` and ``text``). Each cell
+``%%qwen`` (display ``auto`` = the widget view; also ``markdown`` and ``text``), and the raw
+loop once more as a candidate (``raw-again``: what the machine's noise alone gives). Each cell
 times itself inside the kernel (``perf_counter`` and ``process_time`` around the call), so
 the figures exclude the front end's round trip; the round trip is recorded too.
 
-    python benchmarks/bench_streaming.py [--rounds 40]
+    python benchmarks/bench_streaming.py [--rounds 40] [--modes auto,markdown,text,raw-again]
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ NAME = "streaming"
 FRAMES = 2000
 TARGET_RATIO = 1.10
 MODES = ("auto", "markdown", "text")
+# A candidate that is the raw loop itself: its ratio is the machine's noise (A/A).
+RAW_AGAIN = "raw-again"
+DEFAULT_MODES = (*MODES, RAW_AGAIN)
 PROMPT = "Benchmark question: explain streaming."
 
 _WORDS = (
@@ -73,14 +77,14 @@ _bench_prompt = {PROMPT!r}
 RAW_CELL = """
 _w0 = time.perf_counter(); _c0 = time.process_time()
 _stream = _bench_client.chat.completions.create(
-    model="qwen-plus", messages=[{"role": "user", "content": _bench_prompt}], stream=True
+    model="qwen-plus", messages=[{{"role": "user", "content": _bench_prompt}}], stream=True
 )
 try:
     _bench_text = "".join(chunk.choices[0].delta.content or "" for chunk in _stream if chunk.choices)
 finally:
     _stream.close()
 _w1 = time.perf_counter(); _c1 = time.process_time()
-_bench_times.append(["raw", _w1 - _w0, _c1 - _c0, len(_bench_text)])
+_bench_times.append([{label!r}, _w1 - _w0, _c1 - _c0, len(_bench_text)])
 """
 
 QWEN_CELL = """
@@ -95,10 +99,12 @@ FETCH = "print('BENCH ' + json.dumps(_bench_times)); _bench_times.clear()"
 
 
 def _cell(variant: str) -> str:
-    return RAW_CELL if variant == "raw" else QWEN_CELL.format(mode=variant)
+    if variant in ("raw", RAW_AGAIN):
+        return RAW_CELL.format(label=variant)
+    return QWEN_CELL.format(mode=variant)
 
 
-def run(rounds: int = 40, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
+def run(rounds: int = 40, modes: tuple[str, ...] = DEFAULT_MODES) -> dict[str, Any]:
     chunks = answer_chunks()
     expected_chars = len("".join(chunks))
     reply = Reply(chunks=chunks, usage={"input_tokens": 12, "output_tokens": FRAMES})
@@ -112,7 +118,7 @@ def run(rounds: int = 40, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
                 started = time.perf_counter()
                 # One cell id for every %%qwen run: re-running one cell replaces its turn, so the
                 # chat never grows and every request carries the question alone.
-                cell_id = "bench-raw" if variant == "raw" else "bench-qwen"
+                cell_id = "bench-qwen" if variant in MODES else "bench-raw"
                 # quiet: this process reads nothing while the cell runs, so it takes no CPU
                 # from the kernel on a small machine.
                 execution = kernel.execute(_cell(variant), cell_id=cell_id, timeout=120, quiet=True)
@@ -167,6 +173,8 @@ def run(rounds: int = 40, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
         "rounds": rounds,
         "runs": {v: len(wall[v]) for v in wall},
         "order": order,
+        # Every run, in the order run: for a look at the spread behind the medians.
+        "wall_ms_by_run": [[row[0], round(row[1] * 1000, 2)] for row in times],
         "baseline": {
             "wall_ms_median": median(wall["raw"]) * 1000,
             "cpu_ms_median": median(cpu["raw"]) * 1000,
@@ -204,9 +212,9 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str]]:
          f"{base['iopub_messages_median']:.0f}"),
     ]
     for mode, m in result["modes"].items():
-        label = "widget view (auto)" if mode == "auto" else mode
+        label = {"auto": "%%qwen widget view (auto)", RAW_AGAIN: "raw loop again (A/A)"}.get(mode, f"%%qwen {mode}")
         rows.append((
-            f"%%qwen {label}: wall / CPU / round trip, IOPub msgs",
+            f"{label}: wall / CPU / round trip, IOPub msgs",
             f"{m['wall_ms_median']:.0f} ms / {m['cpu_ms_median']:.0f} ms / {m['round_trip_ms_median']:.0f} ms, "
             f"{m['iopub_messages_median']:.0f}",
         ))
@@ -223,7 +231,8 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str]]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated; the first is the target's")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                        help=f"comma-separated, of {', '.join(MODES)}, {RAW_AGAIN}; the first is the target's")
     args = parser.parse_args(argv)
     result = {"environment": environment(), **run(args.rounds, tuple(args.modes.split(",")))}
     print_rows("Streaming overhead (one kernel, 2,000 frames)", summary(result))
