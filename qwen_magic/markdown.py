@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from markdown_it import MarkdownIt
 
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+_FENCE_MARKS = ("```", "~~~")
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,7 +51,8 @@ class BlockSplitter:
     so a view renders each of them once and only the open block is re-rendered. For the
     usual shapes of an answer the blocks render as the whole text does, and the durable output
     reuses them. Where they may not, it is rendered whole: a link reference definition
-    anywhere in the text, or a fence the splitter left to a list item (``renders_as_whole``).
+    anywhere in the text, or what ``renders_as_whole`` looks for (a fence left to a list
+    item, a tab, a line of spaces alone).
     """
 
     def __init__(self) -> None:
@@ -60,8 +62,9 @@ class BlockSplitter:
         self._holds_list = False  # a list item began in the block
         self._item_content = 0  # the column where the last list item's text begins
         self._fence: str | None = None  # the opening fence while inside a code block
-        # False once a fence met inside a list item was left to the item (not followed): the
-        # blocks may then render differently from the whole text, which must be rendered whole.
+        # False once the text holds what blocks may render differently from the whole text
+        # (which must then be rendered whole): a fence left to a list item, a tab, a line of
+        # spaces alone.
         self.renders_as_whole = True
 
     def feed(self, delta: str) -> list[str]:
@@ -96,6 +99,11 @@ class BlockSplitter:
         self._blank_lines = 0
 
     def _take_line(self, line: str, finished: list[str]) -> None:
+        if "\t" in line or (line and not line.strip()):
+            # Tabs (their width depends on the column) and lines of spaces alone (kept inside
+            # indented code, and a block keeps its blank lines as empty ones) may render
+            # differently in blocks.
+            self.renders_as_whole = False
         if self._fence is None and not line.strip():
             if self._block_lines:
                 self._blank_lines += 1
@@ -109,9 +117,11 @@ class BlockSplitter:
             # fences outside lists are followed (blank lines in an item never split anyway).
             if fence and (not self._holds_list or fence.start(1) < self._item_content):
                 self._fence = fence.group(1)
-            elif fence:
+            elif fence or line.lstrip().startswith(_FENCE_MARKS):  # left to a list item, or indented
                 self.renders_as_whole = False
             elif item:
+                if line[item.end():].lstrip().startswith(_FENCE_MARKS):  # an item that opens with one
+                    self.renders_as_whole = False
                 self._holds_list = True
                 self._item_content = item.end() + (1 if item.end() == len(line) else 0)
         elif fence and fence.group(1)[0] == self._fence[0] and len(fence.group(1)) >= len(self._fence):

@@ -205,6 +205,43 @@ def test_odd_documents_render_in_blocks_as_whole_unless_the_splitter_says_otherw
     assert reused > 50
     spanning = "See [ref] here.\n\n[ref]: http://example.com"
     assert _rendered_in_blocks(spanning, rng) != render_markdown(spanning)
+
+
+_LINES = ["text", "- item", "* star", "1. one", "2) two", "```", "~~~", "```py", "> quote", ">", "# head", "===",
+          "---", "| a | b |", "|---|---|", "<div>", "", "", "", "-", "1.", "\\", "*em*", "    ", "\t"]
+_INDENTS = ["", "", "", " ", "  ", "   ", "    ", "     ", "\t", "  \t", "      "]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_lines_render_in_blocks_as_whole_unless_the_splitter_says_otherwise(seed: int) -> None:
+    # Harsher than answers: any line, any indent. Where renders_as_whole stays True (and no
+    # reference definition is in the text), the blocks must render as the whole text.
+    rng = random.Random(seed)
+    reused = 0
+    for _ in range(100):
+        text = "\n".join(rng.choice(_INDENTS) + rng.choice(_LINES) for _ in range(rng.randint(2, 14)))
+        splitter = BlockSplitter()
+        in_blocks = _rendered_in_blocks(text, rng, splitter)
+        if "]:" not in text and splitter.renders_as_whole:
+            assert in_blocks == render_markdown(text), text
+            reused += 1
+    assert reused >= 3  # the check above ran on some documents
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1. x\n   ```\n   code\n\n   more\n   ```\n",  # a fence inside a list item
+        "- a\n\n      ```\n      code\n",  # one indented past what the splitter follows
+        "- ```\n  code\n  ```\n",  # an item that opens with one
+        "a\tb\n",  # a tab
+        "    code\n      \n    more\n",  # a line of spaces alone
+    ],
+)
+def test_the_splitter_says_where_blocks_may_not_render_as_the_whole(text: str) -> None:
     splitter = BlockSplitter()
-    splitter.feed("1. x\n   ```\n   code\n\n   more\n   ```\n")
+    splitter.feed(text)
     assert not splitter.renders_as_whole
+    plain = BlockSplitter()
+    plain.feed("# Title\n\nA paragraph.\n\n- a\n- b\n\n```\ncode\n```\n")
+    assert plain.renders_as_whole
