@@ -40,6 +40,7 @@ NAME = "streaming"
 FRAMES = 2000
 TARGET_RATIO = 1.10
 MODES = ("auto", "markdown", "text")
+SETTLE_SECONDS = 0.05
 # A candidate that is the raw loop itself: its ratio is the machine's noise (A/A).
 RAW_AGAIN = "raw-again"
 DEFAULT_MODES = (*MODES, RAW_AGAIN)
@@ -115,6 +116,10 @@ def run(rounds: int = 40, modes: tuple[str, ...] = DEFAULT_MODES) -> dict[str, A
 
             def once(variant: str) -> None:
                 gateway.script(reply)
+                # Every run starts on a quiet machine: without a pause, a run that comes right
+                # after a short one competes with the tail of its work (the gateway's, the
+                # kernel's IOPub thread's), and which runs do depends on the order.
+                time.sleep(SETTLE_SECONDS)
                 started = time.perf_counter()
                 # One cell id for every %%qwen run: re-running one cell replaces its turn, so the
                 # chat never grows and every request carries the question alone.
