@@ -2,9 +2,11 @@
 
 * ``WidgetView`` (Jupyter): a box of HTML widgets. Finished Markdown blocks are rendered
   once into a widget that is never touched again; only the open block is re-rendered.
-  Updates are coalesced to a message budget (~16 messages a second, the last update
-  always sent). At the end the box is replaced, under the same display id, by a plain
-  ``text/markdown`` + ``text/html`` output, so a saved notebook needs no widget state.
+  Updates are coalesced to a message budget (~16 messages a second) and sent from the
+  session's timer thread; the stream only hands text over. At the end the box is replaced,
+  under the same display id, by a plain ``text/markdown`` + ``text/html`` output (its HTML
+  built from the blocks already rendered where that is the same), so a saved notebook needs
+  no widget state; the box and its open block go back to the session's pool, emptied.
 * ``MarkdownView``: the same durable output, updated in place without widgets.
 * ``TerminalView``: text printed as it comes, then the footer.
 """
