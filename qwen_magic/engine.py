@@ -89,6 +89,8 @@ class _Ticker:
     # Often enough that the views' paced updates (one message per 60 ms at most) go out on
     # time: the stream only hands text over, the updates are sent from here.
     PERIOD = 0.02
+    # A first text that comes sooner is shown without a waiting line flashing before it.
+    WAIT_SHOWN_AFTER = 0.1
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # held while the view is ticked: release() waits for it
@@ -137,7 +139,10 @@ class _Ticker:
         view.tick()
         if self.text_started:
             return
-        second = int(time.monotonic() - self._since)
+        waited = time.monotonic() - self._since
+        if waited < self.WAIT_SHOWN_AFTER:
+            return
+        second = int(waited)
         if second != self._shown_second:
             self._shown_second = second
             view.waiting(f"Waiting for {self._model}… {second} s")

@@ -30,6 +30,9 @@ def test_one_thread_ticks_each_view_in_turn_and_stops_when_released() -> None:
     first = RecordingView()
     ticker.watch(first, "qwen-plus", time.monotonic())
     assert first.ticked.wait(2)
+    deadline = time.monotonic() + 2
+    while not first.waits and time.monotonic() < deadline:  # the waiting line comes after 0.1 s
+        time.sleep(0.01)
     thread = ticker._thread
     ticker.release()
     ticks = first.ticks
@@ -58,3 +61,19 @@ def test_a_view_that_fails_is_dropped_and_the_thread_lives_on() -> None:
     assert healthy.ticked.wait(2)
     assert ticker._thread is thread
     ticker.close()
+
+
+def test_the_wait_is_not_shown_before_a_tenth_of_a_second() -> None:
+    ticker = _Ticker()
+    view = RecordingView()
+    started = time.monotonic()
+    ticker.watch(view, "qwen-plus", started)
+    assert view.ticked.wait(2)
+    first_tick = time.monotonic()
+    deadline = first_tick + 2
+    while not view.waits and time.monotonic() < deadline:
+        time.sleep(0.005)
+    shown_after = time.monotonic() - started
+    ticker.close()
+    assert first_tick - started < _Ticker.WAIT_SHOWN_AFTER  # ticked before, without a waiting line
+    assert view.waits == ["Waiting for qwen-plus… 0 s"] and shown_after >= _Ticker.WAIT_SHOWN_AFTER
