@@ -250,8 +250,8 @@ class WidgetView:
 
         Blocks render as the whole text does (tests/test_markdown.py checks it) except where a
         link reference definition (``[label]: url``) reaches across them, or where the splitter
-        says it guessed (a fence inside a list item): then ``None``, and the answer is rendered
-        whole. So is an answer not in Markdown.
+        says they may not (``BlockSplitter.renders_as_whole``): then ``None``, and the answer is
+        rendered whole. So is an answer not in Markdown.
         """
         if result.format not in ("markdown", "code") or self._render is not render_markdown or "]:" in result.text:
             return None
@@ -491,6 +491,7 @@ class TerminalView:
             self.tick()
 
     def text_sink(self) -> Callable[[str], None]:
+        # add_text heads the answer after thinking; the engine calls it for the first text.
         return self.add_text if not self._answer_started else self._unread.append
 
     def tick(self) -> None:
