@@ -150,9 +150,16 @@ class ReasoningDelta(NamedTuple):
     text: str
 
 
-# An event is new answer text (a plain ``str``: one comes per frame, and wrapping each in
-# an object would cost more than everything else done with it) or new thinking text.
-Event = Union[str, ReasoningDelta]
+class AnswerStarted(NamedTuple):
+    """The answer's first text is in ``CallState.answer``.
+
+    The rest of the answer is appended there with no event: a frame comes every few
+    microseconds at full speed, and handing each piece over costs more than the piece.
+    """
+
+
+ANSWER_STARTED = AnswerStarted()
+Event = Union[ReasoningDelta, AnswerStarted]
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,9 @@ class CallState:
     raw_search_info: Any = None
     request_id: str | None = None
     finish_reason: str | None = None
+    # The answer as it came, a piece per frame: the stream appends, the views read (a list's
+    # append and its slices are safe across threads).
+    answer: list[str] = field(default_factory=list)
 
     @property
     def usage(self) -> Usage:
@@ -231,6 +241,25 @@ def redact(text: str, secret: str | None) -> str:
             if form:
                 text = text.replace(form, mask_key(secret.strip()))
     return _BEARER.sub(lambda match: match.group(1) + "…", text)
+
+
+def _read_last_frame(state: CallState, frame: Any, choice: Any) -> None:
+    """Keep what the last frame read says of the whole call.
+
+    Native frames each carry the running usage and the request id; the compatible mode sends
+    its usage in a last frame of its own, after the one with the finish reason (``choice``,
+    the last choice read). ``"null"`` is the native protocol's "not finished".
+    """
+    if frame is None:
+        return
+    if state.request_id is None:
+        state.request_id = frame.request_id
+    if frame.usage is not None:
+        state.raw_usage = frame.usage
+    if frame.search_info is not None:
+        state.raw_search_info = frame.search_info
+    if choice is not None and choice.finish_reason and choice.finish_reason != "null":
+        state.finish_reason = choice.finish_reason
 
 
 class QwenClient:
@@ -305,13 +334,14 @@ class QwenClient:
         sleep: Callable[[float], None] = time.sleep,
         sdk: "dashscope.Client | None" = None,
     ) -> Iterator[Event]:
-        """Yield the answer's events; raise ``QwenAPIError`` for any failure.
+        """Read the answer into ``state.answer``; yield the thinking and the answer's start.
 
-        A rate limit or server error that comes before anything was shown is retried as
-        ``retry`` allows (``on_retry`` is told first); once text has been shown, never.
-        ``state`` is filled as frames arrive, so a caller that stops early (an interrupt)
-        or catches an error still has the usage and request id seen so far. ``sdk`` is the
-        client ``sdk_client(connection)`` gave, when the caller has it already.
+        Raise ``QwenAPIError`` for any failure. A rate limit or server error that comes before
+        anything was shown is retried as ``retry`` allows (``on_retry`` is told first); once
+        text has been shown, never. ``state`` is filled as frames arrive, so a caller that
+        stops early (an interrupt) or catches an error still has the text, usage and request id
+        seen so far. ``sdk`` is the client ``sdk_client(connection)`` gave, when the caller has
+        it already.
         """
         client = sdk or self.sdk_client(connection)
         attempt = 0
@@ -321,19 +351,17 @@ class QwenClient:
                 if not request.stream:
                     yield from self._whole_answer(client, request, state)
                     return
-                # The frame loop is written out here, not in a generator of its own: it runs
-                # once per frame, and each layer of generators costs on every frame.
                 frames = self._create(client, request, stream=True)
+                # The frame loop is written out here, not in generators of its own: it runs once
+                # per frame, and every layer, call or attribute read costs on every frame. Both
+                # loops read one iterator (a second iter() of the SDK's stream would start over).
+                reader = iter(frames)
+                last = choice = None
                 try:
-                    for chunk in frames:
-                        # Keep references, convert nothing until the end.
-                        if state.request_id is None:
-                            state.request_id = chunk.request_id
-                        if chunk.usage is not None:
-                            state.raw_usage = chunk.usage
-                        if chunk.search_info is not None:
-                            state.raw_search_info = chunk.search_info
-                        choices = chunk.choices
+                    for last in reader:  # until the answer's first text: thinking, search results
+                        if last.search_info is not None:
+                            state.raw_search_info = last.search_info
+                        choices = last.choices
                         if not choices:
                             continue
                         choice = choices[0]
@@ -344,12 +372,26 @@ class QwenClient:
                             yield ReasoningDelta(thought)
                         if text:
                             shown = True
-                            yield text
-                        finish_reason = choice.finish_reason
-                        if finish_reason and finish_reason != "null":
-                            state.finish_reason = finish_reason
+                            state.answer.append(text)
+                            yield ANSWER_STARTED
+                            break
+                    # The answer: as little per frame as a bare loop that joins the text. The
+                    # facts every frame repeats (usage, request id, finish reason) are read from
+                    # the last frame once the loop ends, however it ends.
+                    keep = state.answer.append
+                    for last in reader:
+                        choices = last.choices
+                        if choices:
+                            choice = choices[0]
+                            delta = choice.delta
+                            text = delta.content
+                            if text:
+                                keep(text)
+                            elif delta.reasoning_content:
+                                yield ReasoningDelta(delta.reasoning_content)
                 finally:
                     frames.close()
+                    _read_last_frame(state, last, choice)
                 if state.finish_reason is None:
                     raise QwenAPIError(
                         "StreamCut", "the stream ended before the answer was finished", request_id=state.request_id
@@ -388,7 +430,8 @@ class QwenClient:
             if choice.message.reasoning_content:
                 yield ReasoningDelta(choice.message.reasoning_content)
             if choice.message.content:
-                yield choice.message.content
+                state.answer.append(choice.message.content)
+                yield ANSWER_STARTED
         else:
             state.finish_reason = "stop"
 

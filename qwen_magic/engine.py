@@ -26,6 +26,7 @@ from .client import (
     Connection,
     QwenAPIError,
     QwenClient,
+    ReasoningDelta,
     Usage,
 )
 from .conversation import Chat, Turn, Window, fit_window, messages_for
@@ -430,7 +431,6 @@ class QwenSession:
     ) -> tuple[QwenResult, QwenAPIError | None]:
         """Drive the view from the stream; an interrupt or a failure keeps the partial text."""
         state = CallState()
-        text: list[str] = []
         reasoning: list[str] = []
         started = time.monotonic()
         first_text_after: float | None = None
@@ -446,32 +446,24 @@ class QwenSession:
         ticker.watch(view, request.model, started)
         events = self.client.stream(connection, request, state, retry=retry, on_retry=on_retry, sdk=sdk)
         try:
-            for event in events:  # until the first answer text, which is shown at once
-                if type(event) is str:
-                    first_text_after = time.monotonic() - started
-                    ticker.text_started = True
-                    text.append(event)
-                    view.add_text(event)
-                    break
-                reasoning.append(event.text)
-                view.add_reasoning(event.text)
-            # The rest runs once per frame: keep the text and hand it to the view, nothing
-            # more (the timer thread shows it); the methods are looked up once, before.
-            keep_text, show_text = text.append, view.text_sink()
+            # Events are few: the thinking, and the answer's start. The answer itself goes into
+            # state.answer, where the view reads it (at once, then on the timer thread's ticks).
             for event in events:
-                if type(event) is str:
-                    keep_text(event)
-                    show_text(event)
-                else:
+                if type(event) is ReasoningDelta:
                     reasoning.append(event.text)
                     view.add_reasoning(event.text)
+                else:
+                    first_text_after = time.monotonic() - started
+                    ticker.text_started = True
+                    view.show_answer(state.answer)
         except KeyboardInterrupt:
             status = INTERRUPTED
         except QwenAPIError as error:
             status, failure = FAILED, error
         finally:
+            events.close()  # an interrupt outside the stream's own code: it still reads its last frame
             ticker.release()
-        answer, thought = "".join(text), "".join(reasoning)
+        answer, thought = "".join(state.answer), "".join(reasoning)
         usage = state.usage
         if status != COMPLETE and (answer or thought or state.request_id) and not usage.input_tokens:
             # Cut off before the server reported usage (compatible mode reports it last): it

@@ -39,12 +39,12 @@ class View(Protocol):
     def waiting(self, text: str) -> None:
         """Before the first text: say what is being waited for (called from a timer thread)."""
 
-    def add_text(self, delta: str) -> None:
-        """New answer text, shown at once if an update is due (the first text is)."""
+    def show_answer(self, answer: list[str]) -> None:
+        """The answer has begun: ``answer`` holds its text so far, and the stream appends to it.
 
-    def text_sink(self) -> Callable[[str], None]:
-        """What the stream calls with each later delta: it only keeps the text (it runs once
-        per frame, so it must cost next to nothing); ``tick`` shows it."""
+        The first text is shown at once; ``tick`` shows what is appended later (the stream only
+        appends, once per frame, so nothing is done per frame for the view).
+        """
 
     def add_reasoning(self, delta: str) -> None: ...
 
@@ -83,6 +83,26 @@ def durable_bundle(
 def _drain(pending: "deque[str]") -> str:
     """Everything appended so far, removed; appends from the stream may go on meanwhile."""
     return "".join([pending.popleft() for _ in range(len(pending))])
+
+
+class _AnswerReader:
+    """Reads what the stream appended to the answer since the last read (from any thread)."""
+
+    __slots__ = ("answer", "read")
+
+    def __init__(self) -> None:
+        self.answer: list[str] = []
+        self.read = 0  # pieces read so far
+
+    def __bool__(self) -> bool:
+        """Something is left to read."""
+        return len(self.answer) > self.read
+
+    def take(self) -> str:
+        end = len(self.answer)  # the stream may append meanwhile: read up to here
+        new = "".join(self.answer[self.read:end])
+        self.read = end
+        return new
 
 
 class _Pacer:
@@ -210,12 +230,12 @@ class WidgetView:
         self._splitter = BlockSplitter()
         self._fed = 0  # characters fed to the splitter
         self._frozen_html: list[str] = []  # the frozen blocks' HTML, in order
-        # Deltas not yet fed to the splitter. The stream appends without the lock (once per
-        # frame, it must be cheap); whoever updates drains it under the lock.
-        self._unread: deque[str] = deque()
+        # The answer's text not yet fed to the splitter. The stream appends without the lock;
+        # whoever updates reads it under the lock.
+        self._unread = _AnswerReader()
         self._pacer = _Pacer(clock)
         self._has_text = False
-        # The timer thread's tick() and the stream's add_text() both update.
+        # The timer thread's tick() and the stream's show_answer() both update.
         self._lock = threading.Lock()
         self._notices: list[str] = []
 
@@ -255,7 +275,7 @@ class WidgetView:
         """
         if result.format not in ("markdown", "code") or self._render is not render_markdown or "]:" in result.text:
             return None
-        rest = _drain(self._unread)
+        rest = self._unread.take()
         if self._fed + len(rest) != len(result.text):  # not the text this view was given
             return None
         tail = [*self._splitter.feed(rest), self._splitter.open_block]
@@ -305,13 +325,9 @@ class WidgetView:
             self._reasoning_widget.value = html
             self._pacer.spent(1)
 
-    def add_text(self, delta: str) -> None:
-        self._unread.append(delta)
-        if self._pacer.due():
-            self.tick()
-
-    def text_sink(self) -> Callable[[str], None]:
-        return self._unread.append
+    def show_answer(self, answer: list[str]) -> None:
+        self._unread.answer = answer
+        self.tick()
 
     def tick(self) -> None:
         with self._lock:
@@ -328,7 +344,7 @@ class WidgetView:
                 self._show_reasoning(opened=True)
 
     def _flush(self) -> None:
-        delta = _drain(self._unread)
+        delta = self._unread.take()
         self._fed += len(delta)
         finished = self._splitter.feed(delta)
         messages = self._freeze("\n\n".join(finished)) if finished else 0
@@ -398,7 +414,7 @@ class MarkdownView:
         self._display = display
         self._handle: Any = None  # the output, displayed with its first content
         self._text = ""  # the answer in the output so far
-        self._unread: deque[str] = deque()  # appended by the stream without the lock
+        self._unread = _AnswerReader()  # appended to by the stream without the lock
         self._pacer = _Pacer(clock, self.UPDATE_INTERVAL)
         self._lock = threading.Lock()
 
@@ -419,24 +435,18 @@ class MarkdownView:
     def add_reasoning(self, delta: str) -> None:
         """Reasoning is kept in the result; the live view shows the answer only."""
 
-    def add_text(self, delta: str) -> None:
-        self._unread.append(delta)
-        if self._pacer.due():
-            self.tick()
-
-    def text_sink(self) -> Callable[[str], None]:
-        return self._unread.append
+    def show_answer(self, answer: list[str]) -> None:
+        self._unread.answer = answer
+        self.tick()
 
     def tick(self) -> None:
         with self._lock:
             if self._unread and self._pacer.due():
-                self._text += _drain(self._unread)
+                self._text += self._unread.take()
                 self._show({"text/markdown": self._text, "text/html": self._render(self._text)})
                 self._pacer.spent()
 
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
-        with self._lock:
-            self._unread.clear()
         bundle, metadata = durable_bundle(result, record)
         self._show(bundle, metadata=metadata)
 
@@ -454,10 +464,12 @@ class TerminalView:
         self._stream = stream
         self._ends_with_newline = True
         self._pacer = _Pacer(clock)
-        self._unread: deque[str] = deque()  # appended by the stream without the lock
+        # Both added to by the stream without the lock: the thinking (and the headings), then
+        # the answer.
+        self._thinking: deque[str] = deque()
+        self._unread = _AnswerReader()
         self._lock = threading.Lock()  # the timer thread's tick() writes too
         self._thinking_shown = False
-        self._answer_started = False
 
     @property
     def _out(self) -> TextIO:
@@ -476,31 +488,24 @@ class TerminalView:
         """Thinking is printed as it comes, under a heading, before the answer."""
         if not self._thinking_shown:
             self._thinking_shown = True
-            self._unread.append("[thinking]\n")
-        self._unread.append(delta)
+            self._thinking.append("[thinking]\n")
+        self._thinking.append(delta)
         if self._pacer.due():
             self.tick()
 
-    def add_text(self, delta: str) -> None:
-        if not self._answer_started:
-            self._answer_started = True
-            if self._thinking_shown:
-                self._unread.append("\n[answer]\n")
-        self._unread.append(delta)
-        if self._pacer.due():
-            self.tick()
-
-    def text_sink(self) -> Callable[[str], None]:
-        # add_text heads the answer after thinking; the engine calls it for the first text.
-        return self.add_text if not self._answer_started else self._unread.append
+    def show_answer(self, answer: list[str]) -> None:
+        if self._thinking_shown:
+            self._thinking.append("\n[answer]\n")
+        self._unread.answer = answer
+        self.tick()
 
     def tick(self) -> None:
         with self._lock:
-            if self._unread and self._pacer.due():
+            if (self._thinking or self._unread) and self._pacer.due():
                 self._write(flush=not _sends_itself(self._out))
 
     def _write(self, *, flush: bool) -> None:
-        text = _drain(self._unread)
+        text = _drain(self._thinking) + self._unread.take()
         if text:
             self._out.write(text)
             self._ends_with_newline = text.endswith("\n")

@@ -331,27 +331,55 @@ def test_a_new_kernels_first_turn_sets_the_stored_chat_aside_not_mixed(shell, ga
 
 
 def test_an_interrupt_between_frames_keeps_the_servers_usage_and_request_id(shell, gateway: Gateway, monkeypatch) -> None:
-    from qwen_magic import view
+    from qwen_magic.client import QwenClient
 
     gateway.script(Reply(chunks=[f"w{n} " for n in range(40)], usage={"input_tokens": 77, "output_tokens": 40}))
-    handed_over: list[str] = []
-    text_sink = view.TerminalView.text_sink
+    create = QwenClient._create
 
-    def interrupted_at_the_tenth_frame(self):
-        keep = text_sink(self)
+    class InterruptedAfterTenFrames:
+        """The SDK's stream, with Ctrl-C landing as the eleventh frame is read."""
 
-        def sink(delta: str) -> None:
-            handed_over.append(delta)
-            if len(handed_over) == 9:  # the tenth frame (the first is shown at once, not sunk)
-                raise KeyboardInterrupt  # Ctrl-C lands in the cell's own loop, not in the SDK's read
-            keep(delta)
+        def __init__(self, frames) -> None:
+            self.frames = frames
 
-        return sink
+        def __iter__(self):
+            for number, frame in enumerate(self.frames, 1):
+                if number == 11:
+                    raise KeyboardInterrupt
+                yield frame
 
-    monkeypatch.setattr(view.TerminalView, "text_sink", interrupted_at_the_tenth_frame)
+        def close(self) -> None:
+            self.frames.close()
+
+    monkeypatch.setattr(QwenClient, "_create", staticmethod(
+        lambda client, request, *, stream: InterruptedAfterTenFrames(create(client, request, stream=stream))
+    ))
     assert not run(shell, "%%qwen -o answer\nHi").success
     answer = shell.user_ns["answer"]
     assert answer.status == "interrupted" and answer.text == "".join(f"w{n} " for n in range(10))
     # The server's running usage from the last frame read, not a local estimate.
     assert answer.usage.input_tokens == 77 and 0 < answer.usage.output_tokens < 40
     assert answer.request_id
+
+
+def test_an_interrupt_outside_the_streams_code_keeps_the_servers_usage(shell, gateway: Gateway, monkeypatch) -> None:
+    from qwen_magic import view
+
+    gateway.script(Reply(reasoning="thinking it over " * 6, chunk_size=8, text="Answer.",
+                         usage={"input_tokens": 55, "output_tokens": 30}))
+    add_reasoning = view.TerminalView.add_reasoning
+    seen: list[str] = []
+
+    def interrupted_at_the_fourth_delta(self, delta: str) -> None:
+        seen.append(delta)
+        if len(seen) == 4:
+            raise KeyboardInterrupt  # lands in the cell's code, between two frames of thinking
+        add_reasoning(self, delta)
+
+    monkeypatch.setattr(view.TerminalView, "add_reasoning", interrupted_at_the_fourth_delta)
+    assert not run(shell, "%%qwen -o answer\nHi").success
+    answer = shell.user_ns["answer"]
+    assert answer.status == "interrupted" and answer.text == ""
+    assert answer.reasoning == "".join(seen)  # kept as it came, shown or not
+    # The server's usage from the last frame read: the stream was closed, not dropped.
+    assert answer.usage.input_tokens == 55 and 0 < answer.usage.output_tokens < 30 and answer.request_id

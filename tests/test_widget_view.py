@@ -112,13 +112,14 @@ def test_the_durable_output_is_the_whole_answer_rendered_reusing_the_live_blocks
     monkeypatch.setattr(formats, "render_markdown", lambda t: rendered_whole.append(t) or render_markdown(t))
     pool, output = WidgetPool(), _Output()
     view = WidgetView(output, pool=pool)
-    view.add_text(text[:5])
-    sink = view.text_sink()
-    for start in range(5, len(text), 7):
-        sink(text[start : start + 7])
+    answer = [text[:5]]
+    view.show_answer(answer)
+    pieces = [text[start : start + 7] for start in range(5, len(text), 7)]
+    for piece in pieces[:-1]:
+        answer.append(piece)
         view._pacer._next = 0.0  # an update is due at every tick
         view.tick()
-    sink("")  # a last delta the timer never showed is still in the durable output
+    answer.append(pieces[-1])  # a last piece the timer never showed is still in the durable output
     result = QwenResult(text=text, model="qwen-plus", usage=Usage(input_tokens=3, output_tokens=30))
     view.finish(result, {"text": text})
     rendered_whole_at_the_end = rendered_whole.count(text)
