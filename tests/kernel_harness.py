@@ -97,12 +97,12 @@ class Execution:
 class KernelSession:
     """One kernel process for a test module; ``execute`` runs a cell in it."""
 
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        self.manager = KernelManager(kernel_name="python3")
+    def __init__(self, env: dict[str, str], cwd: Path, *, kernel_name: str = "python3", ready_timeout: float = 60) -> None:
+        self.manager = KernelManager(kernel_name=kernel_name)
         self.manager.start_kernel(env=env, cwd=str(cwd))
         self.client = self.manager.client()
         self.client.start_channels()
-        self.client.wait_for_ready(timeout=60)
+        self.client.wait_for_ready(timeout=ready_timeout)
         # Messages that arrived while another request was being collected.
         self._replies: dict[str, dict[str, Any]] = {}
         self._iopub: dict[str, list[dict[str, Any]]] = {}
