@@ -13,7 +13,7 @@ The timer thread's paced updates are left out (its period is set to an hour): un
 the clock runs ~50x too fast for the code, so they would come ~50x too often. Natively an
 answer of this benchmark gets 0 or 1 of them, each ~1-2 ms of the kernel's CPU.
 
-    python benchmarks/bench_instructions.py [--rounds 5] [--modes auto,text]
+    python benchmarks/bench_instructions.py [--rounds 5] [--modes auto,markdown,text]
 
 Needs valgrind (``apt-get install valgrind``); without it, says so and counts nothing.
 """
@@ -48,7 +48,7 @@ from benchmarks.bench_streaming import FRAMES, QWEN_CELL, RAW_CELL, SETUP, answe
 from qwen_magic.gateway import Reply
 
 NAME = "instructions"
-MODES = ("auto", "text")
+MODES = ("auto", "markdown", "text")
 KERNEL_NAME = "qwen-magic-callgrind"
 _TOTALS = re.compile(r"^(?:totals|summary):\s*(\d+)", re.MULTILINE)
 

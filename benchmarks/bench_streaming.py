@@ -6,7 +6,9 @@ with no delays. Baseline: a cell that loops over ``dashscope.Client().chat.compl
 ``%%qwen`` (display ``auto`` = the widget view; also ``markdown`` and ``text``), and the raw
 loop once more as a candidate (``raw-again``: what the machine's noise alone gives). Each cell
 times itself inside the kernel (``perf_counter`` and ``process_time`` around the call), so
-the figures exclude the front end's round trip; the round trip is recorded too.
+the figures exclude the front end's round trip; the round trip is recorded too. Each
+candidate run is paired with a baseline run beside it; the target is judged on the median of
+the pairs' ratios.
 
     python benchmarks/bench_streaming.py [--rounds 120] [--modes auto,markdown,text,raw-again]
 """
@@ -204,7 +206,11 @@ def run(rounds: int = ROUNDS, modes: tuple[str, ...] = DEFAULT_MODES) -> dict[st
             "cpu_ratio": median(cpu[mode]) / median(cpu["raw"]),
             "cpu_ratio_paired_median": median(paired_cpu[mode]),
             "round_trip_ratio": median(round_trip[mode]) / median(round_trip["raw"]),
-            "target_met": ratio <= TARGET_RATIO,
+            # Judged on the paired ratios: each compares two runs a moment apart, so the machine's
+            # slow and fast phases cancel out. The medians of the two whole samples do not: the
+            # raw loop against itself has come out anywhere from 1.01x to 1.09x on them, and
+            # 0.99x-1.01x paired, in the same runs.
+            "target_met": median(paired_wall[mode]) <= TARGET_RATIO,
         }
     result["target_met"] = result["modes"][modes[0]]["target_met"]
     return result
@@ -230,7 +236,7 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str]]:
             "  ratio wall (paired) / CPU (paired)",
             f"{m['wall_ratio']:.2f}x ({m['wall_ratio_paired_median']:.2f}x) / "
             f"{m['cpu_ratio']:.2f}x ({m['cpu_ratio_paired_median']:.2f}x)"
-            + ("" if mode != "auto" else f"  target <= {result['target_ratio']:.2f}x: "
+            + ("" if mode != "auto" else f"  target <= {result['target_ratio']:.2f}x (paired): "
                + ("met" if m["target_met"] else "NOT met")),
         ))
     return rows
