@@ -44,7 +44,7 @@ from benchmarks._common import (
     print_rows,
     write_result,
 )
-from benchmarks.bench_streaming import FRAMES, QWEN_CELL, RAW_CELL, SETUP, answer_chunks
+from benchmarks.bench_streaming import FETCH, FRAMES, QWEN_CELL, RAW_CELL, SETUP, answer_chunks
 from qwen_magic.gateway import Reply
 
 NAME = "instructions"
@@ -107,7 +107,8 @@ def run(rounds: int = 5, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
 
     variants = ("raw", *modes)
     counts: dict[str, list[int]] = {variant: [] for variant in variants}
-    reply = Reply(chunks=answer_chunks(), usage={"input_tokens": 12, "output_tokens": FRAMES})
+    chunks = answer_chunks()
+    reply = Reply(chunks=chunks, usage={"input_tokens": 12, "output_tokens": FRAMES})
     with gateway_process() as gateway, tempfile.TemporaryDirectory(prefix="qwen-bench-") as tmp:
         share, out_dir = Path(tmp) / "share", Path(tmp) / "callgrind"
         out_dir.mkdir()
@@ -140,8 +141,13 @@ def run(rounds: int = 5, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
                 for variant in variants if index % 2 == 0 else variants[::-1]:
                     once(variant)
                     counts[variant].append(counter.dump())
+            fetched = check_ok(kernel.execute(FETCH, timeout=900), "fetch")
         finally:
             kernel.shutdown()
+    line = next(line for line in fetched.stdout.splitlines() if line.startswith("BENCH "))
+    lengths = {row[3] for row in json.loads(line[len("BENCH "):])}
+    if lengths != {len("".join(chunks))}:
+        raise RuntimeError(f"an answer came back incomplete: lengths {lengths}")
 
     raw = median(counts["raw"])
     result: dict[str, Any] = {
