@@ -174,6 +174,12 @@ def running_kernel(tmp: Path, **env: str) -> Iterator[Any]:
         kernel.shutdown()
 
 
+def bench_report(stdout: str) -> Any:
+    """The JSON a benchmark cell or process printed after ``BENCH ``."""
+    line = next(line for line in stdout.splitlines() if line.startswith("BENCH "))
+    return json.loads(line[len("BENCH "):])
+
+
 def check_ok(execution: Any, what: str) -> Any:
     if execution.status != "ok":
         raise RuntimeError(f"{what} failed in the kernel: {execution.error or execution.reply}")

@@ -15,7 +15,6 @@ streams) and the ``text`` view (which sends once, at the end) in ``bench_streami
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ if __package__ in (None, ""):
 
 from benchmarks._common import (
     BENCH_KEY,
+    bench_report,
     check_ok,
     environment,
     gateway_process,
@@ -87,8 +87,7 @@ def run(rounds: int = 40) -> dict[str, Any]:
             check_ok(kernel.execute(SETUP, timeout=60), "setup")
             gateway.script(reply, times=None)
             execution = check_ok(kernel.execute(cell, timeout=900, quiet=True), "the loops")
-    line = next(line for line in execution.stdout.splitlines() if line.startswith("BENCH "))
-    times = {int(n): values for n, values in json.loads(line[len("BENCH "):]).items()}
+    times = {int(n): values for n, values in bench_report(execution.stdout).items()}
     base = times[0]
     result: dict[str, Any] = {
         "benchmark": NAME,

@@ -11,7 +11,7 @@ run to run, so a few rounds settle it.
 
 The timer thread's paced updates are left out (its period is set to an hour): under valgrind
 the clock runs ~50x too fast for the code, so they would come ~50x too often. Natively an
-answer of this benchmark gets 0 or 1 of them, each ~1-2 ms of the kernel's CPU.
+answer of this benchmark gets 1 or 2 of them, ~0.5 ms in all.
 
     python benchmarks/bench_instructions.py [--rounds 5] [--modes auto,markdown,text]
 
@@ -44,7 +44,7 @@ from benchmarks._common import (
     print_rows,
     write_result,
 )
-from benchmarks.bench_streaming import FETCH, FRAMES, QWEN_CELL, RAW_CELL, SETUP, answer_chunks
+from benchmarks.bench_streaming import FETCH, FRAMES, QWEN_CELL, RAW_CELL, SETUP, answer_chunks, fetched_times
 from qwen_magic.gateway import Reply
 
 NAME = "instructions"
@@ -54,15 +54,13 @@ _TOTALS = re.compile(r"^(?:totals|summary):\s*(\d+)", re.MULTILINE)
 
 # The raw loop runs the same %config line as the %%qwen cells, so the difference is the magic's.
 RAW_WITH_CONFIG = 'get_ipython().run_line_magic("config", "QwenMagic.display = \'auto\'")\n' + RAW_CELL
+# No paced updates from the timer thread (see the docstring).
+NO_PACED_UPDATES = "import qwen_magic.engine as _engine\n_engine._Ticker.PERIOD = 3600.0\n"
 
 
 def _spread(counts: list[int]) -> float:
     """Max minus min over the median: how far one cell's count strays."""
     return (max(counts) - min(counts)) / median(counts)
-
-
-# No paced updates from the timer thread (see the docstring).
-NO_PACED_UPDATES = "import qwen_magic.engine as _engine\n_engine._Ticker.PERIOD = 3600.0\n"
 
 
 def available() -> bool:
@@ -144,10 +142,7 @@ def run(rounds: int = 5, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
             fetched = check_ok(kernel.execute(FETCH, timeout=900), "fetch")
         finally:
             kernel.shutdown()
-    line = next(line for line in fetched.stdout.splitlines() if line.startswith("BENCH "))
-    lengths = {row[3] for row in json.loads(line[len("BENCH "):])}
-    if lengths != {len("".join(chunks))}:
-        raise RuntimeError(f"an answer came back incomplete: lengths {lengths}")
+    fetched_times(fetched, len("".join(chunks)))
 
     raw = median(counts["raw"])
     result: dict[str, Any] = {

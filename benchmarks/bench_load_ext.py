@@ -10,7 +10,6 @@ process reports its own ``perf_counter`` timings; the parent times each whole pr
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import REPO, environment, median, print_rows, write_result
+from benchmarks._common import REPO, bench_report, environment, median, print_rows, write_result
 
 NAME = "load_ext"
 TARGET_MS = 150.0
@@ -59,8 +58,7 @@ def _run_one(load: bool, env: dict[str, str]) -> dict[str, Any]:
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"the {'candidate' if load else 'baseline'} process failed:\n{done.stderr}")
-    line = next(line for line in done.stdout.splitlines() if line.startswith("BENCH "))
-    report = json.loads(line[len("BENCH "):])
+    report = bench_report(done.stdout)
     report["wall_s"] = wall
     return report
 
