@@ -203,7 +203,7 @@ class QwenMagic(Magics):
                 options,
                 self.settings(),
                 cell_id=self._cell_id(),
-                cell_label=f"In [{self.shell.execution_count}]",
+                cell_label=f"In [{self._prompt_number()}]",
                 in_kernel=getattr(self.shell, "kernel", None) is not None,
                 display=_display,
                 namespace=self.shell.user_ns,
@@ -233,6 +233,17 @@ class QwenMagic(Magics):
             return str(name)
         # Terminal IPython: one history per working directory.
         return f"ipython:{os.getcwd()}"
+
+    def _prompt_number(self) -> int:
+        """The running cell's prompt number, as the front end shows it (``In [N]``).
+
+        IPython 9 counts a cell before running it and IPython 8 after, so the shell's
+        ``execution_count`` is off by one on one of them; the running cell's own
+        ``ExecutionResult`` holds the number on both.
+        """
+        running = getattr(getattr(self.shell, "displayhook", None), "exec_result", None)
+        number = getattr(running, "execution_count", None)
+        return number if isinstance(number, int) else self.shell.execution_count
 
     def _cell_id(self) -> str | None:
         """The Jupyter cell's id, from the execute request (JupyterLab, Notebook 7)."""
