@@ -20,6 +20,12 @@ pytestmark = pytest.mark.kernel
 COMMAND = shutil.which("qwen-magic") or "qwen-magic"
 
 
+
+def _ctrl_c_reaches_it() -> None:
+    """In the child: Ctrl-C handled as a terminal would, even when the tests run in a
+    background job (which starts with SIGINT ignored, and Python then never raises it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 def demo_env(tmp_path: Path) -> dict[str, str]:
     """No key anywhere (so the demo goes offline), and Jupyter's folders in tmp_path."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DASHSCOPE_", "QWEN_MAGIC_", "JPY_", "JUPYTER"))}
@@ -67,7 +73,8 @@ def _listening(port: int) -> bool:
 def test_demo_opens_jupyterlab_offline_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     port = _free_port()
     demo = subprocess.Popen([COMMAND, "demo", "--no-browser", "--port", str(port), "--out", str(tmp_path / "demo")],
-                            env=demo_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=demo_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_ctrl_c_reaches_it)
     lines: list[str] = []
     try:
         assert demo.stdout is not None
@@ -112,7 +119,8 @@ def test_the_gateway_command_serves_the_sdk_until_ctrl_c(tmp_path: Path) -> None
 
     port = _free_port()
     server = subprocess.Popen([COMMAND, "gateway", "--port", str(port)], env=demo_env(tmp_path),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=_ctrl_c_reaches_it)
     try:
         assert server.stdout is not None
         banner = server.stdout.readline()
