@@ -248,7 +248,10 @@ def dashscope_root_for(base_url: str, protocol: str) -> str:
     wanted = _DASHSCOPE_ROOTS.get(protocol)
     if wanted is None:
         return base_url
-    parts = urlsplit(base_url)
+    try:
+        parts = urlsplit(base_url)
+    except ValueError:  # not a URL: left for the request to report
+        return base_url
     path = parts.path.rstrip("/")
     for root in _DASHSCOPE_ROOTS.values():
         if root != wanted and path.endswith(root):
@@ -306,8 +309,7 @@ def _read_last_frame(state: CallState, frame: Any, choice: Any) -> None:
 
     Native frames each carry the running usage and the request id; the compatible mode sends
     its usage in a last frame of its own, after the one with the finish reason (``choice``,
-    the last choice read). ``"null"`` is the native protocol's "not finished". Sources are kept
-    from here only if no earlier frame had any.
+    the last choice read). ``"null"`` is the native protocol's "not finished".
     """
     if frame is None:
         return
@@ -315,7 +317,6 @@ def _read_last_frame(state: CallState, frame: Any, choice: Any) -> None:
         state.request_id = frame.request_id
     if frame.usage is not None:
         state.raw_usage = frame.usage
-    _keep_sources(state, frame.search_info)
     if choice is not None and choice.finish_reason and choice.finish_reason != "null":
         state.finish_reason = choice.finish_reason
 
@@ -440,9 +441,13 @@ class QwenClient:
                             break
                     # The answer: as little per frame as a bare loop that joins the text. The
                     # facts every frame repeats (usage, request id, finish reason) are read from
-                    # the last frame once the loop ends, however it ends.
+                    # the last frame once the loop ends, however it ends; the sources are not
+                    # repeated (later frames carry an empty list), so they are read as they come.
                     keep = state.answer.append
                     for last in reader:
+                        # Sources come in the first frame; this only catches a later first list.
+                        if last.search_info is not None and state.raw_search_info is None:
+                            _keep_sources(state, last.search_info)
                         choices = last.choices
                         if choices:
                             choice = choices[0]
