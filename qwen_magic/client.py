@@ -16,6 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Union
+from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:  # pragma: no cover
     import dashscope
@@ -117,12 +118,18 @@ class QwenAPIError(Exception):
 
 @dataclass(frozen=True)
 class Usage:
-    """Token figures of one call; the server's, once it sends them."""
+    """Token figures of one call; the server's, once it sends them.
+
+    ``cached_tokens`` (read from the context cache) and ``cache_creation_tokens`` (written to
+    it) are part of ``input_tokens``; ``searches`` counts the web searches the call made.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
     cached_tokens: int = 0
+    cache_creation_tokens: int = 0
+    searches: int = 0
 
     @classmethod
     def from_sdk(cls, usage: Any) -> "Usage":
@@ -130,18 +137,34 @@ class Usage:
         if usage is None:
             return cls()
         data = usage.model_dump() if hasattr(usage, "model_dump") else dict(usage)
-        output_details = data.get("output_tokens_details") or data.get("completion_tokens_details")
-        input_details = data.get("prompt_tokens_details") or data.get("input_tokens_details")
+        output_details = _mapping(data.get("output_tokens_details") or data.get("completion_tokens_details"))
+        input_details = _mapping(data.get("prompt_tokens_details") or data.get("input_tokens_details"))
+        search = _mapping(_mapping(data.get("plugins")).get("search"))
         return cls(
-            input_tokens=int(data.get("input_tokens") or data.get("prompt_tokens") or 0),
-            output_tokens=int(data.get("output_tokens") or data.get("completion_tokens") or 0),
-            reasoning_tokens=int((output_details or {}).get("reasoning_tokens") or 0),
-            cached_tokens=int((input_details or {}).get("cached_tokens") or 0),
+            input_tokens=_count(data.get("input_tokens") or data.get("prompt_tokens")),
+            output_tokens=_count(data.get("output_tokens") or data.get("completion_tokens")),
+            reasoning_tokens=_count(output_details.get("reasoning_tokens")),
+            # Most models report cache reads in the details; some vision models at the top.
+            cached_tokens=_count(input_details.get("cached_tokens") or data.get("cached_tokens")),
+            cache_creation_tokens=_count(input_details.get("cache_creation_input_tokens")),
+            searches=_count(search.get("count")),
         )
 
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _count(value: Any) -> int:
+    """A token count from the server: a missing or malformed figure counts as none."""
+    try:
+        return max(int(value or 0), 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 class ReasoningDelta(NamedTuple):
@@ -206,6 +229,34 @@ class Connection:
     base_url: str | None = None
     protocol: str = "native"
     timeout: float | None = None
+    # The cell's own --base-url is used as written; a configured DashScope root (the trait,
+    # DASHSCOPE_BASE_URL, config.toml) follows the protocol (see dashscope_root_for).
+    base_url_as_given: bool = False
+
+
+# DashScope serves each protocol under its own root on the same host.
+_DASHSCOPE_ROOTS = {"native": "/api/v1", "openai": "/compatible-mode/v1"}
+
+
+def dashscope_root_for(base_url: str, protocol: str) -> str:
+    """``base_url`` moved to ``protocol``'s root when it is DashScope's other root.
+
+    ``https://dashscope-intl.aliyuncs.com/api/v1`` (the native root, which many set as
+    DASHSCOPE_HTTP_BASE_URL) becomes ``…/compatible-mode/v1`` for the OpenAI protocol, and
+    the reverse; any other URL (vLLM's /v1, a proxy) is left as it is.
+    """
+    wanted = _DASHSCOPE_ROOTS.get(protocol)
+    if wanted is None:
+        return base_url
+    try:
+        parts = urlsplit(base_url)
+    except ValueError:  # not a URL: left for the request to report
+        return base_url
+    path = parts.path.rstrip("/")
+    for root in _DASHSCOPE_ROOTS.values():
+        if root != wanted and path.endswith(root):
+            return urlunsplit(parts._replace(path=path[: -len(root)] + wanted))
+    return base_url
 
 
 def key_source(session_key: str | None) -> tuple[str | None, str]:
@@ -243,6 +294,16 @@ def redact(text: str, secret: str | None) -> str:
     return _BEARER.sub(lambda match: match.group(1) + "…", text)
 
 
+def _keep_sources(state: CallState, search_info: Any) -> None:
+    """Keep the first list of sources that has any.
+
+    The native stream sends them in its first frame and empty lists after it; the SDK's own
+    final message keeps the last frame's, so they are read here as they come.
+    """
+    if state.raw_search_info is None and search_info is not None and search_info.search_results:
+        state.raw_search_info = search_info
+
+
 def _read_last_frame(state: CallState, frame: Any, choice: Any) -> None:
     """Keep what the last frame read says of the whole call.
 
@@ -256,8 +317,6 @@ def _read_last_frame(state: CallState, frame: Any, choice: Any) -> None:
         state.request_id = frame.request_id
     if frame.usage is not None:
         state.raw_usage = frame.usage
-    if frame.search_info is not None:
-        state.raw_search_info = frame.search_info
     if choice is not None and choice.finish_reason and choice.finish_reason != "null":
         state.finish_reason = choice.finish_reason
 
@@ -294,6 +353,11 @@ class QwenClient:
             if config.api_key and config.api_key != config.api_key.strip():
                 # A key read from a file often ends in a newline; no key has white space.
                 config = dataclasses.replace(config, api_key=config.api_key.strip())
+            if config.configured_base_url and not connection.base_url_as_given:
+                # dashscope uses a configured URL verbatim for every protocol: /api/v1 with the
+                # OpenAI protocol would post to /api/v1/chat/completions, which does not exist.
+                root = dashscope_root_for(config.configured_base_url, config.protocol)
+                config = dataclasses.replace(config, configured_base_url=root, protocol_base_url=root)
             identity = (
                 config.api_key,
                 config.protocol_base_url,
@@ -360,7 +424,7 @@ class QwenClient:
                 try:
                     for last in reader:  # until the answer's first text: thinking, search results
                         if last.search_info is not None:
-                            state.raw_search_info = last.search_info
+                            _keep_sources(state, last.search_info)
                         choices = last.choices
                         if not choices:
                             continue
@@ -377,9 +441,13 @@ class QwenClient:
                             break
                     # The answer: as little per frame as a bare loop that joins the text. The
                     # facts every frame repeats (usage, request id, finish reason) are read from
-                    # the last frame once the loop ends, however it ends.
+                    # the last frame once the loop ends, however it ends; the sources are not
+                    # repeated (later frames carry an empty list), so they are read as they come.
                     keep = state.answer.append
                     for last in reader:
+                        # Sources come in the first frame; this only catches a later first list.
+                        if last.search_info is not None and state.raw_search_info is None:
+                            _keep_sources(state, last.search_info)
                         choices = last.choices
                         if choices:
                             choice = choices[0]
@@ -410,6 +478,7 @@ class QwenClient:
                 on_retry(failure, delay, attempt)
             sleep(delay)
             state.request_id = None
+            state.raw_search_info = None  # the next try brings its own
 
     @staticmethod
     def _create(client: "dashscope.Client", request: ChatRequest, *, stream: bool) -> Any:
@@ -423,7 +492,7 @@ class QwenClient:
         completion = self._create(client, request, stream=False)
         state.request_id = completion.request_id
         state.raw_usage = completion.usage
-        state.raw_search_info = completion.search_info
+        _keep_sources(state, completion.search_info)
         if completion.choices:
             choice = completion.choices[0]
             state.finish_reason = choice.finish_reason or "stop"

@@ -218,10 +218,10 @@ class QwenSession:
         return None
 
     def connection(self, settings: Settings, options: CellOptions | None = None) -> Connection:
-        base_url = (options.base_url if options else None) or settings.base_url
-        protocol = protocol_for(options.protocol if options else None, options.base_url if options else None,
-                                settings.protocol)
-        return Connection(api_key=self.session_key, base_url=base_url, protocol=protocol, timeout=settings.timeout)
+        cell_base_url = options.base_url if options else None
+        protocol = protocol_for(options.protocol if options else None, cell_base_url, settings.protocol)
+        return Connection(api_key=self.session_key, base_url=cell_base_url or settings.base_url, protocol=protocol,
+                          timeout=settings.timeout, base_url_as_given=cell_base_url is not None)
 
     def catalog(self, settings: Settings) -> Catalog:
         from .catalog import CatalogError

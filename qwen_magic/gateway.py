@@ -169,6 +169,15 @@ class Reply:
     ``cut_after`` and ``stall_after`` count those frames. An error is scripted
     with ``error_code`` and/or an HTTP ``status`` of 400 or more; a status left
     at 200 takes the usual status of the code (429 for throttling, ...).
+
+    As the service does: ``search_results`` are sent only to a request with
+    ``enable_search``, the usage then counting one search (``plugins.search``);
+    the sources go in the first native frame (later frames carry an empty list)
+    and only with ``search_options.enable_source``; compatible mode sends none.
+    ``cached_tokens`` (read from the context cache) and ``cache_creation_tokens``
+    (written to it) are reported in ``usage.prompt_tokens_details`` and counted
+    in the input. ``usage`` overrides any figure by name, e.g. ``{"cached_tokens":
+    N}`` for the vision models that report cache reads at the top of the usage.
     """
 
     text: str | None = None
@@ -178,6 +187,8 @@ class Reply:
     first_token_delay: float = 0.0
     frame_delay: float = 0.0
     usage: dict | None = None
+    cached_tokens: int = 0
+    cache_creation_tokens: int = 0
     finish_reason: str = "stop"
     status: int = 200
     error_code: str | None = None
@@ -199,7 +210,7 @@ class Reply:
         for name in ("first_token_delay", "frame_delay", "stall"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-        for name in ("error_after", "cut_after", "stall_after"):
+        for name in ("error_after", "cut_after", "stall_after", "cached_tokens", "cache_creation_tokens"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must not be negative")
@@ -400,24 +411,49 @@ def _template_extra_tokens(model: str, thinking: bool) -> int:
     return info.extra_input_tokens(thinking) if info else 0
 
 
+def _search_options(parameters: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The request's search options when it asks for a web search (both protocols), else None."""
+    if parameters.get("enable_search") is not True:
+        return None
+    options = parameters.get("search_options")
+    return options if isinstance(options, Mapping) else {}
+
+
+def _cache_details(cached: int, written: int) -> dict[str, Any]:
+    """``prompt_tokens_details`` as the service sends it (an explicit-cache write names its kind)."""
+    details: dict[str, Any] = {"cached_tokens": cached}
+    if written:
+        details.update(cache_creation={"ephemeral_5m_input_tokens": written}, cache_creation_input_tokens=written,
+                       cache_type="ephemeral")
+    return details
+
+
 def _final_usage(
     messages: list[dict],
     text: str,
     reasoning: str,
-    override: Mapping[str, Any] | None,
+    reply: Reply,
     *,
     model: str,
     thinking: bool,
+    search: Mapping[str, Any] | None,
 ) -> dict:
     """Billing figures in native names; a scripted override wins key by key."""
     reasoning_tokens = count_text(reasoning)
+    cached, written = reply.cached_tokens, reply.cache_creation_tokens
+    input_tokens = count_chat_input(messages, extra_tokens=_template_extra_tokens(model, thinking))
     usage: dict[str, Any] = {
-        "input_tokens": count_chat_input(messages, extra_tokens=_template_extra_tokens(model, thinking)),
+        # What was read from or written to the cache is part of the input.
+        "input_tokens": max(input_tokens, cached + written),
         "output_tokens": count_text(text) + reasoning_tokens,
     }
     if reasoning:
         usage["output_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
-    for key, value in (override or {}).items():
+    if cached or written:
+        usage["prompt_tokens_details"] = _cache_details(cached, written)
+    if search is not None:
+        usage["plugins"] = {"search": {"count": 1, "strategy": search.get("search_strategy", "turbo")}}
+    for key, value in (reply.usage or {}).items():
         usage[_USAGE_ALIASES.get(key, key)] = value
     usage.setdefault("total_tokens", usage["input_tokens"] + usage["output_tokens"])
     ordered = {key: usage.pop(key) for key in ("input_tokens", "output_tokens", "total_tokens")}
@@ -442,13 +478,16 @@ class _Answer:
     reasoning: str
     pieces: list[_Piece]
     usage: dict[str, Any]
+    sources: list[dict] | None = None  # what native frames carry as search_info, if any
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
     def compose(
-        cls, reply: Reply | None, *, model: str, messages: list[dict], thinking: bool, json_mode: bool = False
+        cls, reply: Reply | None, *, model: str, messages: list[dict], thinking: bool, json_mode: bool = False,
+        parameters: Mapping[str, Any] | None = None,
     ) -> _Answer:
         reply = reply or Reply()
+        search = _search_options(parameters or {}) if reply.search_results is not None else None
         canned = reply.text is None and reply.chunks is None
         if reply.chunks is not None:
             answer_pieces = list(reply.chunks)
@@ -471,7 +510,8 @@ class _Answer:
             text=text,
             reasoning=reasoning,
             pieces=pieces,
-            usage=_final_usage(messages, text, reasoning, reply.usage, model=model, thinking=thinking),
+            usage=_final_usage(messages, text, reasoning, reply, model=model, thinking=thinking, search=search),
+            sources=reply.search_results if search is not None and search.get("enable_source") is True else None,
         )
 
     @functools.cached_property
@@ -541,10 +581,13 @@ class _NativeEncoder:
             message["reasoning_content"] = reasoning
         return message
 
-    def _payload(self, message: dict[str, Any], finish_reason: str, usage: dict[str, Any]) -> dict[str, Any]:
+    def _payload(self, message: dict[str, Any], finish_reason: str, usage: dict[str, Any], *,
+                 first: bool = True) -> dict[str, Any]:
         output: dict[str, Any] = {"choices": [{"message": message, "finish_reason": finish_reason}]}
-        if self._answer.reply.search_results is not None:
-            output["search_info"] = {"search_results": self._answer.reply.search_results}
+        sources = self._answer.sources
+        if sources is not None:
+            # The service sends the sources once, in the first frame; later frames, an empty list.
+            output["search_info"] = {"search_results": sources if first else []}
         return {"output": output, "usage": usage, "request_id": self._answer.request_id}
 
     def _event(self, kind: str, status: int, payload: dict[str, Any]) -> bytes:
@@ -563,7 +606,8 @@ class _NativeEncoder:
             reasoning = "".join(p.text for p in sent if p.reasoning)
         last = index == len(answer.pieces) - 1
         finish_reason = answer.reply.finish_reason if last else "null"
-        payload = self._payload(self._message(text, reasoning), finish_reason, answer.usage_after(index + 1))
+        payload = self._payload(self._message(text, reasoning), finish_reason, answer.usage_after(index + 1),
+                                first=index == 0)
         return self._event("result", 200, payload)
 
     def closing(self) -> bytes:
@@ -905,6 +949,7 @@ class _Handler(BaseHTTPRequestHandler):
             messages=record.messages,
             thinking=parameters.get("enable_thinking") is True,
             json_mode=(parameters.get("response_format") or {}).get("type") == "json_object",
+            parameters=parameters,
         )
         encoder = _NativeEncoder(
             answer,
@@ -924,6 +969,7 @@ class _Handler(BaseHTTPRequestHandler):
             messages=record.messages,
             thinking=body.get("enable_thinking") is True,
             json_mode=(body.get("response_format") or {}).get("type") == "json_object",
+            parameters=record.parameters,
         )
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True

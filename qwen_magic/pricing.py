@@ -11,11 +11,18 @@ from .client import Usage
 PER_MILLION = 1_000_000
 
 
+# Of the input price: tokens read from the implicit context cache, and tokens written to the
+# explicit cache (DashScope's context-cache rules; the rest of the input is billed in full).
+CACHE_READ_RATE = 0.2
+CACHE_WRITE_RATE = 1.25
+
+
 def call_cost(model: ModelInfo | None, usage: Usage) -> float | None:
     """Yuan for one call from its usage, at the tier of its input; None if the price is unknown.
 
-    In thinking mode the output is billed at the thinking price, but a thinking call that
-    produced no reasoning is billed at the ordinary price (DashScope's rule).
+    The tier is chosen by the whole input, cached tokens included. In thinking mode the output
+    is billed at the thinking price, but a thinking call that produced no reasoning is billed
+    at the ordinary price (DashScope's rule).
     """
     if model is None or not model.priced:
         return None
@@ -24,7 +31,12 @@ def call_cost(model: ModelInfo | None, usage: Usage) -> float | None:
     output_price = tier.output
     if usage.reasoning_tokens and tier.thinking_output is not None:
         output_price = tier.thinking_output
-    return (usage.input_tokens * tier.input + usage.output_tokens * output_price) / PER_MILLION
+    # Cached and written tokens are part of the input; figures that claim more are capped.
+    cached = min(usage.cached_tokens, usage.input_tokens)
+    written = min(usage.cache_creation_tokens, usage.input_tokens - cached)
+    full = usage.input_tokens - cached - written
+    input_tokens = full + cached * CACHE_READ_RATE + written * CACHE_WRITE_RATE
+    return (input_tokens * tier.input + usage.output_tokens * output_price) / PER_MILLION
 
 
 @dataclass(frozen=True)

@@ -60,9 +60,17 @@ class QwenResult:
     def footer(self) -> str:
         """The quiet line under every answer."""
         usage = self.usage
-        parts = [self.model, f"{usage.input_tokens:,} in / {usage.output_tokens:,} out tokens"]
+        cache = []
+        if usage.cached_tokens:
+            cache.append(f"{usage.cached_tokens:,} cached")
+        if usage.cache_creation_tokens:
+            cache.append(f"{usage.cache_creation_tokens:,} written to cache")
+        tokens_in = f"{usage.input_tokens:,} in" + (f" ({', '.join(cache)})" if cache else "")
+        parts = [self.model, f"{tokens_in} / {usage.output_tokens:,} out tokens"]
         if usage.reasoning_tokens:
             parts[-1] += f" ({usage.reasoning_tokens:,} thinking)"
+        if usage.searches:
+            parts.append("1 search" if usage.searches == 1 else f"{usage.searches:,} searches")
         parts.append(format_yuan(self.cost) if self.cost is not None else "cost unknown")
         if self.turn is not None:
             parts.append(f"chat {self.chat}, turn {self.turn}")

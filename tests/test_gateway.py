@@ -187,12 +187,69 @@ def test_multimodal_request_uses_its_endpoint_and_list_content(gw, client):
     assert final.usage.input_tokens == billed_input([{"role": "user", "content": "What is this?"}], "qwen-vl-plus")
 
 
-def test_search_results_reach_the_final_message(gw, client):
-    results = [{"title": "Qwen", "url": "https://qwen.ai", "site_name": "qwen.ai", "index": 1}]
-    gw.script(Reply(text="Found it [1].", search_results=results))
-    final = stream(client, enable_search=True).get_final_message()
-    assert final.search_info.search_results[0].url == "https://qwen.ai"
-    assert final.search_info.search_results[0].index == 1
+SOURCES = [{"title": "Qwen", "url": "https://qwen.ai", "site_name": "qwen.ai", "index": 1}]
+WITH_SOURCES = {"enable_search": True, "search_options": {"enable_source": True}}
+
+
+def test_search_sources_come_in_the_first_frame_and_empty_lists_after(gw, client):
+    gw.script(Reply(chunks=["Found", " it", " [1]."], search_results=SOURCES))
+    chunks = list(stream(client, **WITH_SOURCES))
+    assert [[r.url for r in c.search_info.search_results] for c in chunks] == [["https://qwen.ai"], [], []]
+    assert chunks[0].search_info.search_results[0].index == 1
+    # So the SDK's own final message, which keeps the last frame's, has none.
+    gw.script(Reply(chunks=["Found", " it."], search_results=SOURCES))
+    assert stream(client, **WITH_SOURCES).get_final_message().search_info.search_results == []
+
+
+def test_search_is_counted_in_the_usage_of_every_frame(gw, client):
+    gw.script(Reply(chunks=["a", "b"], search_results=SOURCES))
+    options = {"enable_source": True, "search_strategy": "max"}
+    chunks = list(stream(client, enable_search=True, search_options=options))
+    assert {json.dumps(c.usage.plugins) for c in chunks} == {json.dumps({"search": {"count": 1, "strategy": "max"}})}
+
+
+def test_a_whole_answer_carries_its_sources(gw, client):
+    gw.script(Reply(text="Found it.", search_results=SOURCES))
+    completion = client.chat.completions.create(model="qwen-plus", messages=USER_HELLO, **WITH_SOURCES)
+    assert completion.search_info.search_results[0].url == "https://qwen.ai"
+    assert completion.usage.plugins == {"search": {"count": 1, "strategy": "turbo"}}
+
+
+def test_sources_only_when_asked_for_and_no_search_unless_enabled(gw, client):
+    gw.script(Reply(text="Searched.", search_results=SOURCES))
+    chunks = list(stream(client, enable_search=True))  # enable_source defaults to false
+    assert all(c.search_info is None for c in chunks)
+    assert chunks[-1].usage.plugins == {"search": {"count": 1, "strategy": "turbo"}}
+    gw.script(Reply(text="No search.", search_results=SOURCES))
+    chunks = list(stream(client))
+    assert all(c.search_info is None for c in chunks)
+    assert "plugins" not in chunks[-1].usage.model_dump()
+
+
+def test_compatible_mode_counts_the_search_but_sends_no_sources(gw, compatible):
+    gw.script(Reply(chunks=["a", "b"], search_results=SOURCES))
+    chat = compatible.chat.completions.create(model="qwen-plus", messages=USER_HELLO, stream=True, **WITH_SOURCES)
+    chunks = list(chat)
+    assert all(c.search_info is None for c in chunks)
+    assert chunks[-1].usage.plugins == {"search": {"count": 1, "strategy": "turbo"}}
+
+
+def test_cache_reads_and_writes_are_in_the_prompt_details_of_both_protocols(gw, client, compatible):
+    for sdk in (client, compatible):
+        gw.script(Reply(text="Cached.", cached_tokens=2048))
+        usage = stream(sdk).get_final_message().usage
+        assert usage.prompt_tokens_details == {"cached_tokens": 2048}
+        assert usage.input_tokens >= 2048  # what was read from the cache is part of the input
+        gw.script(Reply(text="Written.", cache_creation_tokens=1500))
+        usage = stream(sdk).get_final_message().usage
+        details = usage.prompt_tokens_details
+        assert details["cached_tokens"] == 0 and details["cache_creation_input_tokens"] == 1500
+        assert details["cache_type"] == "ephemeral"
+        assert usage.input_tokens >= 1500
+    gw.script(Reply(text="Small.", cached_tokens=0, cache_creation_tokens=0))
+    assert "prompt_tokens_details" not in stream(client).get_final_message().usage.model_dump()
+    with pytest.raises(ValueError, match="cached_tokens must not be negative"):
+        Reply(cached_tokens=-1)
 
 
 def test_native_wire_framing_is_chunked_sse_as_dashscope_sends_it(gw):

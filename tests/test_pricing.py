@@ -59,6 +59,26 @@ def test_call_cost_uses_the_tier_of_the_input_and_the_thinking_price(model, usag
     assert call_cost(builtin_catalog().get(model), usage) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(
+    ("model", "usage", "cached", "written"),
+    [
+        ("qwen-max", Usage(10_000, 100, cached_tokens=8_192), 8_192, 0),
+        ("qwen-plus", Usage(3_000, 50, cache_creation_tokens=2_048), 0, 2_048),
+        ("qwen-plus", Usage(5_000, 50, cached_tokens=1_024, cache_creation_tokens=3_000), 1_024, 3_000),
+        # Mostly cached, yet the second tier: the tier is the whole input's.
+        ("qwen3-max", Usage(33_000, 10, cached_tokens=32_000), 32_000, 0),
+        # Figures past the input are capped by it: nothing is billed below zero.
+        ("qwen-max", Usage(100, 10, cached_tokens=400, cache_creation_tokens=50), 100, 0),
+    ],
+)
+def test_cached_input_is_billed_at_a_fifth_and_cache_writes_at_five_quarters(model, usage, cached, written) -> None:
+    info = builtin_catalog().get(model)
+    tier = info.tier_for(usage.input_tokens)
+    full = usage.input_tokens - cached - written
+    expected = ((full + 0.2 * cached + 1.25 * written) * tier.input + usage.output_tokens * tier.output) / 1e6
+    assert call_cost(info, usage) == pytest.approx(expected)
+
+
 def test_an_unknown_model_has_no_cost() -> None:
     assert call_cost(None, Usage(10, 10)) is None
     assert estimate(None, 10, 100, thinking=False).worst_cost is None

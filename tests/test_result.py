@@ -61,7 +61,8 @@ def test_metadata_is_plain_json() -> None:
     import json
 
     data = json.loads(json.dumps(make().metadata()))
-    assert data["usage"] == {"input_tokens": 1234, "output_tokens": 200, "reasoning_tokens": 0, "cached_tokens": 0}
+    assert data["usage"] == {"input_tokens": 1234, "output_tokens": 200, "reasoning_tokens": 0, "cached_tokens": 0,
+                             "cache_creation_tokens": 0, "searches": 0}
     assert data["request_id"] == "req-1"
 
 
