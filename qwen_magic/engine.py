@@ -321,6 +321,11 @@ class QwenSession:
         catalog = self.catalog(settings)
         model = catalog.get(settings.model_aliases.get(model_name, model_name))
         check_capabilities(model_name, model, catalog, thinking=options.thinking, images=bool(options.images))
+        if model is not None and model.max_output and options.max_tokens and options.max_tokens > model.max_output:
+            raise UsageError(
+                f"--max-tokens {options.max_tokens:,} is more than {model_name} can write: "
+                f"at most {model.max_output:,} tokens (%qwen models)."
+            )
         chat = self.chat(options.chat)
         # -n: afresh, without the old turns or system prompt (the chat itself is emptied
         # only once the call is really sent: a refused call changes nothing).
