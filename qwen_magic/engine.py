@@ -342,7 +342,8 @@ class QwenSession:
             model_name=model_name,
         )
         messages = messages_for(request_system, window.turns, user_content)
-        preflight = prepare(model_name, model, messages, max_tokens=options.max_tokens, thinking=options.thinking)
+        preflight = prepare(model_name, model, messages, max_tokens=options.max_tokens, thinking=options.thinking,
+                            thinking_budget=options.thinking_budget)
         return _Plan(prompt, fmt, model_name, model, chat, system, window, messages, preflight)
 
     def _settle(
