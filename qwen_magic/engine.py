@@ -28,6 +28,7 @@ from .client import (
     QwenClient,
     ReasoningDelta,
     Usage,
+    mend,
 )
 from .conversation import Chat, Turn, Window, fit_window, messages_for
 from .formats import check_capabilities, parse_answer, protocol_for, question, with_json_hint
@@ -469,7 +470,9 @@ class QwenSession:
         finally:
             events.close()  # an interrupt outside the stream's own code: it still reads its last frame
             ticker.release()
-        answer, thought = "".join(state.answer), "".join(reasoning)
+        # Pieces come mended from the stream; what is joined is made writable once more, so that
+        # no stray surrogate can fail the output, the history or the count of a billed call.
+        answer, thought = mend("".join(state.answer)), mend("".join(reasoning))
         usage = state.usage
         if status != COMPLETE and (answer or thought or state.request_id) and not usage.input_tokens:
             # Cut off before the server reported usage (compatible mode reports it last): it
