@@ -317,6 +317,9 @@ class QwenSession:
             raise UsageError("The %%qwen cell is empty: write a question below the %%qwen line.")
         if options.interpolate and namespace is not None:
             prompt = fill(prompt, namespace)
+        # A value read with errors="surrogateescape" brings lone surrogates, which no request,
+        # output or history can carry: they are sent as U+FFFD, as the answer's would be.
+        prompt = mend(prompt)
         fmt = options.format or "markdown"
         model_name = options.model or settings.model
         catalog = self.catalog(settings)
@@ -331,6 +334,7 @@ class QwenSession:
         # -n: afresh, without the old turns or system prompt (the chat itself is emptied
         # only once the call is really sent: a refused call changes nothing).
         system = options.system or (None if options.new else chat.system) or settings.system
+        system = mend(system) if system else system
         request_system = with_json_hint(system, prompt) if fmt == "json" else system
         user_content = question(prompt, options.images)
         extra = model.extra_input_tokens(options.thinking) if model else 0

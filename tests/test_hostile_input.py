@@ -299,6 +299,14 @@ def test_a_reasoning_pair_split_across_frames_is_joined(shell, gateway: Gateway,
     assert shell.user_ns["answer"].reasoning == "Hmm 🤔 yes"
 
 
+def test_lone_surrogates_in_the_prompt_are_sent_replaced(shell, gateway: Gateway, capsys) -> None:
+    shell.user_ns["name"] = b"caf\xe9".decode("utf-8", "surrogateescape")  # as a file read that way gives
+    outcome = run(shell, "%%qwen -o answer\nSay {name} and \ud83d\ude00")
+    assert outcome.success, shown(capsys)
+    assert gateway.requests[-1].messages[-1]["content"] == "Say caf\ufffd and 😀"
+    assert shell.run_line_magic("qwen", "usage").ledger.records[-1].status == COMPLETE
+
+
 # ---- 7. pathological runs of white space, and huge cells
 
 def test_counting_a_million_spaces_never_raises() -> None:
