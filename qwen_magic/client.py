@@ -98,7 +98,16 @@ def _html_answer(error: Exception, said: str) -> int | None:
         return int(status or 200)
     if type(error).__name__ == "SSEError" and "text/html" in said:
         return 200
+    document = getattr(error, "doc", None)  # a JSONDecodeError keeps the text it could not read
+    if isinstance(document, str) and "<html" in document[:300].lower():
+        return 200
     return None
+
+
+def _sent_content_type(said: str) -> str:
+    """The content type httpx_sse names in its error ("... got 'text/plain'")."""
+    found = re.search(r"got '([^']{0,60})'", said)
+    return found.group(1) if found and found.group(1) else "no content type"
 
 
 def _first_validation_error(error: Exception, key: str | None) -> str:
@@ -543,6 +552,13 @@ class QwenClient:
                 request_id=error.request_id or state.request_id,
                 status=status,
             )
+        elif type(error).__name__ == "SSEError":  # httpx_sse (a TransportError): the answer is no event stream
+            translated = QwenAPIError(
+                "NotAStream",
+                f"the server at {_shortened(base_url, 60)} did not answer with an event stream "
+                f"(it sent {_sent_content_type(said)})",
+                request_id=state.request_id,
+            )
         elif isinstance(error, httpx.TimeoutException):
             translated = QwenAPIError(
                 "StreamStalled",
@@ -555,12 +571,6 @@ class QwenClient:
                 f"the connection to {base_url} closed mid-answer ({type(error).__name__})",
                 request_id=state.request_id,
             )
-        elif type(error).__name__ == "SSEError":  # httpx_sse: the answer is not an event stream
-            translated = QwenAPIError(
-                "NotAStream",
-                f"the server at {_shortened(base_url, 60)} did not answer with an event stream ({_shortened(said, 60)})",
-                request_id=state.request_id,
-            )
         elif type(error).__name__ == "ValidationError":  # pydantic: a frame of another shape
             translated = QwenAPIError(
                 "MalformedFrame",
@@ -571,7 +581,7 @@ class QwenClient:
         elif isinstance(error, (ValueError, TypeError, LookupError, AttributeError)):  # the SDK read a frame it did not expect
             translated = QwenAPIError(
                 "MalformedFrame",
-                f"a frame of the stream from {_shortened(base_url, 60)} could not be read "
+                f"what {_shortened(base_url, 60)} sent could not be read as DashScope's answer "
                 f"({type(error).__name__}: {_shortened(said, 60)})",
                 request_id=state.request_id,
             )

@@ -435,6 +435,28 @@ def test_a_captive_portal_page_is_not_called_a_cut(shell, gateway: Gateway, caps
     assert "closed mid-answer" not in line and "SSEError" not in line
 
 
+@pytest.mark.parametrize(
+    ("reply", "line_options", "code", "said"),
+    [
+        (Reply(status=200, body="<html><body>Log in</body></html>"), "--no-stream", "NotDashScope",
+         "answered with an HTML page (HTTP 200), not DashScope's API"),
+        (Reply(status=200, body="plain words", content_type="text/plain"), "", "NotAStream",
+         "did not answer with an event stream (it sent text/plain)"),
+        (Reply(status=200, body="not json", content_type="application/json"), "--no-stream", "MalformedFrame",
+         "sent could not be read as DashScope's answer (JSONDecodeError: "),
+        (Reply(raw_frames=["{" + "x" * 100_000]), "--protocol openai", "MalformedFrame", "is not DashScope's JSON"),
+    ],
+)
+def test_other_answers_that_are_not_the_api_are_one_line(shell, gateway: Gateway, capsys, reply: Reply,
+                                                         line_options: str, code: str, said: str) -> None:
+    shell.run_line_magic("config", "QwenMagic.max_retries = 0")
+    if "openai" in line_options:
+        shell.run_line_magic("config", f"QwenMagic.base_url = '{gateway.compatible_base_url}'")
+    gateway.script(reply)
+    error, line = error_line(shell, capsys, f"%%qwen {line_options}\nHi")
+    assert error.code == code and said in line
+
+
 def test_a_one_megabyte_malformed_frame_is_a_short_line(shell, gateway: Gateway, capsys) -> None:
     shell.run_line_magic("config", "QwenMagic.max_retries = 0")
     gateway.script(Reply(raw_frames=["{" + "x" * 1_000_000 + TEST_KEY]))
