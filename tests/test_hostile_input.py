@@ -361,6 +361,15 @@ def test_a_two_megabyte_cell_ends_in_one_line_in_bounded_time(shell, gateway: Ga
     assert line.startswith("UsageError: Refused, nothing sent: this request has ")
     assert "over qwen-max's limit of" in line
     assert gateway.requests == []
+    # On a model whose limit it fits, it is sent and answered, in bounded time too.
+    prose = ("lorem ipsum dolor sit amet " * 80_000)[: 2 * 2**20]
+    gateway.script(Reply(text="Received."))
+    started = time.monotonic()
+    outcome = run(shell, f"%%qwen -m qwen-plus -o answer\n{prose}")
+    assert outcome.success, shown(capsys)[-300:]
+    assert time.monotonic() - started < 60
+    assert shell.user_ns["answer"].text == "Received." and shell.user_ns["answer"].usage.input_tokens > 300_000
+    assert len(gateway.requests[-1].messages[-1]["content"]) == len(prose.strip())
 
 
 # ---- 12. --image reads images only
