@@ -60,6 +60,12 @@ ERROR_ADVICE: dict[str, str] = {
     "Timeout": "The server did not answer in time: try again, or raise QwenMagic.timeout.",
     "StreamStalled": "The stream stopped sending: try again, or raise QwenMagic.timeout.",
     "StreamCut": "The connection closed before the answer ended: run the cell again.",
+    "NotDashScope": (
+        "Check the base URL (DASHSCOPE_BASE_URL, QwenMagic.base_url, --base-url) or the proxy; "
+        "a network's login page answers so too."
+    ),
+    "NotAStream": "Check the base URL or the proxy between: this is not DashScope's stream.",
+    "MalformedFrame": "Check the base URL or the proxy between, or run the cell again.",
 }
 _RETRYABLE_CODES = frozenset({
     "Throttling", "Throttling.RateQuota", "InternalError", "ServiceUnavailable", "GatewayTimeout",
@@ -75,6 +81,46 @@ _ADVICE_BY_STATUS = {
 }
 
 
+# An error line stays within ~300 characters: a server may answer with a page or a 1 MB frame.
+_MESSAGE_LIMIT = 160
+
+
+def _shortened(text: str, limit: int) -> str:
+    """The text on one line (white space runs made one space), cut at ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else f"{text[:limit - 1]}…"
+
+
+def _html_answer(error: Exception, said: str) -> int | None:
+    """The HTTP status, when the server answered with an HTML page instead of the API."""
+    status = getattr(error, "status_code", None)
+    head = said.lstrip()[:300].lower()
+    if "<html" in head or "<!doctype html" in head or "<head" in head or "<body" in head:
+        return int(status or 200)
+    if type(error).__name__ == "SSEError" and "text/html" in said:
+        return 200
+    document = getattr(error, "doc", None)  # a JSONDecodeError keeps the text it could not read
+    if isinstance(document, str) and "<html" in document[:300].lower():
+        return 200
+    return None
+
+
+def _sent_content_type(said: str) -> str:
+    """The content type httpx_sse names in its error ("... got 'text/plain'")."""
+    found = re.search(r"got '([^']{0,60})'", said)
+    return found.group(1) if found and found.group(1) else "no content type"
+
+
+def _first_validation_error(error: Exception, key: str | None) -> str:
+    """A pydantic ValidationError's first problem, as ``field: message``."""
+    try:
+        first = error.errors()[0]  # type: ignore[attr-defined]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "frame"
+        return _shortened(redact(f"{error.error_count()} problem(s), first {where}: {first.get('msg')}", key), 100)  # type: ignore[attr-defined]
+    except Exception:
+        return _shortened(redact(str(error), key), 100)
+
+
 class QwenAPIError(Exception):
     """A failed call, shown as one line with its code, message, request id and advice."""
 
@@ -87,9 +133,9 @@ class QwenAPIError(Exception):
         status: int | None = None,
         retry_after: float | None = None,
     ) -> None:
-        self.code = code
-        self.message = message
-        self.request_id = request_id
+        self.code = _shortened(code, 60)
+        self.message = _shortened(message, _MESSAGE_LIMIT)
+        self.request_id = request_id and _shortened(request_id, 80)
         self.status = status
         self.retry_after = retry_after
         self.advice = ERROR_ADVICE.get(code) or _ADVICE_BY_STATUS.get(status or 0, "")
@@ -259,19 +305,39 @@ def dashscope_root_for(base_url: str, protocol: str) -> str:
     return base_url
 
 
-def key_source(session_key: str | None) -> tuple[str | None, str]:
+class Secret(str):
+    """The API key: a string the SDK uses as any other, whose repr never shows it.
+
+    Tracebacks in verbose mode print the arguments and locals of every frame, and the SDK's
+    ``Config`` prints its fields: wrapped, the key shows there as ``'sk-…abcd'``.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(mask_key(str.__str__(self)))
+
+
+def secret(key: str | None) -> Secret | None:
+    """The key wrapped (white space around it dropped: no key has any), or None."""
+    if not key or not key.strip():
+        return None
+    return key if isinstance(key, Secret) and key == key.strip() else Secret(key.strip())
+
+
+def key_source(session_key: str | None) -> tuple[Secret | None, str]:
     """The key the SDK would use and where it comes from (same order as dashscope 2.0)."""
     if session_key:
-        return session_key, "%qwen login (this session only)"
+        return secret(session_key), "%qwen login (this session only)"
     if os.environ.get("DASHSCOPE_API_KEY"):
-        return os.environ["DASHSCOPE_API_KEY"], "environment variable DASHSCOPE_API_KEY"
+        return secret(os.environ["DASHSCOPE_API_KEY"]), "environment variable DASHSCOPE_API_KEY"
     from dashscope.v2._config import resolve_config
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="no workspace configured")
-        key = resolve_config().api_key
-    if key:
-        return key, "~/.dashscope (config.toml or api_key file)"
+        found = secret(resolve_config().api_key)
+    if found:
+        return found, "~/.dashscope (config.toml or api_key file)"
     return None, "set it with %qwen login or DASHSCOPE_API_KEY"
 
 
@@ -334,55 +400,37 @@ class QwenClient:
         self._lock = threading.Lock()
 
     def sdk_client(self, connection: Connection) -> "dashscope.Client":
-        from dashscope.v2._config import resolve_config
+        """The SDK client of this configuration; a configuration that cannot work is a ``UsageError``.
 
-        with warnings.catch_warnings():
-            # dashscope suggests a workspace on every client; notebooks need not see it.
-            warnings.filterwarnings("ignore", message="no workspace configured")
-            try:
-                config = resolve_config(
-                    api_key=connection.api_key,
-                    base_url=connection.base_url,
-                    protocol=connection.protocol,
-                    timeout=connection.timeout,
-                )
-            except ValueError as error:  # DASHSCOPE_REGION, DASHSCOPE_TIMEOUT, config.toml
-                from IPython.core.error import UsageError
+        The key is wrapped in ``Secret`` from the moment it is read, and a failure here is
+        raised afresh (``from None``): no frame a traceback could print holds it in the clear.
+        """
+        from IPython.core.error import UsageError
 
-                raise UsageError(f"dashscope's configuration cannot be used: {error}") from None
-            if config.api_key and config.api_key != config.api_key.strip():
-                # A key read from a file often ends in a newline; no key has white space.
-                config = dataclasses.replace(config, api_key=config.api_key.strip())
-            if config.configured_base_url and not connection.base_url_as_given:
-                # dashscope uses a configured URL verbatim for every protocol: /api/v1 with the
-                # OpenAI protocol would post to /api/v1/chat/completions, which does not exist.
-                root = dashscope_root_for(config.configured_base_url, config.protocol)
-                config = dataclasses.replace(config, configured_base_url=root, protocol_base_url=root)
-            identity = (
-                config.api_key,
-                config.protocol_base_url,
-                config.protocol,
-                config.timeout,
-                config.workspace,
-                config.region,
-            )
-            with self._lock:
-                client = self._clients.get(identity)
-                if client is None:
-                    import dashscope
-
-                    client = dashscope.Client(
-                        api_key=config.api_key,
-                        base_url=config.configured_base_url,
-                        workspace=config.workspace,
-                        region=config.region,
-                        protocol=config.protocol,
-                        timeout=config.timeout,
-                        # Streams are never retried by the SDK; retries are ours, before any text.
-                        max_retries=0,
-                    )
-                    self._clients[identity] = client
-                return client
+        try:
+            config = _resolved_config(connection)
+        except ValueError as error:  # DASHSCOPE_REGION, DASHSCOPE_TIMEOUT, config.toml
+            raise UsageError(f"dashscope's configuration cannot be used: {error}") from None
+        identity = (
+            config.api_key,
+            config.protocol_base_url,
+            config.protocol,
+            config.timeout,
+            config.workspace,
+            config.region,
+        )
+        with self._lock:
+            client = self._clients.get(identity)
+            if client is None:
+                try:
+                    client = _new_sdk_client(config)
+                except Exception as error:  # checked above; whatever is left is still one line
+                    raise UsageError(
+                        f"No DashScope client can be made for {config.protocol_base_url!r}: "
+                        f"{_shortened(redact(str(error) or type(error).__name__, config.api_key), 200)}"
+                    ) from None
+                self._clients[identity] = client
+            return client
 
     def resolved_base_url(self, connection: Connection) -> str:
         return self.sdk_client(connection).config.protocol_base_url
@@ -421,6 +469,9 @@ class QwenClient:
                 # loops read one iterator (a second iter() of the SDK's stream would start over).
                 reader = iter(frames)
                 last = choice = None
+                # A surrogate pair may come split across two frames (the JSON escapes "\\ud83d",
+                # then "\\ude00"): such pieces are joined before anyone sees them.
+                answer_mender, thought_mender = _Mender(), _Mender()
                 try:
                     for last in reader:  # until the answer's first text: thinking, search results
                         if last.search_info is not None:
@@ -431,9 +482,13 @@ class QwenClient:
                         choice = choices[0]
                         delta = choice.delta
                         thought, text = delta.reasoning_content, delta.content
+                        if thought and (thought_mender.held or not _encodable(thought)):
+                            thought = thought_mender(thought)
                         if thought:
                             shown = True
                             yield ReasoningDelta(thought)
+                        if text and (answer_mender.held or not _encodable(text)):
+                            text = answer_mender(text)
                         if text:
                             shown = True
                             state.answer.append(text)
@@ -454,11 +509,20 @@ class QwenClient:
                             delta = choice.delta
                             text = delta.content
                             if text:
+                                if answer_mender.held or not _encodable(text):
+                                    text = answer_mender(text)
                                 keep(text)
                             elif delta.reasoning_content:
-                                yield ReasoningDelta(delta.reasoning_content)
+                                thought = delta.reasoning_content
+                                if thought_mender.held or not _encodable(thought):
+                                    thought = thought_mender(thought)
+                                yield ReasoningDelta(thought)
+                    if thought_mender.held:
+                        yield ReasoningDelta(thought_mender.rest())
                 finally:
                     frames.close()
+                    if answer_mender.held:
+                        state.answer.append(answer_mender.rest())
                     _read_last_frame(state, last, choice)
                 if state.finish_reason is None:
                     raise QwenAPIError(
@@ -468,7 +532,7 @@ class QwenClient:
             except QwenAPIError as error:
                 failure = error
             except Exception as error:  # every SDK / transport failure becomes one line
-                failure = self._translate(error, client, state, client.config.api_key)
+                failure = self._translate(error, client, state)
             # Once text has been shown, nothing is retried.
             if shown or not failure.retryable or retry is None or attempt >= retry.max_retries:
                 raise failure from None
@@ -497,43 +561,72 @@ class QwenClient:
             choice = completion.choices[0]
             state.finish_reason = choice.finish_reason or "stop"
             if choice.message.reasoning_content:
-                yield ReasoningDelta(choice.message.reasoning_content)
+                yield ReasoningDelta(mend(choice.message.reasoning_content))
             if choice.message.content:
-                state.answer.append(choice.message.content)
+                state.answer.append(mend(choice.message.content))
                 yield ANSWER_STARTED
         else:
             state.finish_reason = "stop"
 
-    def _translate(
-        self, error: Exception, client: "dashscope.Client", state: CallState, key: str | None
-    ) -> QwenAPIError:
+    def _translate(self, error: Exception, client: "dashscope.Client", state: CallState) -> QwenAPIError:
+        """One ``QwenAPIError`` for any failure of the SDK or the transport, its text on one line.
+
+        The key is masked in whatever the error says before the text is shortened, so that no
+        part of it is left at a cut.
+        """
         import httpx
         from dashscope.v2 import errors as sdk_errors
 
-        base_url = client.config.protocol_base_url
-        if isinstance(error, sdk_errors.APITimeoutError):
+        config = client.config
+        base_url = config.protocol_base_url
+        said = redact(str(error), config.api_key)
+        status = getattr(error, "status_code", None)
+        html = _html_answer(error, said)
+        if html is not None:
+            translated = QwenAPIError(
+                "NotDashScope",
+                f"the server at {_shortened(base_url, 60)} answered with an HTML page (HTTP {html}), "
+                "not DashScope's API",
+                request_id=state.request_id,
+                status=html if html >= 400 else None,
+            )
+        elif isinstance(error, sdk_errors.APITimeoutError):
             translated = QwenAPIError("Timeout", f"no answer from {base_url} in time")
         elif isinstance(error, sdk_errors.APIConnectionError):
-            translated = QwenAPIError("ConnectionError", f"cannot reach {base_url} ({_reason(error)})")
+            translated = QwenAPIError("ConnectionError", f"cannot reach {base_url} ({redact(_reason(error), config.api_key)})")
         elif isinstance(error, sdk_errors.DashScopeError) and error.code:
             translated = QwenAPIError(
                 error.code,
-                error.message or "no message",
+                redact(error.message or "no message", config.api_key),
                 request_id=error.request_id or state.request_id,
-                status=error.status_code,
+                status=status,
                 retry_after=_retry_after(error.headers),
+            )
+        elif isinstance(error, sdk_errors.DashScopeError) and not status and "SSE payload" in said:
+            translated = QwenAPIError(
+                "MalformedFrame",
+                f"a frame of the stream from {_shortened(base_url, 60)} is not DashScope's JSON "
+                f"({_shortened(redact(error.message or said, config.api_key), 60)})",
+                request_id=state.request_id,
             )
         elif isinstance(error, sdk_errors.DashScopeError):
             translated = QwenAPIError(
-                f"HTTP{error.status_code}" if error.status_code else "DashScopeError",
-                error.message or str(error),
+                f"HTTP{status}" if status else "DashScopeError",
+                redact(error.message or said, config.api_key),
                 request_id=error.request_id or state.request_id,
-                status=error.status_code,
+                status=status,
+            )
+        elif type(error).__name__ == "SSEError":  # httpx_sse (a TransportError): the answer is no event stream
+            translated = QwenAPIError(
+                "NotAStream",
+                f"the server at {_shortened(base_url, 60)} did not answer with an event stream "
+                f"(it sent {_sent_content_type(said)})",
+                request_id=state.request_id,
             )
         elif isinstance(error, httpx.TimeoutException):
             translated = QwenAPIError(
                 "StreamStalled",
-                f"no data from {base_url} for {client.config.timeout:g} s",
+                f"no data from {base_url} for {config.timeout:g} s",
                 request_id=state.request_id,
             )
         elif isinstance(error, (httpx.TransportError, httpx.StreamError)):
@@ -542,10 +635,22 @@ class QwenClient:
                 f"the connection to {base_url} closed mid-answer ({type(error).__name__})",
                 request_id=state.request_id,
             )
+        elif type(error).__name__ == "ValidationError":  # pydantic: a frame of another shape
+            translated = QwenAPIError(
+                "MalformedFrame",
+                f"a frame of the stream from {_shortened(base_url, 60)} does not have the shape of DashScope's answers "
+                f"({_first_validation_error(error, config.api_key)})",
+                request_id=state.request_id,
+            )
+        elif isinstance(error, (ValueError, TypeError, LookupError, AttributeError)):  # the SDK read a frame it did not expect
+            translated = QwenAPIError(
+                "MalformedFrame",
+                f"what {_shortened(base_url, 60)} sent could not be read as DashScope's answer "
+                f"({type(error).__name__}: {_shortened(said, 60)})",
+                request_id=state.request_id,
+            )
         else:
-            translated = QwenAPIError(type(error).__name__, str(error) or "unexpected failure")
-        translated.message = redact(translated.message, key)
-        translated.args = (translated.line(),)
+            translated = QwenAPIError(type(error).__name__, said or "unexpected failure", request_id=state.request_id)
         return translated
 
     def close(self) -> None:
@@ -553,6 +658,87 @@ class QwenClient:
             for client in self._clients.values():
                 client.close()
             self._clients.clear()
+
+
+def _encodable(text: str) -> bool:
+    """Whether the text can be written out (UTF-8 has no lone surrogates)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def mend(text: str) -> str:
+    """Surrogate pairs decoded into their characters; a lone surrogate left becomes U+FFFD."""
+    if _encodable(text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+class _Mender:
+    """Joins text pieces whose surrogate pairs were split between them, then decodes them."""
+
+    def __init__(self) -> None:
+        self.held = ""  # a high surrogate that ended the last piece, waiting for its pair
+
+    def __call__(self, text: str) -> str:
+        text, self.held = self.held + text, ""
+        if "\ud800" <= text[-1] <= "\udbff":
+            text, self.held = text[:-1], text[-1]
+        return mend(text)
+
+    def rest(self) -> str:
+        """What is held when the text ends: a lone half of a pair, replaced."""
+        held, self.held = self.held, ""
+        return mend(held)
+
+
+def _resolved_config(connection: Connection) -> Any:
+    """dashscope's configuration for ``connection``, its key wrapped and its base URL checked."""
+    from IPython.core.error import UsageError
+    from dashscope.v2._config import resolve_config
+
+    from .options import url_problem
+
+    with warnings.catch_warnings():
+        # dashscope suggests a workspace on every client; notebooks need not see it.
+        warnings.filterwarnings("ignore", message="no workspace configured")
+        config = resolve_config(
+            api_key=connection.api_key,
+            base_url=connection.base_url,
+            protocol=connection.protocol,
+            timeout=connection.timeout,
+        )
+    config = dataclasses.replace(config, api_key=secret(config.api_key))
+    if config.configured_base_url and not connection.base_url_as_given:
+        # dashscope uses a configured URL verbatim for every protocol: /api/v1 with the
+        # OpenAI protocol would post to /api/v1/chat/completions, which does not exist.
+        root = dashscope_root_for(config.configured_base_url, config.protocol)
+        config = dataclasses.replace(config, configured_base_url=root, protocol_base_url=root)
+    for url in dict.fromkeys(filter(None, (config.configured_base_url, config.protocol_base_url))):
+        problem = url_problem(url)
+        if problem:
+            raise UsageError(
+                f"The base URL {_shortened(repr(url), 100)} cannot be used: {problem}. Set a working one in "
+                "DASHSCOPE_BASE_URL, QwenMagic.base_url or --base-url."
+            )
+    return config
+
+
+def _new_sdk_client(config: Any) -> "dashscope.Client":
+    import dashscope
+
+    return dashscope.Client(
+        api_key=config.api_key,
+        base_url=config.configured_base_url,
+        workspace=config.workspace,
+        region=config.region,
+        protocol=config.protocol,
+        timeout=config.timeout,
+        # Streams are never retried by the SDK; retries are ours, before any text.
+        max_retries=0,
+    )
 
 
 def _reason(error: Exception) -> str:

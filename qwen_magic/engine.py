@@ -28,6 +28,7 @@ from .client import (
     QwenClient,
     ReasoningDelta,
     Usage,
+    mend,
 )
 from .conversation import Chat, Turn, Window, fit_window, messages_for
 from .formats import check_capabilities, parse_answer, protocol_for, question, with_json_hint
@@ -316,15 +317,24 @@ class QwenSession:
             raise UsageError("The %%qwen cell is empty: write a question below the %%qwen line.")
         if options.interpolate and namespace is not None:
             prompt = fill(prompt, namespace)
+        # A value read with errors="surrogateescape" brings lone surrogates, which no request,
+        # output or history can carry: they are sent as U+FFFD, as the answer's would be.
+        prompt = mend(prompt)
         fmt = options.format or "markdown"
         model_name = options.model or settings.model
         catalog = self.catalog(settings)
         model = catalog.get(settings.model_aliases.get(model_name, model_name))
         check_capabilities(model_name, model, catalog, thinking=options.thinking, images=bool(options.images))
+        if model is not None and model.max_output and options.max_tokens and options.max_tokens > model.max_output:
+            raise UsageError(
+                f"--max-tokens {options.max_tokens:,} is more than {model_name} can write: "
+                f"at most {model.max_output:,} tokens (%qwen models)."
+            )
         chat = self.chat(options.chat)
         # -n: afresh, without the old turns or system prompt (the chat itself is emptied
         # only once the call is really sent: a refused call changes nothing).
         system = options.system or (None if options.new else chat.system) or settings.system
+        system = mend(system) if system else system
         request_system = with_json_hint(system, prompt) if fmt == "json" else system
         user_content = question(prompt, options.images)
         extra = model.extra_input_tokens(options.thinking) if model else 0
@@ -337,7 +347,8 @@ class QwenSession:
             model_name=model_name,
         )
         messages = messages_for(request_system, window.turns, user_content)
-        preflight = prepare(model_name, model, messages, max_tokens=options.max_tokens, thinking=options.thinking)
+        preflight = prepare(model_name, model, messages, max_tokens=options.max_tokens, thinking=options.thinking,
+                            thinking_budget=options.thinking_budget)
         return _Plan(prompt, fmt, model_name, model, chat, system, window, messages, preflight)
 
     def _settle(
@@ -463,7 +474,9 @@ class QwenSession:
         finally:
             events.close()  # an interrupt outside the stream's own code: it still reads its last frame
             ticker.release()
-        answer, thought = "".join(state.answer), "".join(reasoning)
+        # Pieces come mended from the stream; what is joined is made writable once more, so that
+        # no stray surrogate can fail the output, the history or the count of a billed call.
+        answer, thought = mend("".join(state.answer)), mend("".join(reasoning))
         usage = state.usage
         if status != COMPLETE and (answer or thought or state.request_id) and not usage.input_tokens:
             # Cut off before the server reported usage (compatible mode reports it last): it

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
-import mimetypes
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,17 +51,53 @@ def image_part(source: str) -> dict[str, str]:
     """A URL as is; a local file inline as a data: URL (nothing is uploaded anywhere)."""
     if source.startswith(("http://", "https://", "data:", "oss://")):
         return {"type": "image", "url": source}
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise UsageError(f"--image {source}: no such file, and not an http(s) URL.")
-    size = path.stat().st_size
-    if size > MAX_IMAGE_BYTES:
-        raise UsageError(f"--image {source}: {size / 2**20:.1f} MB, over the 10 MB an image may be.")
-    kind = mimetypes.guess_type(path.name)[0] or ""
-    if not kind.startswith("image/"):
-        raise UsageError(f"--image {source}: not an image file (.png, .jpg, .webp, .gif, .bmp).")
-    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+    data = _image_bytes(source)
+    kind = image_type(data)
+    if kind is None:
+        raise UsageError(
+            f"--image {source}: not an image (its content is not PNG, JPEG, GIF, WebP, BMP or TIFF); nothing was sent."
+        )
+    encoded = base64.b64encode(data).decode("ascii")
     return {"type": "image", "url": f"data:{kind};base64,{encoded}"}
+
+
+def _image_bytes(source: str) -> bytes:
+    """A local image's bytes: a regular file (symlinks followed), at most 10 MB, read once."""
+    path = Path(source).expanduser()
+    try:
+        resolved = path.resolve(strict=True)
+        mode = resolved.stat().st_mode
+    except (OSError, RuntimeError):  # missing, a broken or looping link, no permission
+        raise UsageError(f"--image {source}: no such file, and not an http(s) URL.") from None
+    # /proc and /sys hold "regular" files that are views of the process (its environment,
+    # the key among it): only a file on a real file system is read.
+    if not stat.S_ISREG(mode) or resolved.parts[1:2] in (("proc",), ("sys",), ("dev",)):
+        raise UsageError(f"--image {source}: not a regular file; nothing was sent.")
+    try:
+        with open(resolved, "rb") as file:
+            data = file.read(MAX_IMAGE_BYTES + 1)
+    except OSError as error:
+        raise UsageError(f"--image {source}: cannot be read ({error.strerror or error}).") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise UsageError(f"--image {source}: over the 10 MB an image may be.")
+    return data
+
+
+def image_type(data: bytes) -> str | None:
+    """The image's MIME type from its first bytes (its name may say anything), or None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data.startswith(b"BM") and len(data) >= 26:
+        return "image/bmp"
+    if data.startswith((b"II*\x00", b"MM\x00*")):
+        return "image/tiff"
+    return None
 
 
 def question(prompt: str, images: tuple[str, ...]) -> str | list[dict[str, str]]:

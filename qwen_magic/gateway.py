@@ -201,6 +201,15 @@ class Reply:
     stall: float = 30.0
     search_results: list[dict] | None = None
     request_id: str | None = None
+    # What no well-behaved server sends, for the client's error paths: ``body`` answers the
+    # request as it is (with ``status`` and ``content_type``: a proxy's HTML page); each of
+    # ``raw_frames`` is sent as one stream event's data before the answer's frames (a
+    # malformed frame); ``ascii_json`` writes frames with JSON escapes, so that a text piece
+    # may end in half a surrogate pair as the service's frames sometimes do.
+    body: str | None = None
+    content_type: str = "text/html"
+    raw_frames: list[str] | None = None
+    ascii_json: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -557,8 +566,8 @@ class _Answer:
 # --------------------------------------------------------------------------- wire encoders
 
 
-def _compact(payload: Any) -> str:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+def _compact(payload: Any, *, ascii_only: bool = False) -> str:
+    return json.dumps(payload, ensure_ascii=ascii_only, separators=(",", ":"))
 
 
 class _NativeEncoder:
@@ -591,8 +600,14 @@ class _NativeEncoder:
         return {"output": output, "usage": usage, "request_id": self._answer.request_id}
 
     def _event(self, kind: str, status: int, payload: dict[str, Any]) -> bytes:
+        return self._raw(kind, status, _compact(payload, ascii_only=self._answer.reply.ascii_json))
+
+    def _raw(self, kind: str, status: int, data: str) -> bytes:
         self._event_id += 1
-        return f"id:{self._event_id}\nevent:{kind}\n:HTTP_STATUS/{status}\ndata:{_compact(payload)}\n\n".encode()
+        return f"id:{self._event_id}\nevent:{kind}\n:HTTP_STATUS/{status}\ndata:{data}\n\n".encode()
+
+    def raw_frame(self, data: str) -> bytes:
+        return self._raw("result", 200, data)
 
     def frame(self, index: int) -> bytes:
         answer = self._answer
@@ -648,7 +663,11 @@ class _CompatibleEncoder:
         if self._include_usage:
             payload["usage"] = None
         payload.update(extra)
-        return f"data: {_compact(payload)}\n\n".encode()
+        return self.raw_frame(_compact(payload, ascii_only=answer.reply.ascii_json))
+
+    @staticmethod
+    def raw_frame(data: str) -> bytes:
+        return f"data: {data}\n\n".encode()
 
     def frame(self, index: int) -> bytes:
         piece = self._answer.pieces[index]
@@ -979,6 +998,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _respond(self, answer: _Answer, encoder: _NativeEncoder | _CompatibleEncoder, *, protocol: str,
                 streaming: bool) -> None:
         reply = answer.reply
+        if reply.body is not None:
+            return self._send_bytes(reply.status, reply.body.encode(), reply.content_type, {})
         if reply.is_error and (reply.error_after is None or not streaming):
             if not self._pause(reply.first_token_delay):
                 return self._abort()
@@ -1003,6 +1024,8 @@ class _Handler(BaseHTTPRequestHandler):
         error_at = clip(reply.error_after) if reply.is_error else None
         cut_at, stall_at = clip(reply.cut_after), clip(reply.stall_after)
         self._begin_stream(answer.request_id)
+        for data in reply.raw_frames or ():
+            self._write_chunk(encoder.raw_frame(data))
         for sent in range(total + 1):
             if sent == stall_at and not self._pause(reply.stall):
                 return self._abort()

@@ -6,10 +6,9 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.core.magic_arguments import parse_argstring
 from traitlets import Bool, Dict, Enum, Float, Int, TraitError, Unicode, validate
 
-from .options import CellOptions, cell_arguments
+from .options import CellOptions, cell_arguments, has_control_characters, parse_cell_line, url_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import QwenSession, Settings
@@ -83,6 +82,16 @@ class QwenMagic(Magics):
         value = proposal["value"].strip()
         if not value:
             raise TraitError("QwenMagic.model needs a model name, such as 'qwen-plus'.")
+        if has_control_characters(value):
+            raise TraitError(f"QwenMagic.model: {value!r} has control characters; no model name does.")
+        return value
+
+    @validate("base_url")
+    def _valid_base_url(self, proposal: dict[str, Any]) -> str | None:
+        value = proposal["value"]
+        problem = None if value is None else url_problem(value)
+        if problem:
+            raise TraitError(f"QwenMagic.base_url {value!r}: {problem}.")
         return value
 
     @validate("timeout", "budget")
@@ -196,7 +205,7 @@ class QwenMagic(Magics):
             from .commands import run_command
 
             return run_command(self, line)
-        options = CellOptions.from_namespace(parse_argstring(self.qwen, line))
+        options = CellOptions.from_namespace(parse_cell_line(self.qwen, line))
         try:
             result = self.session.ask(
                 cell,

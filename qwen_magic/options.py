@@ -6,14 +6,18 @@ Every mistake becomes a one-line ``UsageError``; nothing here talks to the netwo
 from __future__ import annotations
 
 import argparse
+import keyword
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from IPython.core.error import UsageError
-from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 F = TypeVar("F", bound=Callable[..., Any])
 FORMATS = ("markdown", "text", "code", "json")
+# The largest token count a request parameter may carry (DashScope reads them as int32).
+MAX_TOKENS_PARAMETER = 2**31 - 1
 
 _CELL_ARGUMENTS = (
     argument("-m", "--model", help="Model to ask (default: QwenMagic.model), e.g. qwen-max."),
@@ -85,6 +89,18 @@ _CELL_ARGUMENTS = (
 )
 
 
+def parse_cell_line(magic: Callable[..., Any], line: str) -> argparse.Namespace:
+    """The ``%%qwen`` line's options; a line that cannot be split is one ``UsageError``."""
+    try:
+        line.encode()
+    except UnicodeEncodeError:  # a lone surrogate: no error message that quoted it could be shown
+        raise UsageError("The %%qwen line has a broken character (half of a surrogate pair); retype it.") from None
+    try:
+        return parse_argstring(magic, line)
+    except ValueError as error:  # shlex: "No closing quotation", "No escaped character"
+        raise UsageError(f"The %%qwen line cannot be read: {error} (quote values with spaces in matching quotes).") from None
+
+
 def cell_arguments(func: F) -> F:
     """All ``%%qwen`` options in one decorator, so the magic's help lists them."""
     for decorator in reversed(_CELL_ARGUMENTS):
@@ -154,8 +170,12 @@ class CellOptions:
         """Refuse values DashScope would reject, before anything is sent."""
         if self.model is not None and not self.model.strip():
             raise UsageError("-m/--model needs a model name, e.g. -m qwen-plus.")
+        if self.model is not None and has_control_characters(self.model):
+            raise UsageError(f"-m/--model: {self.model!r} has control characters; no model name does.")
         if not self.chat.strip() or len(self.chat) > 100:
             raise UsageError("-c/--chat needs a name of 1 to 100 characters.")
+        if has_control_characters(self.chat):
+            raise UsageError(f"-c/--chat: {_shown(self.chat)} has control characters; a chat name has none.")
         if self.new and self.no_history:
             raise UsageError("-n/--new starts a chat and --no-history stays out of chats: use one of them.")
         if self.max_history is not None and self.max_history < 0:
@@ -164,20 +184,26 @@ class CellOptions:
             raise UsageError(f"-t/--temperature must be in [0, 2), not {self.temperature}.")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1], not {self.top_p}.")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise UsageError(f"--max-tokens must be a positive number, not {self.max_tokens}.")
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_TOKENS_PARAMETER:
+            raise UsageError(f"--max-tokens must be from 1 to {MAX_TOKENS_PARAMETER:,}, not {_shown(self.max_tokens)}.")
         if self.seed is not None and not 0 <= self.seed < 2**31:
             raise UsageError(f"--seed must be in [0, 2**31), not {self.seed}.")
         if any(not s for s in self.stop):
             raise UsageError("--stop needs a non-empty string.")
         if self.max_cost is not None and not self.max_cost > 0:
             raise UsageError(f"--max-cost must be a positive amount of yuan, not {self.max_cost}.")
-        if self.thinking_budget is not None and self.thinking_budget < 1:
-            raise UsageError(f"--thinking-budget must be a positive number of tokens, not {self.thinking_budget}.")
-        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
-            raise UsageError(f"--base-url needs an http:// or https:// URL, not {self.base_url!r}.")
-        if self.out is not None and not self.out.isidentifier():
-            raise UsageError(f"-o/--out needs a variable name, not {self.out!r}.")
+        if self.thinking_budget is not None and not 1 <= self.thinking_budget <= MAX_TOKENS_PARAMETER:
+            raise UsageError(
+                f"--thinking-budget must be from 1 to {MAX_TOKENS_PARAMETER:,} tokens, not {_shown(self.thinking_budget)}."
+            )
+        if self.max_history is not None and self.max_history > MAX_TOKENS_PARAMETER:
+            raise UsageError(f"--max-history must be at most {MAX_TOKENS_PARAMETER:,} turns, not {_shown(self.max_history)}.")
+        if self.base_url is not None:
+            problem = url_problem(self.base_url)
+            if problem:
+                raise UsageError(f"--base-url {_shown(self.base_url)}: {problem}.")
+        if self.out is not None and (not self.out.isidentifier() or keyword.iskeyword(self.out)):
+            raise UsageError(f"-o/--out needs a variable name (not a Python keyword), not {_shown(self.out)}.")
 
     def parameters(self) -> dict[str, Any]:
         """The request parameters that were given, as the SDK names them."""
@@ -195,6 +221,57 @@ class CellOptions:
             "response_format": {"type": "json_object"} if self.format == "json" else None,
         }
         return {name: value for name, value in given.items() if value is not None}
+
+
+def has_control_characters(text: str) -> bool:
+    """Whether ``text`` holds a NUL, a newline or another control character."""
+    return any(unicodedata.category(char) == "Cc" for char in text)
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with an endpoint URL (scheme, host, port, brackets), or None if it can be used.
+
+    Checked before any client is built, so that a typo is one line, not a traceback from the
+    HTTP library (whose frames would carry the client's configuration).
+    """
+    from urllib.parse import urlsplit
+
+    if has_control_characters(url) or any(char.isspace() for char in url):
+        return "a URL has no spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port that is not a number from 0 to 65535
+    except ValueError as error:
+        return f"not a valid URL ({error})"
+    if parts.scheme.lower() not in ("http", "https"):
+        return "an endpoint needs an http:// or https:// URL"
+    if not parts.hostname:
+        return "the URL names no host"
+    if port == 0:
+        return "the URL's port must be from 1 to 65535"
+    host = parts.netloc.rpartition("@")[2]
+    if host.startswith("["):
+        import ipaddress
+
+        try:
+            ipaddress.IPv6Address(parts.hostname.split("%", 1)[0])
+        except ValueError:
+            return f"[{parts.hostname}] is not an IPv6 address"
+    elif "[" in host or "]" in host:
+        return "brackets in a URL may only enclose an IPv6 address"
+    try:  # what the HTTP client itself will make of it
+        import httpx
+
+        httpx.URL(url)
+    except Exception as error:
+        return f"not a valid URL ({error})"
+    return None
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value for an error line: its repr, shortened so that the line stays one line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
 
 
 def _strip_quotes(value: str | None) -> str | None:

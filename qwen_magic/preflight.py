@@ -30,6 +30,8 @@ class Preflight:
     input_tokens: int
     estimate: Estimate
     thinking: bool
+    # Of the worst case's output tokens, how many may be thinking (billed as output too).
+    max_reasoning_tokens: int = 0
 
     @property
     def max_input(self) -> int | None:
@@ -43,15 +45,23 @@ def prepare(
     *,
     max_tokens: int | None,
     thinking: bool,
+    thinking_budget: int | None = None,
 ) -> Preflight:
-    """Count the request's input tokens (chat template included) and estimate its cost."""
+    """Count the request's input tokens (chat template included) and estimate its cost.
+
+    The worst case is the longest answer, plus, when the model thinks, the longest thinking:
+    ``--max-tokens`` bounds the answer alone, and the thinking is billed as output too.
+    """
     thinking = thinking or (model is not None and model.thinking == "only")
     extra = model.extra_input_tokens(thinking) if model else 0
     input_tokens = count_chat_input(messages, extra_tokens=extra)
-    max_output = max_tokens or (model.max_output if model and model.max_output else DEFAULT_WORST_OUTPUT)
+    longest = model.max_output if model and model.max_output else DEFAULT_WORST_OUTPUT
+    max_answer = max_tokens or longest
+    # The catalog gives no separate thinking limit: a budget bounds it, else the longest output.
+    max_reasoning = (thinking_budget or longest) if thinking else 0
     return Preflight(
         model_name, model, tuple(messages), input_tokens,
-        estimate(model, input_tokens, max_output, thinking=thinking), thinking,
+        estimate(model, input_tokens, max_answer + max_reasoning, thinking=thinking), thinking, max_reasoning,
     )
 
 
@@ -88,7 +98,8 @@ def check_cost(preflight: Preflight, *, spent: float, budget: float | None, max_
                        f"raise the budget (%qwen budget {_suggest(spent + worst)})"))
     for allowed, what, raise_it in limits:
         if worst > allowed:
-            fits = output_tokens_affordable(model, preflight.input_tokens, allowed, thinking=preflight.thinking)
+            fits = output_tokens_affordable(model, preflight.input_tokens, allowed,
+                                            thinking=preflight.thinking) - preflight.max_reasoning_tokens
             if fits > 0:
                 lower = f"or lower --max-tokens to {fits:,} or less"
             elif allowed > 0:
@@ -98,9 +109,17 @@ def check_cost(preflight: Preflight, *, spent: float, budget: float | None, max_
             raise UsageError(
                 f"Refused, nothing sent: this call could cost up to {format_yuan(worst)} "
                 f"({preflight.input_tokens:,} input tokens and up to "
-                f"{preflight.estimate.max_output_tokens:,} output tokens on {preflight.model_name}), "
+                f"{_output_tokens(preflight)} on {preflight.model_name}), "
                 f"more than {what}. To go ahead, {raise_it}, {lower}."
             )
+
+
+def _output_tokens(preflight: Preflight) -> str:
+    """The worst case's output, saying how much of it thinking may take."""
+    shown = f"{preflight.estimate.max_output_tokens:,} output tokens"
+    if preflight.max_reasoning_tokens:
+        shown += f" ({preflight.max_reasoning_tokens:,} of them thinking)"
+    return shown
 
 
 def content_preview(content: Any) -> str:
@@ -140,7 +159,7 @@ class DryRun:
             ("model", p.model_name),
             ("input tokens", f"{p.input_tokens:,} (model limit {limit})"),
             ("cost now", f"{format_yuan(p.estimate.input_cost)} for the input"),
-            ("worst case", f"{format_yuan(p.estimate.worst_cost)} with {p.estimate.max_output_tokens:,} output tokens"),
+            ("worst case", f"{format_yuan(p.estimate.worst_cost)} with {_output_tokens(p)}"),
         ]
         if p.model is None:
             rows.append(("note", f"{p.model_name} is not in the catalog: its price is unknown"))

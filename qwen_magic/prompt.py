@@ -1,10 +1,14 @@
-"""``{name}`` in a cell, filled from the notebook's variables without running code.
+"""``{name}`` in a cell, filled from the notebook's variables without evaluating code.
 
 Only plain references are filled: a name, then attributes and constant indexes, as in
 ``{df.shape}``, ``{rows[0]}`` or ``{config['model']}``, with an optional ``!r``/``!s``
-conversion and a format spec (``{price:.2f}``). Nothing is called. A name the notebook
-does not have, anything else in braces (code, JSON) and doubled braces ``{{ }}`` are left
-exactly as written.
+conversion and a format spec (``{price:.2f}``). No expression is evaluated and nothing in
+braces is called, but the objects' own methods do run, as they would in an f-string: each
+attribute access (``__getattr__``, properties), each index (``__getitem__``), then the
+value's ``__format__`` (with a spec), ``__str__``, ``__repr__`` (``!r``) or ``ascii``
+(``!a``). Any of them that fails is one ``UsageError`` naming the placeholder. A name the
+notebook does not have, anything else in braces (code, JSON) and doubled braces ``{{ }}``
+are left exactly as written.
 """
 
 from __future__ import annotations
@@ -35,17 +39,21 @@ def fill(text: str, namespace: Mapping[str, Any]) -> str:
         root = re.match(r"[A-Za-z_][A-Za-z0-9_]*", expr).group(0)  # type: ignore[union-attr]
         if root not in namespace:
             return match.group(0)
-        value = _resolve(expr, namespace, match.group(0))
+        written = match.group(0)
+        value = _resolve(expr, namespace, written)
         conversion = match.group("conversion")
-        if conversion == "r":
-            value = repr(value)
-        elif conversion == "a":
-            value = ascii(value)
         spec = match.group("spec") or ""
         try:
-            return format(value, spec) if spec else str(value)
-        except (TypeError, ValueError) as error:
-            raise UsageError(f"{match.group(0)}: cannot format the value ({error}).") from None
+            if conversion == "r":
+                value = repr(value)
+            elif conversion == "a":
+                value = ascii(value)
+            text = format(value, spec) if spec else str(value)
+            if not isinstance(text, str):
+                raise TypeError(f"it gave a {type(text).__name__}, not a str")
+            return text
+        except Exception as error:  # the value's own __format__/__str__/__repr__ failed
+            raise UsageError(f"{written}: cannot format the value ({_described(error)}).") from None
 
     return _PLACEHOLDER.sub(replace, text)
 
@@ -74,9 +82,20 @@ def _resolve(expr: str, namespace: Mapping[str, Any], written: str) -> Any:
     for kind, key in reversed(steps):
         try:
             value = getattr(value, key) if kind == "attr" else value[key]
-        except (AttributeError, LookupError, TypeError, ValueError) as error:
-            raise UsageError(f"{written}: {type(error).__name__}: {error}") from None
+        except Exception as error:  # a property or __getitem__ of the user's object may raise anything
+            raise UsageError(f"{written}: {_described(error)}") from None
     return value
+
+
+def _described(error: BaseException, limit: int = 200) -> str:
+    """``Type: message`` on one line, shortened; a message that cannot be shown is left out."""
+    try:
+        message = " ".join(str(error).split())
+    except Exception:
+        message = ""
+    if len(message) > limit:
+        message = message[:limit] + "…"
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 def _constant(node: ast.AST, written: str) -> Any:

@@ -9,6 +9,7 @@ Counting the same way is what makes a local estimate match ``usage.input_tokens`
 from __future__ import annotations
 
 import functools
+import re
 import threading
 import unicodedata
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
@@ -20,6 +21,13 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 # <|im_start|> and <|im_end|> are one token each, plus the "\n" after <|im_end|>.
 _MESSAGE_SPECIAL_TOKENS = 3
 _load_lock = threading.Lock()
+# The tokenizer's regex recurses along a run of white space and fails on one of ~1M
+# characters; runs this long are counted in pieces of this size (a token or so off per
+# piece, and text without such runs is counted exactly as before).
+_PIECE = 4096
+# Tried only where a run starts (the look-behind): tried at every position inside a run, the
+# search would take quadratic time on text with many runs just under the limit.
+_LONG_SPACE_RUN = re.compile(r"(?<!\s)\s{%d,}" % _PIECE)
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,11 +40,37 @@ def _encoding() -> "tiktoken.Encoding":
 
 
 def count_text(text: str) -> int:
-    """Tokens of plain text; special-token markup in it counts as ordinary text."""
+    """Tokens of plain text; special-token markup in it counts as ordinary text. Never raises."""
     if not text:
         return 0
-    normalized = unicodedata.normalize("NFC", text)
-    return len(_encoding().encode(normalized, allowed_special=set(), disallowed_special=()))
+    try:
+        normalized = unicodedata.normalize("NFC", text)
+    except UnicodeError:
+        normalized = text
+    if len(normalized) < _PIECE:
+        return _count(normalized)
+    total = start = 0
+    for run in _LONG_SPACE_RUN.finditer(normalized):
+        total += _count(normalized[start:run.start()])
+        total += sum(_count(run.group()[i:i + _PIECE]) for i in range(0, len(run.group()), _PIECE))
+        start = run.end()
+    return total + _count(normalized[start:])
+
+
+def _count(text: str) -> int:
+    if not text:
+        return 0
+    encoding = _encoding()
+    try:
+        return len(encoding.encode(text, allowed_special=set(), disallowed_special=()))
+    except UnicodeEncodeError:  # a lone surrogate: counted as the replacement the answer shows
+        from .client import mend
+
+        return _count(mend(text))
+    except ValueError:  # the tokenizer's regex gave up on some other pathological run
+        if len(text) <= _PIECE:
+            return len(text.encode("utf-8", "replace")) // 2 + 1  # a bound, not a count
+        return sum(_count(text[i:i + _PIECE]) for i in range(0, len(text), _PIECE))
 
 
 @functools.lru_cache(maxsize=65536)
