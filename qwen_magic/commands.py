@@ -12,7 +12,7 @@ from IPython.core.error import StdinNotImplementedError, UsageError
 
 from .catalog import ModelInfo, PriceTier, user_catalog_path
 from .conversation import RecordError, Turn
-from .history import ChatHistory, chat_to_json, chat_to_markdown, turns_from_notebook
+from .history import ChatHistory, chat_to_json, chat_to_markdown, shortened, turns_from_notebook
 from .client import key_source, mask_key
 from .ledger import UsageReport
 from .preflight import prepare
@@ -98,7 +98,7 @@ def _models(magics: "QwenMagic", args: list[str]) -> Table:
     if args:
         model = catalog.get(args[0])
         if model is None:
-            raise UsageError(f"{args[0]!r} is not in the catalog; %qwen models lists the known models.")
+            raise UsageError(f"{shortened(args[0])!r} is not in the catalog; %qwen models lists the known models.")
         return model_details(model)
     header = ("model", "context", "max in", "max out", "¥/1K in→out", "¥/1M in→out", "QPM", "TPM", "free", "")
     rows = tuple(
@@ -190,6 +190,9 @@ def _store(magics: "QwenMagic") -> Store:
         raise UsageError(str(error)) from None
 
 
+MAX_CHAT_NAME = 200
+
+
 def _reading(read: Callable[..., T], *args: Any) -> T:
     """A read of the history file; a damaged or locked file is one line saying what to do."""
     try:
@@ -207,7 +210,9 @@ def _one_chat_name(args: list[str], command: str) -> str:
         raise UsageError(f"%qwen {command} takes at most one chat name.")
     name = args[0] if args else "default"
     if not name.isprintable():
-        raise UsageError(f"A chat name cannot hold control characters (such as NUL): {name!r}.")
+        raise UsageError(f"A chat name cannot hold control characters (such as NUL): {shortened(name)!r}.")
+    if len(name) > MAX_CHAT_NAME:
+        raise UsageError(f"A chat name is at most {MAX_CHAT_NAME} characters; this one has {len(name):,}.")
     return name
 
 
@@ -284,11 +289,11 @@ def _export(magics: "QwenMagic", args: list[str]) -> Message:
     elif path.suffix.lower() in (".md", ".markdown"):
         text = chat_to_markdown(chat)
     else:
-        raise UsageError(f"{target}: the format comes from the extension, .md or .json.")
+        raise UsageError(f"{shortened(target)}: the format comes from the extension, .md or .json.")
     try:
         path.write_text(text, encoding="utf-8")
     except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
-        raise UsageError(f"Cannot write {path}: {getattr(error, 'strerror', None) or error}") from None
+        raise UsageError(f"Cannot write {shortened(path)}: {getattr(error, 'strerror', None) or error}") from None
     return Message(f"Wrote chat {name!r} ({len(chat.turns)} turns) to {path}.")
 
 
@@ -362,9 +367,9 @@ def _budget(magics: "QwenMagic", args: list[str]) -> Message:
             try:
                 amount = float(args[0].lstrip("¥"))
             except ValueError:
-                raise UsageError(f"%qwen budget needs an amount in yuan or 'off', not {args[0]!r}.") from None
+                raise UsageError(f"%qwen budget needs an amount in yuan or 'off', not {shortened(args[0])!r}.") from None
             if not (amount > 0 and math.isfinite(amount)):
-                raise UsageError(f"A budget must be a positive, finite amount of yuan, not {args[0]!r}.")
+                raise UsageError(f"A budget must be a positive, finite amount of yuan, not {shortened(args[0])!r}.")
             session.budget, session.budget_off = amount, False
     spent = session.ledger.total_cost
     budget = session.effective_budget(magics.settings())
@@ -427,5 +432,5 @@ def run_command(magics: "QwenMagic", line: str) -> Any:
     name, args = words[0], words[1:]
     command = COMMANDS.get(name)
     if command is None:
-        raise UsageError(f"%qwen has no command {name!r}; try one of: {', '.join(COMMANDS)}.")
+        raise UsageError(f"%qwen has no command {shortened(name)!r}; try one of: {', '.join(COMMANDS)}.")
     return command(magics, args)

@@ -17,6 +17,14 @@ from .result import COMPLETE, text_from_markdown
 _MARKS = {"interrupted": "⚠ interrupted", "failed": "✖ failed"}
 
 
+def shortened(text: object, limit: int = 120) -> str:
+    """A name or path as a message quotes it: whole, or its start and end around an ellipsis."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit // 2]}…{text[-(limit // 2 - 1):]}"
+
+
 def _turn_line(number: int, turn: Turn) -> str:
     result = turn.result
     usage = result.usage
@@ -86,13 +94,13 @@ def turns_from_notebook(path: Path, chat: str) -> list[Turn]:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
         if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
-            raise UsageError(f"{path} is not a notebook ({type(error).__name__}).") from None
+            raise UsageError(f"{shortened(path)} is not a notebook ({type(error).__name__}).") from None
         reason = getattr(error, "strerror", None) or error
-        raise UsageError(f"Cannot read {path}: {reason}") from None
+        raise UsageError(f"Cannot read {shortened(path)}: {reason}") from None
     try:
         return _turns_of(document, chat)
     except NotebookShapeError as error:
-        raise UsageError(f"{path} cannot be resumed: {error}; nothing was changed.") from None
+        raise UsageError(f"{shortened(path)} cannot be resumed: {error}; nothing was changed.") from None
 
 
 class NotebookShapeError(ValueError):

@@ -414,6 +414,10 @@ def repair(path: Path) -> tuple[Path, int, int]:
     Return where the damaged file went, and how many turns and calls were carried over.
     """
     aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    number = 1
+    while aside.exists():  # repaired twice in a second: both damaged files are kept
+        number += 1
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{number}")
     for suffix in ("", "-wal", "-shm"):  # the journal belongs to its file: it moves with it
         source = Path(f"{path}{suffix}")
         if source.exists():
@@ -429,29 +433,43 @@ def repair(path: Path) -> tuple[Path, int, int]:
 
 
 def _salvage(damaged: Path, fresh: Store, table: str, columns: tuple[str, ...]) -> int:
-    """Copy the rows of ``table`` that can still be read, up to the first unreadable page."""
+    """Copy the rows of ``table`` that can still be read into the fresh file; return how many.
+
+    Row by row, by id: a damaged page loses the rows on it, not the rows after it.
+    """
     names = ", ".join(columns)
-    copied = 0
+    insert = f"INSERT OR IGNORE INTO {table} ({names}) VALUES ({', '.join('?' * len(columns))})"
     try:
         source = sqlite3.connect(damaged, isolation_level=None)
     except sqlite3.Error:
         return 0
+    copied = 0
     try:
-        rows = source.execute(f"SELECT {names} FROM {table} ORDER BY id")
+        last = _last_id(source, table)
         with fresh.transaction():
-            while True:
+            for row_id in range(1, last + 1):
                 try:
-                    row = rows.fetchone()
+                    row = source.execute(f"SELECT {names} FROM {table} WHERE id = ?", (row_id,)).fetchone()
                 except sqlite3.Error:
-                    break
-                if row is None:
-                    break
-                fresh._db.execute(
-                    f"INSERT OR IGNORE INTO {table} ({names}) VALUES ({', '.join('?' * len(columns))})", row
-                )
-                copied += 1
-    except sqlite3.Error:
-        pass
+                    continue
+                if row is not None:
+                    fresh._db.execute(insert, row)
+                    copied += 1
     finally:
         source.close()
     return copied
+
+
+def _last_id(source: sqlite3.Connection, table: str) -> int:
+    """The highest row id that can be found (0 if none can)."""
+    try:
+        return source.execute(f"SELECT MAX(id) FROM {table}").fetchone()[0] or 0
+    except sqlite3.Error:
+        pass
+    last = 0
+    try:
+        for (row_id,) in source.execute(f"SELECT id FROM {table}"):
+            last = max(last, row_id)
+    except sqlite3.Error:
+        pass
+    return last
