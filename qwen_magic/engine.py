@@ -338,9 +338,11 @@ class QwenSession:
         )
         view = make_view(settings.display, in_kernel=in_kernel, display=display, fmt=plan.fmt,
                          pool=self.widgets)
+        early_notes: list[str] = []
         if options.new:
             plan.chat.reset()
-            self.persist(settings, lambda store: self.forget_chat(store, plan.chat))
+            early_notes = self.persist(settings, lambda store: self.forget_chat(store, plan.chat),
+                                       wait=QUICK_LOCK_WAIT)
         if not options.no_history:
             plan.chat.system = plan.system
         try:
@@ -356,7 +358,7 @@ class QwenSession:
         with _interrupts_held() as held:
             record, save = self._settle(plan, result, options, settings, cell_id=cell_id, cell_label=cell_label)
             view.finish(result, record)  # the whole answer first: the history may have to wait
-            notes = self.persist(settings, save, wait=QUICK_LOCK_WAIT)
+            notes = list(dict.fromkeys(early_notes + self.persist(settings, save, wait=QUICK_LOCK_WAIT)))
             if notes:
                 result.notes.extend(notes)
                 view.update_footer(result, record)

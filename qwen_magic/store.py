@@ -396,7 +396,7 @@ def _statements(script: str) -> list[str]:
 def check(path: Path) -> str | None:
     """None if the file reads whole, else what is wrong with it."""
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=LOCK_WAIT)
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=LOCK_WAIT)
     except sqlite3.Error as error:
         return str(error)
     try:

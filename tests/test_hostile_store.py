@@ -281,6 +281,26 @@ def test_a_file_that_is_not_a_database_is_one_line_and_repairable(shell, gateway
     assert stored_prompts(path) == ["Now saved"]
 
 
+def test_repair_and_odd_chat_names_in_a_store_path_with_uri_characters(shell, gateway: Gateway, capsys,
+                                                                       tmp_path: Path) -> None:
+    path = tmp_path / "odd ?#% dir" / "history.sqlite3"
+    run(shell, f"%config QwenMagic.store_path = {str(path)!r}")
+    names = ["it's", "默认", "a@2", "default@2", "x y", "%qwen"]
+    for name in names:
+        assert run(shell, f"%%qwen -c {json.dumps(name, ensure_ascii=False)}\nAbout {name}").success
+    assert "History not saved" not in shown(capsys)
+    for name in names:
+        assert stored_prompts(path, chat=name) == [f"About {name}"]
+    assert run(shell, "%qwen repair").success
+    assert "reads whole; nothing was changed" in shown(capsys)
+    session_of(shell).close_store(path)
+    path.write_bytes(b"garbage" * 1000)
+    assert run(shell, "%qwen repair").success
+    assert "It is kept as" in shown(capsys)
+    assert run(shell, "%%qwen -c \"it's\"\nAgain").success
+    assert stored_prompts(path, chat="it's") == ["About it's", "Again"]  # the chat, written whole
+
+
 # ---- 10. a history file locked by another program
 
 
