@@ -120,15 +120,34 @@ class Owner:
             return False
         if host != self.host:
             return False
-        if pid == self.pid:
+        if not isinstance(pid, int):  # a claim no kernel of this package wrote
             return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except OSError:  # alive, under another user
-            return False
+        return pid == self.pid or not _process_alive(pid)
+
+
+def _process_alive(pid: int) -> bool:
+    """Does a process with this id run on this machine (the check sends nothing to it)?"""
+    if pid <= 0:  # not a process: 0 and negative ids name process groups
         return False
+    if os.name == "nt":  # os.kill would end the process there
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() == 5  # access denied: it exists, under another user
+        try:
+            code = ctypes.c_ulong()
+            return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, under another user
+        return True
+    return True
 
 
 @dataclass(frozen=True)

@@ -409,6 +409,39 @@ def test_a_read_only_history_file_is_a_note(shell, gateway: Gateway, capsys, tmp
     assert [t.prompt for t in session_of(shell).chat("default").turns] == ["Question two"]
 
 
+def test_a_chat_is_claimed_by_one_live_kernel_and_taken_over_from_an_ended_one(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from qwen_magic.store import Owner
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    store = Store(tmp_path / "history.sqlite3")
+    gone, live, me = Owner(pid=int(ended.stdout)), Owner(pid=os.getppid()), Owner()
+    assert store.claim("nb", "default", gone, fresh=True).name == "default"
+    store.save_turn("nb", "default", 1, "c1", _record())
+    taken = store.claim("nb", "default", me, fresh=True)  # its kernel ended: taken over, its turns kept
+    assert taken.name == "default" and taken.new and taken.kept and taken.kept.startswith("default@")
+    assert store.claim("nb", "default", me, fresh=False).new is False  # held: checked, not re-taken
+    assert store.claim("nb", "other", live, fresh=True).name == "other"
+    assert store.claim("nb", "other", me, fresh=True).name == "other@2"  # its kernel runs: kept apart
+    # A later session of this process (after %reload_ext) takes over the earlier one's chats.
+    assert store.claim("nb", "other", Owner(), fresh=True).name == "other@2"
+    db = sqlite3.connect(store.path)
+    db.execute("INSERT INTO claims VALUES ('nb', 'odd', 'x', ?, 0)", (me.host,))  # pid 0: no process
+    db.execute("INSERT INTO claims VALUES ('nb', 'odder', 'x', ?, 'text')", (me.host,))
+    db.execute("INSERT INTO claims VALUES ('nb', 'far', 'x', 'another-host', ?)", (int(ended.stdout),))
+    db.commit()
+    db.close()
+    assert store.claim("nb", "odd", me, fresh=True).name == "odd"
+    assert store.claim("nb", "odder", me, fresh=True).name == "odder"
+    assert store.claim("nb", "far", me, fresh=True).name == "far@2"  # cannot be checked: taken as alive
+    mine = Owner(pid=live.pid)
+    assert store.claim("nb", "mine", mine, fresh=True).name == "mine"
+    store.release(mine)  # its kernel closes: the next one takes the name, though that pid still runs
+    assert store.claim("nb", "mine", live, fresh=True).name == "mine"
+
+
 # ---- in real kernels: the answer before the wait, two kernels, a kill mid-write, login
 
 
