@@ -317,6 +317,8 @@ def _resume(magics: "QwenMagic", args: list[str]) -> Message:
         except RecordError as error:
             raise UsageError(f"Chat {name!r} in {store.path} cannot be resumed: {error}; nothing was changed.") from None
         where = str(store.path)
+        if turns:  # this kernel now holds that copy's turns: its next write carries it on
+            session.stored_names[(store.path, session.notebook, name)] = name
     if not turns:
         raise UsageError(f"Nothing to resume: no turns of chat {name!r} for {session.notebook} in {where}.")
     chat = session.chat(name)

@@ -208,6 +208,8 @@ class QwenSession:
         self._stores: dict[Path, Store] = {}
         self._store_notes: list[str] = []  # said once, under the next answer or command
         self.owner = Owner()  # this kernel, as the writer of the chats it claims in the history
+        # (history file, notebook, chat) -> the name its turns are stored under, once known
+        self.stored_names: dict[tuple[Path, str, str], str] = {}
         self.ticker = _Ticker()
         self.widgets = WidgetPool()  # made with the first widget view
 
@@ -257,21 +259,23 @@ class QwenSession:
         notes, self._store_notes = self._store_notes, []
         return notes
 
-    def write_chat(self, store: Store, chat: Chat, write: Callable[[str], None], *, fresh: bool = False) -> None:
+    def write_chat(self, store: Store, chat: Chat, write: Callable[[str], None]) -> None:
         """Claim the chat's stored name and ``write(name)``, in one transaction (joined if open)."""
         with store.transaction():
-            name, notes = self.claim(store, chat, fresh=fresh)
+            name, notes = self.claim(store, chat)
             write(name)
         self._store_notes.extend(notes)
 
-    def claim(self, store: Store, chat: Chat, *, fresh: bool = False) -> tuple[str, list[str]]:
+    def claim(self, store: Store, chat: Chat) -> tuple[str, list[str]]:
         """The name this kernel writes ``chat`` under in the history, and what to tell the user.
 
         Claimed in the caller's transaction. When the name is newly claimed, the chat's turns
         in memory are written whole, so the stored copy can be resumed on its own (a second
         kernel's ``chat@2``, or a history file started afresh).
         """
-        claim = store.claim(self.notebook, chat.name, self.owner, fresh=fresh)
+        key = (store.path, self.notebook, chat.name)
+        claim = store.claim(self.notebook, chat.name, self.owner, holds=self.stored_names.get(key))
+        self.stored_names[key] = claim.name
         notes = []
         if claim.new:
             for position, turn in enumerate(chat.turns, start=1):
@@ -448,9 +452,8 @@ class QwenSession:
         result.session_cost = self.ledger.total_cost
         turn = Turn(prompt=plan.prompt, result=result, cell_id=cell_id, system=plan.system)
         result.chat = chat_name
-        # The chat's first turn in this kernel starts its stored copy afresh: turns left by an
-        # earlier kernel (not resumed) are set aside under another name, not mixed in.
-        starts_chat = not options.no_history and not plan.chat.turns
+        # The chat's first write in this kernel claims its stored copy: turns left by an earlier
+        # kernel (not resumed) are set aside under another name, not mixed in.
         recorded = not options.no_history and plan.chat.accepts(turn)
         if recorded:
             result.turn = plan.chat.record(turn)
@@ -467,8 +470,8 @@ class QwenSession:
                 store.add_call(notebook, result.chat, result.model, result.usage.input_tokens,
                                result.usage.output_tokens, result.cost, result.status)
                 if recorded:
-                    self.write_chat(store, plan.chat, fresh=starts_chat,
-                                    write=lambda name: store.save_turn(notebook, name, result.turn, cell_id, record))
+                    self.write_chat(store, plan.chat,
+                                    lambda name: store.save_turn(notebook, name, result.turn, cell_id, record))
 
         return record, save
 

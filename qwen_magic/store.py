@@ -10,6 +10,7 @@ is ever written here.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import socket
@@ -311,31 +312,34 @@ class Store:
     # ---- claims: which kernel writes a chat
 
     @_guarded
-    def claim(self, notebook: str, chat: str, owner: Owner, *, fresh: bool) -> Claim:
+    def claim(self, notebook: str, chat: str, owner: Owner, *, holds: str | None = None) -> Claim:
         """The name under which ``owner`` writes ``chat``: the chat's own, or ``chat@N``.
 
         Checked in the write's transaction, so two live kernels never both hold a name: the
-        second gets the first free ``chat@2``, ``chat@3``... A name whose kernel has ended is
-        taken over; when the chat starts afresh (``fresh``), the ended kernel's turns are set
-        aside, not mixed in.
+        second gets the first free ``chat@2``, ``chat@3``... ``holds`` is the name whose turns
+        the kernel already has (it wrote or resumed them): it is kept while it can be. Any
+        other name taken over from an ended kernel has that kernel's turns set aside first,
+        not written over.
         """
+        candidates = [holds] if holds else []
         with self.transaction():
-            number = 1
-            while True:
-                name = chat if number == 1 else f"{chat}@{number}"
-                row = self._db.execute(
-                    "SELECT owner, host, pid FROM claims WHERE notebook = ? AND chat = ?", (notebook, name)
-                ).fetchone()
-                if row is not None and row[0] == owner.id:
-                    return Claim(name, new=False)
-                if row is None or owner.outlived(*row):
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO claims (notebook, chat, owner, host, pid) VALUES (?, ?, ?, ?, ?)",
-                        (notebook, name, owner.id, owner.host, owner.pid),
-                    )
-                    kept = self.set_aside(notebook, name) if fresh or number > 1 else None
-                    return Claim(name, new=True, kept=kept)
-                number += 1
+            for number in itertools.count(1):
+                numbered = chat if number == 1 else f"{chat}@{number}"
+                for name in (*candidates, numbered):
+                    row = self._db.execute(
+                        "SELECT owner, host, pid FROM claims WHERE notebook = ? AND chat = ?", (notebook, name)
+                    ).fetchone()
+                    if row is not None and row[0] == owner.id:
+                        return Claim(name, new=False)
+                    if row is None or owner.outlived(*row):
+                        self._db.execute(
+                            "INSERT OR REPLACE INTO claims (notebook, chat, owner, host, pid) VALUES (?, ?, ?, ?, ?)",
+                            (notebook, name, owner.id, owner.host, owner.pid),
+                        )
+                        kept = None if name == holds else self.set_aside(notebook, name)
+                        return Claim(name, new=True, kept=kept)
+                candidates = []
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @_guarded
     def release(self, owner: Owner) -> None:

@@ -413,33 +413,49 @@ def test_a_chat_is_claimed_by_one_live_kernel_and_taken_over_from_an_ended_one(t
     import subprocess
     import sys
 
-    from qwen_magic.store import Owner
+    from qwen_magic.store import Claim, Owner
 
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     store = Store(tmp_path / "history.sqlite3")
     gone, live, me = Owner(pid=int(ended.stdout)), Owner(pid=os.getppid()), Owner()
-    assert store.claim("nb", "default", gone, fresh=True).name == "default"
+    assert store.claim("nb", "default", gone).name == "default"
     store.save_turn("nb", "default", 1, "c1", _record())
-    taken = store.claim("nb", "default", me, fresh=True)  # its kernel ended: taken over, its turns kept
+    taken = store.claim("nb", "default", me)  # its kernel ended: taken over, its turns set aside
     assert taken.name == "default" and taken.new and taken.kept and taken.kept.startswith("default@")
-    assert store.claim("nb", "default", me, fresh=False).new is False  # held: checked, not re-taken
-    assert store.claim("nb", "other", live, fresh=True).name == "other"
-    assert store.claim("nb", "other", me, fresh=True).name == "other@2"  # its kernel runs: kept apart
+    assert store.claim("nb", "default", me).new is False  # held: checked, not re-taken
+    assert store.claim("nb", "other", live).name == "other"
+    assert store.claim("nb", "other", me).name == "other@2"  # its kernel runs: kept apart
     # A later session of this process (after %reload_ext) takes over the earlier one's chats.
-    assert store.claim("nb", "other", Owner(), fresh=True).name == "other@2"
+    assert store.claim("nb", "other", Owner()).name == "other@2"
     db = sqlite3.connect(store.path)
     db.execute("INSERT INTO claims VALUES ('nb', 'odd', 'x', ?, 0)", (me.host,))  # pid 0: no process
     db.execute("INSERT INTO claims VALUES ('nb', 'odder', 'x', ?, 'text')", (me.host,))
     db.execute("INSERT INTO claims VALUES ('nb', 'far', 'x', 'another-host', ?)", (int(ended.stdout),))
     db.commit()
     db.close()
-    assert store.claim("nb", "odd", me, fresh=True).name == "odd"
-    assert store.claim("nb", "odder", me, fresh=True).name == "odder"
-    assert store.claim("nb", "far", me, fresh=True).name == "far@2"  # cannot be checked: taken as alive
+    assert store.claim("nb", "odd", me).name == "odd"
+    assert store.claim("nb", "odder", me).name == "odder"
+    assert store.claim("nb", "far", me).name == "far@2"  # cannot be checked: taken as alive
+    # A kernel keeps the name it holds, even once the kernel it stood aside for has ended.
+    first = Owner(pid=live.pid)
+    assert store.claim("nb", "s", first).name == "s"
+    assert store.claim("nb", "s", me).name == "s@2"
+    store.save_turn("nb", "s", 1, "c1", _record(prompt="the first kernel's"))
+    db = sqlite3.connect(store.path)
+    db.execute("UPDATE claims SET pid = ? WHERE chat = 's'", (int(ended.stdout),))  # the first kernel ends
+    db.commit()
+    db.close()
+    assert store.claim("nb", "s", me, holds="s@2") == Claim("s@2", new=False)
+    assert stored_prompts(store.path, "nb", "s") == ["the first kernel's"]
+    # A chat resumed from an ended kernel's copy carries that copy on, without setting it aside.
+    assert store.claim("nb", "r", gone).name == "r"
+    store.save_turn("nb", "r", 1, "c1", _record(prompt="resumed"))
+    assert store.claim("nb", "r", me, holds="r") == Claim("r", new=True)
+    assert stored_prompts(store.path, "nb", "r") == ["resumed"]
     mine = Owner(pid=live.pid)
-    assert store.claim("nb", "mine", mine, fresh=True).name == "mine"
+    assert store.claim("nb", "mine", mine).name == "mine"
     store.release(mine)  # its kernel closes: the next one takes the name, though that pid still runs
-    assert store.claim("nb", "mine", live, fresh=True).name == "mine"
+    assert store.claim("nb", "mine", live).name == "mine"
 
 
 # ---- in real kernels: the answer before the wait, two kernels, a kill mid-write, login
