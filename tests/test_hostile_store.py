@@ -535,6 +535,14 @@ def test_two_kernels_on_one_notebook_lose_no_turn(gateway_server: Gateway, workd
             execution = kernel.collect(msg_id)
             assert execution.status == "ok"
             notes[n] += [text for _, text in durable_outputs(execution) if "Another kernel" in text]
+        kept = {name: stored_prompts(workdir / "history.sqlite3", notebook, name) for name in ("default", "default@2")}
+        assert sum(len(prompts) for prompts in kept.values()) == 2 * turns  # was 98 of 200 lost
+        for prompts in kept.values():  # each copy holds one kernel's turns, in cell order
+            assert prompts == [prompts[0].rsplit(" ", 1)[0] + f" {i}" for i in range(turns)]
+        # The second kernel's reset and undo touch its own copy, never the first kernel's.
+        second = kernels[[n for n in notes if notes[n]][0]]
+        assert second.execute("%qwen undo\n%qwen reset").status == "ok"
+        assert second.execute(f"%%qwen\nSecond kernel again", cell_id="cell-0").status == "ok"
     finally:
         for kernel in kernels:
             kernel.shutdown()
@@ -543,12 +551,10 @@ def test_two_kernels_on_one_notebook_lose_no_turn(gateway_server: Gateway, workd
     db = sqlite3.connect(path)
     chats = dict(db.execute("SELECT chat, COUNT(*) FROM turns WHERE notebook = ? GROUP BY chat", (notebook,)))
     db.close()
-    assert sum(chats.values()) == 2 * turns, chats  # was 98 of 200 lost
-    assert sorted(chats) == ["default", "default@2"]
-    by_kernel = {n: sorted(p for name in chats for p in stored_prompts(path, notebook, name)
-                           if p.startswith(f"Kernel {n} ")) for n in range(2)}
-    for n in range(2):
-        assert len(by_kernel[n]) == turns
+    assert chats == {"default": turns, "default@2": 1}, chats
+    first = 1 - [n for n in notes if notes[n]][0]
+    assert sorted(stored_prompts(path, notebook, "default")) == sorted(f"Kernel {first} turn {i}" for i in range(turns))
+    assert stored_prompts(path, notebook, "default@2") == ["Second kernel again"]
     # One kernel was told, once, where its turns are kept; the other kernel was told nothing.
     assert sorted(len(found) for found in notes.values()) == [0, 1]
     assert "%qwen resume 'default@2' brings them back" in sum(notes.values(), [])[0]
@@ -558,7 +564,7 @@ def test_two_kernels_on_one_notebook_lose_no_turn(gateway_server: Gateway, workd
     try:
         execution = later.execute("%load_ext qwen_magic\n%qwen resume default@2")
         assert execution.status == "ok", execution.outputs
-        assert f"Restored chat 'default@2': {turns} turn(s)" in execution.outputs[-1]["data"]["text/plain"]
+        assert "Restored chat 'default@2': 1 turn(s)" in execution.outputs[-1]["data"]["text/plain"]
     finally:
         later.shutdown()
 
