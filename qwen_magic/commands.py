@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import getpass
+import math
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from IPython.core.error import UsageError
+from IPython.core.error import StdinNotImplementedError, UsageError
 
 from .catalog import ModelInfo, PriceTier, user_catalog_path
-from .conversation import Turn
-from .history import ChatHistory, chat_to_json, chat_to_markdown, turns_from_notebook
+from .conversation import RecordError, Turn
+from .history import ChatHistory, chat_to_json, chat_to_markdown, shortened, turns_from_notebook
 from .client import key_source, mask_key
 from .ledger import UsageReport
 from .preflight import prepare
-from .store import Store, StoreError
+from .store import Store, StoreError, check, repair
 from .pricing import format_yuan
 from .tables import Table
 from .tokens import count_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from .magics import QwenMagic
+
+T = TypeVar("T")
 
 
 HELP = Table(
@@ -36,6 +39,7 @@ HELP = Table(
         ("%qwen undo [CHAT]", "remove a chat's last turn"),
         ("%qwen export [CHAT] PATH", "write a chat as Markdown (.md) or JSON (.json)"),
         ("%qwen resume [CHAT] [--from NB.ipynb]", "bring back a chat from the history file, or from a saved notebook"),
+        ("%qwen repair", "move a damaged history file aside (kept, dated) and start a fresh one with what can be read"),
         ("%qwen budget [YUAN|off]", "show, set or remove the session's budget"),
         ("%qwen count TEXT", "tokens of TEXT, and of a one-message request, with its cost"),
         ("%qwen config", "the effective settings, the key masked"),
@@ -67,10 +71,20 @@ def _config(magics: "QwenMagic", args: list[str]) -> Table:
     return Table("qwen_magic settings (change with %config QwenMagic.<name> = ...)", rows)
 
 
+NO_STDIN_LOGIN = (
+    "This front end cannot ask for input, so %qwen login cannot work here. Set the environment "
+    "variable DASHSCOPE_API_KEY before starting Jupyter, or put api_key = \"sk-...\" in "
+    "~/.dashscope/config.toml."
+)
+
+
 def _login(magics: "QwenMagic", args: list[str]) -> None:
     if args:
         raise UsageError("%qwen login takes no argument: it asks for the key at a hidden prompt.")
-    key = getpass.getpass("DashScope API key (kept in memory for this session only): ").strip()
+    try:
+        key = getpass.getpass("DashScope API key (kept in memory for this session only): ").strip()
+    except StdinNotImplementedError:
+        raise UsageError(NO_STDIN_LOGIN) from None
     if not key:
         raise UsageError("No key entered; nothing changed.")
     magics.session.session_key = key
@@ -84,7 +98,7 @@ def _models(magics: "QwenMagic", args: list[str]) -> Table:
     if args:
         model = catalog.get(args[0])
         if model is None:
-            raise UsageError(f"{args[0]!r} is not in the catalog; %qwen models lists the known models.")
+            raise UsageError(f"{shortened(args[0])!r} is not in the catalog; %qwen models lists the known models.")
         return model_details(model)
     header = ("model", "context", "max in", "max out", "¥/1K in→out", "¥/1M in→out", "QPM", "TPM", "free", "")
     rows = tuple(
@@ -153,7 +167,7 @@ def _usage_all(magics: "QwenMagic") -> Table:
     catalog = magics.session.catalog(settings)
     rows = []
     total = 0.0
-    for model_name, calls, tokens_in, tokens_out, cost, unpriced in store.totals_by_model():
+    for model_name, calls, tokens_in, tokens_out, cost, unpriced in _reading(store.totals_by_model):
         model = catalog.get(model_name)
         quota = model.free_quota if model else None
         used = f"{(tokens_in + tokens_out) / quota:.1%} of {quota:,}" if quota else "—"
@@ -176,10 +190,30 @@ def _store(magics: "QwenMagic") -> Store:
         raise UsageError(str(error)) from None
 
 
+MAX_CHAT_NAME = 200
+
+
+def _reading(read: Callable[..., T], *args: Any) -> T:
+    """A read of the history file; a damaged or locked file is one line saying what to do."""
+    try:
+        return read(*args)
+    except StoreError as error:
+        raise UsageError(_capitalized(str(error))) from None
+
+
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _one_chat_name(args: list[str], command: str) -> str:
     if len(args) > 1:
         raise UsageError(f"%qwen {command} takes at most one chat name.")
-    return args[0] if args else "default"
+    name = args[0] if args else "default"
+    if not name.isprintable():
+        raise UsageError(f"A chat name cannot hold control characters (such as NUL): {shortened(name)!r}.")
+    if len(name) > MAX_CHAT_NAME:
+        raise UsageError(f"A chat name is at most {MAX_CHAT_NAME} characters; this one has {len(name):,}.")
+    return name
 
 
 def _chats(magics: "QwenMagic", args: list[str]) -> Table:
@@ -194,8 +228,9 @@ def _chats(magics: "QwenMagic", args: list[str]) -> Table:
     notes = []
     try:
         stored = [name for name in _store(magics).chat_names(session.notebook) if name not in session.chats]
-    except UsageError:
+    except (UsageError, StoreError) as error:  # the chats in memory are still worth showing
         stored = []
+        notes.append(_capitalized(str(error)))
     if stored:
         notes.append(f"In the history file, not loaded: {', '.join(stored)} (%qwen resume NAME).")
     if not rows and not notes:
@@ -219,8 +254,8 @@ def _reset(magics: "QwenMagic", args: list[str]) -> Message:
     removed = len(chat.turns)
     chat.reset()
     chat.system = None
-    failure = session.persist(magics.settings(), lambda store: store.delete_chat(session.notebook, name))
-    return Message(f"Chat {name!r} reset: {removed} turn(s) removed." + (f" {failure}" if failure else ""))
+    notes = session.persist(magics.settings(), lambda store: session.forget_chat(store, chat))
+    return Message(" ".join([f"Chat {name!r} reset: {removed} turn(s) removed.", *notes]))
 
 
 def _undo(magics: "QwenMagic", args: list[str]) -> Message:
@@ -232,11 +267,10 @@ def _undo(magics: "QwenMagic", args: list[str]) -> Message:
     position = len(chat.turns)
     turn = chat.undo()
     assert turn is not None
-    failure = session.persist(
-        magics.settings(), lambda store: store.delete_position(session.notebook, name, position)
-    )
+    notes = session.persist(magics.settings(), lambda store: session.write_chat(
+        store, chat, lambda stored: store.delete_position(session.notebook, stored, position)))
     preview = turn.prompt if len(turn.prompt) <= 60 else turn.prompt[:57] + "…"
-    return Message(f"Removed turn {position} of chat {name!r}: {preview!r}." + (f" {failure}" if failure else ""))
+    return Message(" ".join([f"Removed turn {position} of chat {name!r}: {preview!r}.", *notes]))
 
 
 def _export(magics: "QwenMagic", args: list[str]) -> Message:
@@ -255,11 +289,11 @@ def _export(magics: "QwenMagic", args: list[str]) -> Message:
     elif path.suffix.lower() in (".md", ".markdown"):
         text = chat_to_markdown(chat)
     else:
-        raise UsageError(f"{target}: the format comes from the extension, .md or .json.")
+        raise UsageError(f"{shortened(target)}: the format comes from the extension, .md or .json.")
     try:
         path.write_text(text, encoding="utf-8")
-    except OSError as error:
-        raise UsageError(f"Cannot write {path}: {error.strerror or error}") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
+        raise UsageError(f"Cannot write {shortened(path)}: {getattr(error, 'strerror', None) or error}") from None
     return Message(f"Wrote chat {name!r} ({len(chat.turns)} turns) to {path}.")
 
 
@@ -276,23 +310,51 @@ def _resume(magics: "QwenMagic", args: list[str]) -> Message:
     if source is not None:
         turns = turns_from_notebook(Path(source).expanduser(), name)
         where = source
-        failure = session.persist(
-            magics.settings(),
-            lambda store: store.replace_chat(session.notebook, name, [(t.cell_id, t.to_record()) for t in turns]),
-        )
     else:
         store = _store(magics)
-        turns = [Turn.from_record(record) for record in store.turns(session.notebook, name)]
-        where, failure = str(store.path), None
+        try:
+            turns = [Turn.from_record(record) for record in _reading(store.turns, session.notebook, name)]
+        except RecordError as error:
+            raise UsageError(f"Chat {name!r} in {store.path} cannot be resumed: {error}; nothing was changed.") from None
+        where = str(store.path)
+        if turns:  # this kernel now holds that copy's turns: its next write carries it on
+            session.stored_names[(store.path, session.notebook, name)] = name
     if not turns:
         raise UsageError(f"Nothing to resume: no turns of chat {name!r} for {session.notebook} in {where}.")
     chat = session.chat(name)
     chat.turns = turns
     chat.system = turns[-1].system
+    notes: list[str] = []
+    if source is not None:
+        notes = session.persist(magics.settings(), lambda store: session.write_chat(
+            store, chat, lambda stored: store.replace_chat(
+                session.notebook, stored, [(t.cell_id, t.to_record()) for t in turns])))
     tokens_in, tokens_out, cost = chat.totals()
-    return Message(
+    return Message(" ".join([
         f"Restored chat {name!r}: {len(turns)} turn(s), {tokens_in:,} in / {tokens_out:,} out tokens, "
-        f"{format_yuan(cost)}, from {where}." + (f" {failure}" if failure else "")
+        f"{format_yuan(cost)}, from {where}.", *notes]))
+
+
+def _repair(magics: "QwenMagic", args: list[str]) -> Message:
+    if args:
+        raise UsageError("%qwen repair takes no argument: it repairs the history file in use.")
+    session = magics.session
+    path = session.store_path(magics.settings())
+    if not path.exists():
+        return Message(f"There is no history file at {path} yet; nothing to repair.")
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, not a history file; set QwenMagic.store_path to a file.")
+    problem = check(path)
+    if problem is None:
+        return Message(f"The history file {path} reads whole; nothing was changed.")
+    session.close_store(path)
+    try:
+        aside, turns, calls = repair(path)
+    except (OSError, StoreError) as error:
+        raise UsageError(f"Cannot repair {path}: {getattr(error, 'strerror', None) or error}") from None
+    return Message(
+        f"The history file {path} was damaged ({problem}). It is kept as {aside}; a fresh one was started "
+        f"with the {turns:,} turn(s) and {calls:,} call(s) that could still be read."
     )
 
 
@@ -307,9 +369,9 @@ def _budget(magics: "QwenMagic", args: list[str]) -> Message:
             try:
                 amount = float(args[0].lstrip("¥"))
             except ValueError:
-                raise UsageError(f"%qwen budget needs an amount in yuan or 'off', not {args[0]!r}.") from None
-            if not amount > 0:
-                raise UsageError("A budget must be a positive amount of yuan.")
+                raise UsageError(f"%qwen budget needs an amount in yuan or 'off', not {shortened(args[0])!r}.") from None
+            if not (amount > 0 and math.isfinite(amount)):
+                raise UsageError(f"A budget must be a positive, finite amount of yuan, not {shortened(args[0])!r}.")
             session.budget, session.budget_off = amount, False
     spent = session.ledger.total_cost
     budget = session.effective_budget(magics.settings())
@@ -358,6 +420,7 @@ COMMANDS: dict[str, Callable[["QwenMagic", list[str]], Any]] = {
     "help": _help,
     "config": _config,
     "login": _login,
+    "repair": _repair,
 }
 
 
@@ -371,5 +434,5 @@ def run_command(magics: "QwenMagic", line: str) -> Any:
     name, args = words[0], words[1:]
     command = COMMANDS.get(name)
     if command is None:
-        raise UsageError(f"%qwen has no command {name!r}; try one of: {', '.join(COMMANDS)}.")
+        raise UsageError(f"%qwen has no command {shortened(name)!r}; try one of: {', '.join(COMMANDS)}.")
     return command(magics, args)

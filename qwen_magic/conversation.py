@@ -7,11 +7,12 @@ terminal), turns append.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .client import Usage
-from .result import COMPLETE, INTERRUPTED, QwenResult
+from .result import COMPLETE, FAILED, INTERRUPTED, QwenResult
 from .tokens import count_message
 
 RECORD_VERSION = 1
@@ -56,23 +57,91 @@ class Turn:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "Turn":
-        usage = record.get("usage") or {}
+        """The turn back from ``to_record``'s JSON; ``RecordError`` names a field of the wrong type."""
+        if not isinstance(record, Mapping):
+            raise RecordError(f"the turn is {_kind(record)}, not an object")
+        usage = _field(record, "usage", {}, _is_usage, "an object of token counts") or {}
         result = QwenResult(
-            text=record.get("text", ""),
-            model=record.get("model", "?"),
-            usage=Usage(**{k: int(v) for k, v in usage.items() if k in Usage.__dataclass_fields__}),
-            request_id=record.get("request_id"),
-            elapsed=float(record.get("elapsed") or 0.0),
-            first_text_after=record.get("first_text_after"),
-            status=record.get("status", COMPLETE),
-            finish_reason=record.get("finish_reason"),
-            reasoning=record.get("reasoning", ""),
-            error=record.get("error"),
-            cost=record.get("cost"),
-            chat=record.get("chat", "default"),
-            turn=record.get("turn"),
+            text=_field(record, "text", "", _is_text, "text"),
+            model=_field(record, "model", "?", _is_text, "text"),
+            usage=Usage(**{k: v for k, v in usage.items() if k in Usage.__dataclass_fields__}),
+            request_id=_field(record, "request_id", None, _is_optional_text, "text"),
+            elapsed=float(_field(record, "elapsed", 0.0, _is_optional_number, "a number") or 0.0),
+            first_text_after=_field(record, "first_text_after", None, _is_optional_number, "a number"),
+            status=_field(record, "status", COMPLETE, _STATUSES.__contains__, "one of " + ", ".join(_STATUSES)),
+            finish_reason=_field(record, "finish_reason", None, _is_optional_text, "text"),
+            reasoning=_field(record, "reasoning", "", _is_text, "text"),
+            error=_field(record, "error", None, _is_optional_text, "text"),
+            cost=_field(record, "cost", None, _is_optional_number, "a number of yuan"),
+            chat=_field(record, "chat", "default", _is_text, "text"),
+            turn=_field(record, "turn", None, _is_optional_position, "a turn number"),
         )
-        return cls(prompt=record["prompt"], result=result, cell_id=record.get("cell_id"), system=record.get("system"))
+        return cls(
+            prompt=_field(record, "prompt", None, _is_text, "text"),
+            result=result,
+            cell_id=_field(record, "cell_id", None, _is_optional_text, "text"),
+            system=_field(record, "system", None, _is_optional_text, "text"),
+        )
+
+
+class RecordError(ValueError):
+    """A saved turn whose fields are not what this package writes; the message names the field."""
+
+
+_STATUSES = (COMPLETE, INTERRUPTED, FAILED)
+
+
+def _field(record: Mapping[str, Any], name: str, default: Any, valid: Callable[[Any], bool], expected: str) -> Any:
+    value = record.get(name, default)
+    if not valid(value):
+        raise RecordError(f"its {name!r} is {_kind(value)}, not {expected}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "missing (null)"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_optional_text(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _is_optional_number(value: Any) -> bool:
+    if value is None:
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_optional_position(value: Any) -> bool:
+    return value is None or (_is_count(value) and value >= 1)
+
+
+def _is_usage(value: Any) -> bool:
+    if value is None:
+        return True
+    return isinstance(value, dict) and all(
+        _is_count(count) for key, count in value.items() if key in Usage.__dataclass_fields__
+    )
 
 
 @dataclass

@@ -39,9 +39,19 @@ from .preflight import DryRun, Preflight, check_cost, check_input_limit, prepare
 from .prompt import fill
 from .pricing import UNKNOWN_PRICE_HINT, call_cost
 from .result import COMPLETE, FAILED, INTERRUPTED, QwenResult
-from .store import Store, StoreError, default_store_path
+from .store import QUICK_LOCK_WAIT, Owner, Store, StoreError, default_store_path, describe
 from .tokens import count_chat_input, count_text
 from .view import View, WidgetPool, make_view
+
+
+STORE_REPLACED = (
+    "The history file {path} was deleted or replaced while this kernel ran: a new one was started, "
+    "and each chat is written to it whole with its next turn."
+)
+SHARED_CHAT = (
+    "Another kernel is writing chat {chat!r} of this notebook (is it open twice?): this kernel's turns "
+    "are kept as {name!r}, and %qwen resume '{name}' brings them back."
+)
 
 
 class QwenInterrupted(KeyboardInterrupt):
@@ -197,26 +207,90 @@ class QwenSession:
         self.retry_base_delay = 1.0
         self.notebook = "ipython"  # the magic sets the notebook's key (its path) before each cell
         self._stores: dict[Path, Store] = {}
+        self._store_notes: list[str] = []  # said once, under the next answer or command
+        self.owner = Owner()  # this kernel, as the writer of the chats it claims in the history
+        # (history file, notebook, chat) -> the name its turns are stored under, once known
+        self.stored_names: dict[tuple[Path, str, str], str] = {}
         self.ticker = _Ticker()
         self.widgets = WidgetPool()  # made with the first widget view
 
     def chat(self, name: str = "default") -> Chat:
         return self.chats.setdefault(name, Chat(name))
 
+    def store_path(self, settings: Settings) -> Path:
+        return Path(settings.store_path).expanduser() if settings.store_path else default_store_path()
+
     def store(self, settings: Settings) -> Store:
-        """The history file (opened once per path); ``StoreError`` says why it cannot be used."""
-        path = Path(settings.store_path).expanduser() if settings.store_path else default_store_path()
+        """The history file (opened once per path); ``StoreError`` says why it cannot be used.
+
+        A file deleted or replaced while the kernel runs is opened afresh (writes to the old
+        one would be lost with it), and the next answer says so.
+        """
+        path = self.store_path(settings)
+        store = self._stores.get(path)
+        if store is not None and store.replaced():
+            self.close_store(path)
+            self._store_notes.append(STORE_REPLACED.format(path=path))
         if path not in self._stores:
             self._stores[path] = Store(path)
         return self._stores[path]
 
-    def persist(self, settings: Settings, action: Callable[[Store], None]) -> str | None:
-        """Write to the history; a failure is a note under the answer, never a lost answer."""
+    def close_store(self, path: Path) -> None:
+        store = self._stores.pop(path, None)
+        if store is not None:
+            store.close()
+
+    def persist(self, settings: Settings, action: Callable[[Store], None], *,
+                wait: float | None = None) -> list[str]:
+        """Write to the history; a failure is a note under the answer, never a lost answer.
+
+        ``wait``: the most seconds to wait for another program's lock. Return the notes to
+        show (why the history was not saved, or that the file was started afresh).
+        """
+        said = len(self._store_notes)
         try:
-            action(self.store(settings))
+            store = self.store(settings)
+            said = len(self._store_notes)  # notes of the write itself: said only if it is kept
+            with store.waiting_at_most(wait):
+                action(store)
         except (StoreError, sqlite3.Error) as error:
-            return f"History not saved: {error}"
-        return None
+            reason = describe(error, self.store_path(settings)) if isinstance(error, sqlite3.Error) else error
+            del self._store_notes[said:]
+            self._store_notes.append(f"History not saved: {reason}")
+        notes, self._store_notes = self._store_notes, []
+        return notes
+
+    def write_chat(self, store: Store, chat: Chat, write: Callable[[str], None]) -> None:
+        """Claim the chat's stored name and ``write(name)``, in one transaction (joined if open)."""
+        with store.transaction():
+            name, notes = self.claim(store, chat)
+            write(name)
+        self._store_notes.extend(notes)
+
+    def claim(self, store: Store, chat: Chat) -> tuple[str, list[str]]:
+        """The name this kernel writes ``chat`` under in the history, and what to tell the user.
+
+        Claimed in the caller's transaction. When the name is newly claimed, the chat's turns
+        in memory are written whole, so the stored copy can be resumed on its own (a second
+        kernel's ``chat@2``, or a history file started afresh).
+        """
+        key = (store.path, self.notebook, chat.name)
+        claim = store.claim(self.notebook, chat.name, self.owner, holds=self.stored_names.get(key))
+        self.stored_names[key] = claim.name
+        notes = []
+        if claim.new:
+            for position, turn in enumerate(chat.turns, start=1):
+                store.save_turn(self.notebook, claim.name, position, turn.cell_id, turn.to_record())
+            if claim.name != chat.name:
+                notes.append(SHARED_CHAT.format(chat=chat.name, name=claim.name))
+        if claim.kept:
+            notes.append(f"This chat's turns from an earlier kernel are kept as "
+                         f"{claim.kept!r}: %qwen resume '{claim.kept}' brings them back.")
+        return claim.name, notes
+
+    def forget_chat(self, store: Store, chat: Chat) -> None:
+        """Empty the stored copy of the chat this kernel writes (never another kernel's)."""
+        self.write_chat(store, chat, lambda name: store.delete_chat(self.notebook, name))
 
     def connection(self, settings: Settings, options: CellOptions | None = None) -> Connection:
         cell_base_url = options.base_url if options else None
@@ -269,9 +343,11 @@ class QwenSession:
         )
         view = make_view(settings.display, in_kernel=in_kernel, display=display, fmt=plan.fmt,
                          pool=self.widgets)
+        early_notes: list[str] = []
         if options.new:
             plan.chat.reset()
-            self.persist(settings, lambda store: store.delete_chat(self.notebook, plan.chat.name))
+            early_notes = self.persist(settings, lambda store: self.forget_chat(store, plan.chat),
+                                       wait=QUICK_LOCK_WAIT)
         if not options.no_history:
             plan.chat.system = plan.system
         try:
@@ -285,8 +361,12 @@ class QwenSession:
         self.limiter.settle(sent, result.usage.total_tokens)
 
         with _interrupts_held() as held:
-            record = self._settle(plan, result, options, settings, cell_id=cell_id, cell_label=cell_label)
-            view.finish(result, record)
+            record, save = self._settle(plan, result, options, settings, cell_id=cell_id, cell_label=cell_label)
+            view.finish(result, record)  # the whole answer first: the history may have to wait
+            notes = list(dict.fromkeys(early_notes + self.persist(settings, save, wait=QUICK_LOCK_WAIT)))
+            if notes:
+                result.notes.extend(notes)
+                view.update_footer(result, record)
         if held and result.status == COMPLETE:
             late = QwenInterrupted("stopped as the answer was being saved; it is complete and kept.")
             late.result = result
@@ -360,8 +440,12 @@ class QwenSession:
         *,
         cell_id: str | None,
         cell_label: str,
-    ) -> dict[str, Any]:
-        """The answer's format, cost, notes, ledger entry and turn; return the turn's record."""
+    ) -> tuple[dict[str, Any], Callable[[Store], None]]:
+        """The answer's format, cost, notes, ledger entry and turn, in memory.
+
+        Return the turn's record, and the write that keeps the call and the turn in the
+        history (run once the answer is shown).
+        """
         result.format = plan.fmt
         if result.status == COMPLETE:
             parsed = parse_answer(plan.fmt, result.text)
@@ -379,9 +463,8 @@ class QwenSession:
         result.session_cost = self.ledger.total_cost
         turn = Turn(prompt=plan.prompt, result=result, cell_id=cell_id, system=plan.system)
         result.chat = chat_name
-        # The chat's first turn in this kernel starts its stored copy afresh: turns left by an
-        # earlier kernel (not resumed) are set aside under another name, not mixed in.
-        starts_chat = not options.no_history and not plan.chat.turns
+        # The chat's first write in this kernel claims its stored copy: turns left by an earlier
+        # kernel (not resumed) are set aside under another name, not mixed in.
         recorded = not options.no_history and plan.chat.accepts(turn)
         if recorded:
             result.turn = plan.chat.record(turn)
@@ -395,19 +478,13 @@ class QwenSession:
 
         def save(store: Store) -> None:
             with store.transaction():  # the call and its turn: one commit
-                kept = store.set_aside(notebook, plan.chat.name) if starts_chat else None
                 store.add_call(notebook, result.chat, result.model, result.usage.input_tokens,
                                result.usage.output_tokens, result.cost, result.status)
                 if recorded:
-                    store.save_turn(notebook, plan.chat.name, result.turn, cell_id, record)
-            if kept:
-                result.notes.append(f"This chat's turns from an earlier kernel are kept as "
-                                    f"{kept!r}: %qwen resume '{kept}' brings them back.")
+                    self.write_chat(store, plan.chat,
+                                    lambda name: store.save_turn(notebook, name, result.turn, cell_id, record))
 
-        failure = self.persist(settings, save)
-        if failure:
-            result.notes.append(failure)
-        return record
+        return record, save
 
     def _wait_for_rate_limit(self, preflight: Preflight, view: View) -> None:
         """Wait, saying so, until the model's QPM and TPM windows have room for this call."""
@@ -504,5 +581,9 @@ class QwenSession:
         self.widgets.close()
         self.client.close()
         for store in self._stores.values():
+            try:
+                store.release(self.owner)  # the next kernel on this notebook takes its chats
+            except StoreError:
+                pass
             store.close()
         self._stores.clear()

@@ -9,12 +9,20 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from .conversation import Chat, Turn
+from .conversation import Chat, RecordError, Turn
 from .markdown import escape, render_markdown
 from .pricing import format_yuan
 from .result import COMPLETE, text_from_markdown
 
 _MARKS = {"interrupted": "⚠ interrupted", "failed": "✖ failed"}
+
+
+def shortened(text: object, limit: int = 120) -> str:
+    """A name or path as a message quotes it: whole, or its start and end around an ellipsis."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit // 2]}…{text[-(limit // 2 - 1):]}"
 
 
 def _turn_line(number: int, turn: Turn) -> str:
@@ -79,37 +87,86 @@ def turns_from_notebook(path: Path, chat: str) -> list[Turn]:
     """A chat's turns from the output metadata of a saved notebook, in cell order.
 
     Each ``%%qwen`` output carries its turn; a cell re-run before saving holds its latest.
+    A notebook of the wrong shape is refused whole (``UsageError`` naming the file and the
+    field): nothing of it reaches the chat or the history file.
     """
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise UsageError(f"Cannot read {path}: {error.strerror or error}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UsageError(f"{path} is not a notebook ({type(error).__name__}).") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
+        if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
+            raise UsageError(f"{shortened(path)} is not a notebook ({type(error).__name__}).") from None
+        reason = getattr(error, "strerror", None) or error
+        raise UsageError(f"Cannot read {shortened(path)}: {reason}") from None
+    try:
+        return _turns_of(document, chat)
+    except NotebookShapeError as error:
+        raise UsageError(f"{shortened(path)} cannot be resumed: {error}; nothing was changed.") from None
+
+
+class NotebookShapeError(ValueError):
+    """A notebook whose JSON is not shaped as nbformat writes it; the message says where."""
+
+
+def _turns_of(document: Any, chat: str) -> list[Turn]:
     if not isinstance(document, dict) or not isinstance(document.get("cells", []), list):
-        raise UsageError(f"{path} is not a notebook (no list of cells).")
+        raise NotebookShapeError("it is not a notebook (no list of cells)")
     turns: list[Turn] = []
-    for cell in document.get("cells", []):
-        for output in cell.get("outputs", []):
-            record = (output.get("metadata") or {}).get("qwen_magic")
-            if not (isinstance(record, dict) and record.get("chat") == chat and "prompt" in record):
+    for cell_number, cell in enumerate(document.get("cells", []), start=1):
+        where = f"cell {cell_number}"
+        if not isinstance(cell, dict):
+            raise NotebookShapeError(f"{where} is not an object")
+        outputs = cell.get("outputs", [])
+        if not isinstance(outputs, list):
+            raise NotebookShapeError(f"the outputs of {where} are not a list")
+        for output_number, output in enumerate(outputs, start=1):
+            where = f"output {output_number} of cell {cell_number}"
+            if not isinstance(output, dict):
+                raise NotebookShapeError(f"{where} is not an object")
+            metadata = output.get("metadata") or {}
+            if not isinstance(metadata, dict):
+                raise NotebookShapeError(f"the metadata of {where} is not an object")
+            record = metadata.get("qwen_magic")
+            if record is None:
                 continue
-            text = record.get("text")
-            if text is None:  # not repeated in the metadata: the Markdown less the footer
-                markdown = (output.get("data") or {}).get("text/markdown", "")
-                if isinstance(markdown, list):  # nbformat may store text as a list of lines
-                    markdown = "".join(markdown)
-                text = text_from_markdown(markdown, list(record.get("footer") or []))
-            if text is None:
+            if not isinstance(record, dict):
+                raise NotebookShapeError(f"the qwen_magic record of {where} is not an object")
+            if record.get("chat") != chat or "prompt" not in record:
+                continue
+            turn = _turn_of(record, output, cell, where)
+            if turn is None:
                 continue  # the output was edited by hand: its answer cannot be trusted
-            try:
-                turn = Turn.from_record({**record, "text": text})
-            except (KeyError, TypeError, ValueError):
-                continue  # a record this version cannot read
-            turn.cell_id = turn.cell_id or cell.get("id")
             number = record.get("turn")
             if isinstance(number, int) and 1 <= number <= len(turns):
                 # This turn took an earlier place (after -n, undo or a reset): what followed is gone.
                 del turns[number - 1:]
             turns.append(turn)
     return turns
+
+
+def _turn_of(record: dict[str, Any], output: dict[str, Any], cell: dict[str, Any], where: str) -> Turn | None:
+    text = record.get("text")
+    if text is None:  # not repeated in the metadata: the Markdown less the footer
+        data = output.get("data") or {}
+        footer = record.get("footer") or []
+        if not isinstance(data, dict):
+            raise NotebookShapeError(f"the data of {where} is not an object")
+        markdown = data.get("text/markdown", "")
+        if isinstance(markdown, list) and all(isinstance(line, str) for line in markdown):
+            markdown = "".join(markdown)  # nbformat may store text as a list of lines
+        if not isinstance(markdown, str):
+            raise NotebookShapeError(f"the Markdown of {where} is not text")
+        if not (isinstance(footer, list) and all(isinstance(line, str) for line in footer)):
+            raise NotebookShapeError(f"the footer of {where} is not a list of lines")
+        text = text_from_markdown(markdown, footer)
+        if text is None:
+            return None
+    try:
+        turn = Turn.from_record({**record, "text": text})
+    except RecordError as error:
+        raise NotebookShapeError(f"the turn in {where}: {error}") from None
+    cell_id = cell.get("id")
+    if turn.cell_id is None and cell_id is not None:
+        if not isinstance(cell_id, str):
+            raise NotebookShapeError(f"the id of the cell of {where} is not text")
+        turn.cell_id = cell_id
+    return turn

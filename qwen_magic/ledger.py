@@ -10,12 +10,14 @@ from .client import Usage
 from .pricing import format_yuan
 from .tables import aligned, html_table
 
+ONE_OFF = "(one-off)"  # the chat column of a --no-history call
+
 
 @dataclass(frozen=True)
 class CallRecord:
     number: int
     cell: str
-    chat: str
+    chat: str | None  # None: a one-off question (--no-history)
     model: str
     usage: Usage
     cost: float | None
@@ -42,7 +44,7 @@ class Ledger:
     def __post_init__(self) -> None:
         self._total_cost = sum(r.cost or 0.0 for r in self.records)
 
-    def add(self, *, cell: str, chat: str, model: str, usage: Usage, cost: float | None,
+    def add(self, *, cell: str, chat: str | None, model: str, usage: Usage, cost: float | None,
             status: str, elapsed: float) -> CallRecord:
         record = CallRecord(len(self.records) + 1, cell, chat, model, usage, cost, status, elapsed)
         self.records.append(record)
@@ -76,7 +78,7 @@ class UsageReport:
 
     def _rows(self) -> list[tuple[str, ...]]:
         return [
-            (str(r.number), r.cell, r.chat, r.model, f"{r.usage.input_tokens:,}", f"{r.usage.output_tokens:,}",
+            (str(r.number), r.cell, ONE_OFF if r.chat is None else r.chat, r.model, f"{r.usage.input_tokens:,}", f"{r.usage.output_tokens:,}",
              format_yuan(r.cost), r.status)
             for r in self.ledger.records
         ]

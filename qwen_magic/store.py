@@ -9,12 +9,18 @@ is ever written here.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
+import socket
 import sqlite3
 import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: turns (one per chat position; replaced in place when its cell re-runs) and calls
@@ -44,8 +50,31 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX calls_model ON calls (model);
     """,
+    # 2: which kernel writes each chat, so that two live kernels on one notebook (the
+    # notebook open twice) never write over each other's turns.
+    """
+    CREATE TABLE claims (
+        notebook TEXT NOT NULL,
+        chat TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        PRIMARY KEY (notebook, chat)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+# Seconds a read or a command's write waits for another program's write to end.
+LOCK_WAIT = 5.0
+# The write after an answer waits less: the answer is on screen, and the cell should end.
+QUICK_LOCK_WAIT = 1.0
+
+LOCKED = ("locked: another program is writing {path}. The answer is kept in this kernel and in the "
+          "notebook; close that program (or let it finish) and later turns are saved again.")
+DAMAGED = ("the history file {path} is damaged ({error}). Run %qwen repair to move it aside "
+           "(it is kept) and start a fresh one with what can still be read.")
+FULL = "the disk holding {path} is full. Free some space; the answer is kept in this kernel and in the notebook."
+UNUSABLE = "the history file {path} cannot be used: {error}."
 
 
 def default_store_path() -> Path:
@@ -61,6 +90,92 @@ class StoreError(RuntimeError):
     """The history file could not be read or written; the message says which and why."""
 
 
+def describe(error: sqlite3.Error | ValueError, path: Path) -> str:
+    """What went wrong with the file, and what to do, as the rest of one sentence."""
+    text = str(error)
+    if isinstance(error, sqlite3.OperationalError) and "locked" in text:
+        return LOCKED.format(path=path)
+    if "disk is full" in text or getattr(error, "sqlite_errorname", "") == "SQLITE_FULL":
+        return FULL.format(path=path)
+    if isinstance(error, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text):
+        return DAMAGED.format(path=path, error=text)
+    return UNUSABLE.format(path=path, error=text)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """One kernel process: the writer of the chats it claims."""
+
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+
+    def outlived(self, owner: str, host: str, pid: int) -> bool:
+        """Has the kernel that wrote this claim ended (so its chats are free)?
+
+        One process runs one live session (an earlier one of this process was unloaded). A
+        kernel on another machine cannot be checked: it is taken to be alive, which keeps
+        both kernels' turns apart rather than risking either.
+        """
+        if owner == self.id:
+            return False
+        if host != self.host:
+            return False
+        if not isinstance(pid, int):  # a claim no kernel of this package wrote
+            return True
+        return pid == self.pid or not _process_alive(pid)
+
+
+def _process_alive(pid: int) -> bool:
+    """Does a process with this id run on this machine (the check sends nothing to it)?"""
+    if pid <= 0:  # not a process: 0 and negative ids name process groups
+        return False
+    if os.name == "nt":  # os.kill would end the process there
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() == 5  # access denied: it exists, under another user
+        try:
+            code = ctypes.c_ulong()
+            return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, under another user
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The name this kernel stores a chat under, and what claiming it changed."""
+
+    name: str
+    new: bool  # taken by this write (it was free, or its kernel had ended)
+    kept: str | None = None  # where an ended kernel's turns of the chat were set aside
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _guarded(method: _Method) -> _Method:
+    """Any SQLite failure becomes a ``StoreError`` that names the file and what to do."""
+
+    @functools.wraps(method)
+    def guarded(self: "Store", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, ValueError) as error:  # ValueError: a record that is not JSON
+            raise StoreError(describe(error, self.path)) from None
+
+    return guarded  # type: ignore[return-value]
+
+
 class Store:
     """The history file. Methods are small transactions; records are plain JSON dicts."""
 
@@ -71,13 +186,37 @@ class Store:
             # Create the file private before SQLite opens it; its -wal and -shm files inherit the mode.
             os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
             os.chmod(path, 0o600)
-            self._db = sqlite3.connect(path, timeout=15, isolation_level=None, check_same_thread=False)
-            self._open_transaction = _Transaction(self._db)
+            self._db = sqlite3.connect(path, timeout=LOCK_WAIT, isolation_level=None, check_same_thread=False)
+            self._open_transaction = _Transaction(self._db, path)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
-        except (OSError, sqlite3.Error) as error:
-            raise StoreError(f"cannot open the history file {path}: {error}") from None
+            stat = os.stat(path)
+        except OSError as error:
+            raise StoreError(f"cannot open the history file {path}: {error.strerror or error}") from None
+        except sqlite3.Error as error:
+            raise StoreError(describe(error, path)) from None
+        self._identity = (stat.st_dev, stat.st_ino)
+
+    def replaced(self) -> bool:
+        """Was the file deleted or replaced since it was opened (writes would go nowhere)?"""
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return True
+        return (stat.st_dev, stat.st_ino) != self._identity
+
+    @contextmanager
+    def waiting_at_most(self, seconds: float | None) -> Iterator[None]:
+        """Wait at most ``seconds`` for another program's lock (None: the usual wait)."""
+        if seconds is None:
+            yield
+            return
+        self._db.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+        try:
+            yield
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout = {int(LOCK_WAIT * 1000)}")
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -97,6 +236,7 @@ class Store:
 
     # ---- turns
 
+    @_guarded
     def save_turn(self, notebook: str, chat: str, position: int, cell_id: str | None, record: dict[str, Any]) -> None:
         """Write a chat's turn at ``position`` (replacing what stood there, or that cell's turn)."""
         data = json.dumps(record, ensure_ascii=False)
@@ -113,22 +253,26 @@ class Store:
                 (notebook, chat, position, cell_id, data, time.time()),
             )
 
+    @_guarded
     def turns(self, notebook: str, chat: str) -> list[dict[str, Any]]:
         rows = self._db.execute(
             "SELECT record FROM turns WHERE notebook = ? AND chat = ? ORDER BY position", (notebook, chat)
         ).fetchall()
         return [json.loads(row[0]) for row in rows]
 
+    @_guarded
     def chat_names(self, notebook: str) -> list[str]:
         rows = self._db.execute(
             "SELECT chat FROM turns WHERE notebook = ? GROUP BY chat ORDER BY MIN(updated_at)", (notebook,)
         ).fetchall()
         return [row[0] for row in rows]
 
+    @_guarded
     def delete_chat(self, notebook: str, chat: str) -> None:
         with self.transaction():
             self._db.execute("DELETE FROM turns WHERE notebook = ? AND chat = ?", (notebook, chat))
 
+    @_guarded
     def set_aside(self, notebook: str, chat: str) -> str | None:
         """Rename a chat's stored turns out of the way; return the new name (None if none).
 
@@ -146,12 +290,14 @@ class Store:
             self._db.execute("UPDATE turns SET chat = ? WHERE notebook = ? AND chat = ?", (kept, notebook, chat))
         return kept
 
+    @_guarded
     def delete_position(self, notebook: str, chat: str, position: int) -> None:
         with self.transaction():
             self._db.execute(
                 "DELETE FROM turns WHERE notebook = ? AND chat = ? AND position = ?", (notebook, chat, position)
             )
 
+    @_guarded
     def replace_chat(self, notebook: str, chat: str, records: Iterable[tuple[str | None, dict[str, Any]]]) -> None:
         """Rewrite a chat whole (a resume from a notebook file)."""
         with self.transaction():
@@ -162,8 +308,48 @@ class Store:
                     (notebook, chat, position, cell_id, json.dumps(record, ensure_ascii=False), time.time()),
                 )
 
+
+    # ---- claims: which kernel writes a chat
+
+    @_guarded
+    def claim(self, notebook: str, chat: str, owner: Owner, *, holds: str | None = None) -> Claim:
+        """The name under which ``owner`` writes ``chat``: the chat's own, or ``chat@N``.
+
+        Checked in the write's transaction, so two live kernels never both hold a name: the
+        second gets the first free ``chat@2``, ``chat@3``... ``holds`` is the name whose turns
+        the kernel already has (it wrote or resumed them): it is kept while it can be. Any
+        other name taken over from an ended kernel has that kernel's turns set aside first,
+        not written over.
+        """
+        candidates = [holds] if holds else []
+        with self.transaction():
+            for number in itertools.count(1):
+                numbered = chat if number == 1 else f"{chat}@{number}"
+                for name in (*candidates, numbered):
+                    row = self._db.execute(
+                        "SELECT owner, host, pid FROM claims WHERE notebook = ? AND chat = ?", (notebook, name)
+                    ).fetchone()
+                    if row is not None and row[0] == owner.id:
+                        return Claim(name, new=False)
+                    if row is None or owner.outlived(*row):
+                        self._db.execute(
+                            "INSERT OR REPLACE INTO claims (notebook, chat, owner, host, pid) VALUES (?, ?, ?, ?, ?)",
+                            (notebook, name, owner.id, owner.host, owner.pid),
+                        )
+                        kept = None if name == holds else self.set_aside(notebook, name)
+                        return Claim(name, new=True, kept=kept)
+                candidates = []
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @_guarded
+    def release(self, owner: Owner) -> None:
+        """The kernel is closing: its chats are free for the next one."""
+        with self.transaction():
+            self._db.execute("DELETE FROM claims WHERE owner = ?", (owner.id,))
+
     # ---- calls
 
+    @_guarded
     def add_call(self, notebook: str, chat: str | None, model: str, input_tokens: int, output_tokens: int,
                  cost: float | None, status: str) -> None:
         with self.transaction():
@@ -173,6 +359,7 @@ class Store:
                 (notebook, chat, model, input_tokens, output_tokens, cost, status, time.time()),
             )
 
+    @_guarded
     def totals_by_model(self) -> list[tuple[str, int, int, int, float, int]]:
         """All-time (model, calls, input tokens, output tokens, cost, unpriced calls), across notebooks."""
         return self._db.execute(
@@ -187,23 +374,125 @@ class Store:
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error: a turn is written whole or not at all.
 
-    Nested uses join the outermost one, which alone commits or rolls back.
+    Nested uses join the outermost one, which alone commits or rolls back. A lock, a full
+    disk or a damaged file is a ``StoreError`` that says so.
     """
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self._db = db
+        self._path = path
         self._depth = 0
 
     def __enter__(self) -> None:
         if self._depth == 0:
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as error:
+                raise StoreError(describe(error, self._path)) from None
         self._depth += 1
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
         self._depth -= 1
-        if self._depth == 0:
-            self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+        if self._depth:
+            return
+        if kind is not None:
+            self._rollback()
+            return
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as failure:
+            self._rollback()
+            raise StoreError(describe(failure, self._path)) from None
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:  # SQLite may have rolled back already (a full disk)
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
 
 def _statements(script: str) -> list[str]:
     return [part.strip() for part in script.split(";") if part.strip()]
+
+
+def check(path: Path) -> str | None:
+    """None if the file reads whole, else what is wrong with it."""
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=LOCK_WAIT)
+    except sqlite3.Error as error:
+        return str(error)
+    try:
+        problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
+    except sqlite3.Error as error:
+        return str(error)
+    finally:
+        db.close()
+    return None if problems == ["ok"] else "; ".join(problems[:3])
+
+
+def repair(path: Path) -> tuple[Path, int, int]:
+    """Move a damaged file aside (kept, dated) and start a fresh one with the rows still readable.
+
+    Return where the damaged file went, and how many turns and calls were carried over.
+    """
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    number = 1
+    while aside.exists():  # repaired twice in a second: both damaged files are kept
+        number += 1
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{number}")
+    for suffix in ("", "-wal", "-shm"):  # the journal belongs to its file: it moves with it
+        source = Path(f"{path}{suffix}")
+        if source.exists():
+            os.replace(source, Path(f"{aside}{suffix}"))
+    fresh = Store(path)
+    try:
+        turns = _salvage(aside, fresh, "turns", ("notebook", "chat", "position", "cell_id", "record", "updated_at"))
+        calls = _salvage(aside, fresh, "calls",
+                         ("notebook", "chat", "model", "input_tokens", "output_tokens", "cost", "status", "at"))
+    finally:
+        fresh.close()
+    return aside, turns, calls
+
+
+def _salvage(damaged: Path, fresh: Store, table: str, columns: tuple[str, ...]) -> int:
+    """Copy the rows of ``table`` that can still be read into the fresh file; return how many.
+
+    Row by row, by id: a damaged page loses the rows on it, not the rows after it.
+    """
+    names = ", ".join(columns)
+    insert = f"INSERT OR IGNORE INTO {table} ({names}) VALUES ({', '.join('?' * len(columns))})"
+    try:
+        source = sqlite3.connect(damaged, isolation_level=None)
+    except sqlite3.Error:
+        return 0
+    copied = 0
+    try:
+        last = _last_id(source, table)
+        with fresh.transaction():
+            for row_id in range(1, last + 1):
+                try:
+                    row = source.execute(f"SELECT {names} FROM {table} WHERE id = ?", (row_id,)).fetchone()
+                except sqlite3.Error:
+                    continue
+                if row is not None:
+                    fresh._db.execute(insert, row)
+                    copied += 1
+    finally:
+        source.close()
+    return copied
+
+
+def _last_id(source: sqlite3.Connection, table: str) -> int:
+    """The highest row id that can be found (0 if none can)."""
+    try:
+        return source.execute(f"SELECT MAX(id) FROM {table}").fetchone()[0] or 0
+    except sqlite3.Error:
+        pass
+    last = 0
+    try:
+        for (row_id,) in source.execute(f"SELECT id FROM {table}"):
+            last = max(last, row_id)
+    except sqlite3.Error:
+        pass
+    return last

@@ -60,6 +60,9 @@ class View(Protocol):
         ``record`` is the turn as plain JSON; a notebook output keeps it in its metadata.
         """
 
+    def update_footer(self, result: "QwenResult", record: dict[str, Any]) -> None:
+        """After ``finish``: notes were added (the history could not be saved); show them too."""
+
 
 def durable_bundle(
     result: "QwenResult", record: dict[str, Any], *, rendered_answer: str | None = None
@@ -380,7 +383,7 @@ class WidgetView:
             rendered_answer = self._rendered_answer(result)
         bundle, metadata = durable_bundle(result, record, rendered_answer=rendered_answer)
         if self._handle is None:  # nothing was shown yet: the answer's output is the first
-            self._display(bundle, raw=True, metadata=metadata)
+            self._handle = self._display(bundle, raw=True, metadata=metadata)
         else:
             self._handle.update(bundle, raw=True, metadata=metadata)
         # The durable output replaced the view: release the blocks' comms, keep the frame.
@@ -396,6 +399,10 @@ class WidgetView:
             self._pool.give_back(self._box, self._open)
         if self._own_pool is not None:
             self._own_pool.close()
+
+    def update_footer(self, result: "QwenResult", record: dict[str, Any]) -> None:
+        bundle, metadata = durable_bundle(result, record)
+        self._handle.update(bundle, raw=True, metadata=metadata)
 
 
 class MarkdownView:
@@ -450,6 +457,9 @@ class MarkdownView:
         bundle, metadata = durable_bundle(result, record)
         self._show(bundle, metadata=metadata)
 
+    def update_footer(self, result: "QwenResult", record: dict[str, Any]) -> None:
+        self.finish(result, record)  # the same output, replaced whole
+
 
 class TerminalView:
     """Text printed as it arrives; the footer on its own line.
@@ -470,6 +480,7 @@ class TerminalView:
         self._unread = _AnswerReader()
         self._lock = threading.Lock()  # the timer thread's tick() writes too
         self._thinking_shown = False
+        self._notes_shown = 0  # the notes under the footer printed so far
 
     @property
     def _out(self) -> TextIO:
@@ -519,7 +530,15 @@ class TerminalView:
             prefix = "" if self._ends_with_newline else "\n"
             footer = "".join(f"[{line}]\n" for line in result.footer_lines())
             self._out.write(f"{prefix}\n{footer}")
+            self._notes_shown = len(result.notes)
             if not _sends_itself(self._out):  # a kernel flushes its streams as the cell ends
+                self._out.flush()
+
+    def update_footer(self, result: "QwenResult", record: dict[str, Any]) -> None:
+        with self._lock:  # what is printed stays: only the notes added since
+            self._out.write("".join(f"[{note}]\n" for note in result.notes[self._notes_shown:]))
+            self._notes_shown = len(result.notes)
+            if not _sends_itself(self._out):
                 self._out.flush()
 
 
