@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -97,8 +98,8 @@ class QwenMagic(Magics):
     @validate("timeout", "budget")
     def _valid_positive(self, proposal: dict[str, Any]) -> float | None:
         value = proposal["value"]
-        if value is not None and value <= 0:
-            raise TraitError(f"QwenMagic.{proposal['trait'].name} must be a positive number.")
+        if value is not None and not (0 < value < math.inf):  # nan, inf and 0 too
+            raise TraitError(f"QwenMagic.{proposal['trait'].name} must be a positive, finite number.")
         return value
 
     @validate("max_history_tokens")
@@ -195,7 +196,7 @@ class QwenMagic(Magics):
         result object (.text, .value for JSON, .code, .usage, .cost, .request_id).
 
         As a line magic: %qwen help | models | usage | budget | count | chats | history |
-        reset | undo | export | resume | config | login.
+        reset | undo | export | resume | repair | config | login.
 
         Settings: %config QwenMagic (model, system, display, budget, stream, ...).
         The key comes from %qwen login, DASHSCOPE_API_KEY, or ~/.dashscope/config.toml.

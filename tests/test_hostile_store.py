@@ -652,3 +652,13 @@ def test_login_where_the_front_end_cannot_ask_is_one_line(gateway_server: Gatewa
         assert TEST_KEY not in json.dumps([m.content for m in execution.messages])
     finally:
         kernel.shutdown()
+
+
+@pytest.mark.parametrize("amount", ["float('inf')", "float('nan')", "0.0", "-1.0"])
+def test_the_budget_setting_must_be_positive_and_finite(shell, gateway: Gateway, amount: str) -> None:
+    from traitlets import TraitError
+
+    magic = shell.magics_manager.registry["QwenMagic"]
+    with pytest.raises(TraitError, match="positive, finite"):
+        magic.budget = eval(amount)
+    assert magic.budget is None
