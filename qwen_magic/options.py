@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import keyword
+import math
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
@@ -190,8 +191,8 @@ class CellOptions:
             raise UsageError(f"--seed must be in [0, 2**31), not {self.seed}.")
         if any(not s for s in self.stop):
             raise UsageError("--stop needs a non-empty string.")
-        if self.max_cost is not None and not self.max_cost > 0:
-            raise UsageError(f"--max-cost must be a positive amount of yuan, not {self.max_cost}.")
+        if self.max_cost is not None and not 0 < self.max_cost < math.inf:  # nan and inf guard nothing
+            raise UsageError(f"--max-cost must be a positive, finite amount of yuan, not {self.max_cost}.")
         if self.thinking_budget is not None and not 1 <= self.thinking_budget <= MAX_TOKENS_PARAMETER:
             raise UsageError(
                 f"--thinking-budget must be from 1 to {MAX_TOKENS_PARAMETER:,} tokens, not {_shown(self.thinking_budget)}."

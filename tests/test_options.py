@@ -59,6 +59,9 @@ def test_options_are_frozen() -> None:
         ("-t warm", "invalid float"),
         ("--nonsense", "unrecognized"),
         ('--stop ""', "--stop"),
+        ("--max-cost inf", "positive, finite"),
+        ("--max-cost nan", "positive, finite"),
+        ("--max-cost 0", "positive, finite"),
     ],
 )
 def test_bad_values_are_usage_errors(line: str, message: str) -> None:
