@@ -40,7 +40,7 @@ from .pricing import UNKNOWN_PRICE_HINT, call_cost
 from .result import COMPLETE, FAILED, INTERRUPTED, QwenResult
 from .store import Store, StoreError, default_store_path
 from .tokens import count_chat_input, count_text
-from .view import View, WidgetPool, make_view
+from .view import LiveWidgets, View, make_view
 
 
 class QwenInterrupted(KeyboardInterrupt):
@@ -197,7 +197,7 @@ class QwenSession:
         self.notebook = "ipython"  # the magic sets the notebook's key (its path) before each cell
         self._stores: dict[Path, Store] = {}
         self.ticker = _Ticker()
-        self.widgets = WidgetPool()  # made with the first widget view
+        self.widgets = LiveWidgets()  # the finished answers' widgets kept open
 
     def chat(self, name: str = "default") -> Chat:
         return self.chats.setdefault(name, Chat(name))
@@ -266,8 +266,9 @@ class QwenSession:
             parameters=options.parameters(),
             stream=settings.stream if options.stream is None else options.stream,
         )
+        # A front end that shows widgets sends the cell's id; nbconvert and papermill do not.
         view = make_view(settings.display, in_kernel=in_kernel, display=display, fmt=plan.fmt,
-                         pool=self.widgets)
+                         front_end=cell_id is not None, widgets=self.widgets)
         if options.new:
             plan.chat.reset()
             self.persist(settings, lambda store: store.delete_chat(self.notebook, plan.chat.name))
