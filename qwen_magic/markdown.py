@@ -245,7 +245,7 @@ def _close_inline(original: str) -> str:
             continue
         index += 1
     if ticks_open is None and not openers:
-        return run if run != original else original
+        return original  # nothing to close: as it was
     if ticks_open is not None:
         count, position = ticks_open
         if not run[position + count:].strip():
