@@ -12,8 +12,9 @@ from .pricing import format_yuan
 if TYPE_CHECKING:  # pragma: no cover
     from .formats import Parsed
 
-# The footer is quiet by its markup: <small> survives the sanitiser of an untrusted notebook,
-# which drops the inline style (the colour, where the notebook is trusted).
+# The footer is quiet by its markup: <small> and <em> (italics, as in its Markdown) survive
+# the sanitiser of an untrusted notebook, which drops the inline colour (checked in
+# JupyterLab 4: 11.7 px italics under 14 px text there).
 FOOTER_STYLE = "color: var(--jp-ui-font-color2, #777); margin-top: 0.4em;"
 COMPLETE = "complete"
 INTERRUPTED = "interrupted"
@@ -147,7 +148,7 @@ class QwenResult:
         from .markdown import escape
 
         return "".join(
-            f'<div class="qwen-footer" style="{FOOTER_STYLE}"><small>{escape(line)}</small></div>'
+            f'<div class="qwen-footer" style="{FOOTER_STYLE}"><small><em>{escape(line)}</em></small></div>'
             for line in self.footer_lines()
         )
 

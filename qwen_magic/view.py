@@ -19,6 +19,7 @@ import functools
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TextIO
 
@@ -124,57 +125,119 @@ class _Pacer:
         self._next = self._clock() + self._interval * max(messages, 1)
 
 
-# What a live view shows, in the browser: the answer's HTML so far, laid out as the durable
-# output is (the same classes, so the same type and spacing), updated by small messages.
-# A page that loads the view later (a reload, a second tab) asks the kernel for the widget's
-# state and gets the whole answer so far. When the kernel restarts, ipywidgets marks the
-# view disconnected: the view then keeps what it shows and says the kernel restarted.
+# What a live view shows, in the browser. The model keeps the answer's HTML so far (its
+# state, then each message applied: ``initialize`` sees every message, in order, even before
+# a view is shown); each view shows the model, laid out as the durable output is (the same
+# classes, so the same type and spacing). A page that loads the widget later (a reload, a
+# second tab) asks the kernel for its state and gets the whole answer so far.
+#
+# When the kernel restarts or dies, the widget's model is gone with it, and a saved notebook
+# would read "model not found": the page's own notebook then gets, in place of the widget's
+# output, what the widget showed as HTML, with a line saying the kernel restarted where the
+# answer was unfinished. (Without a notebook to write to, the view keeps its text and shows
+# that line once ipywidgets marks it disconnected.)
 _ESM = """
 const parse = (html) => {
   const template = document.createElement("template");
   template.innerHTML = html;
   return [...template.content.childNodes];
 };
+const edited = (text, [kept, added]) => text.slice(0, kept) + added;
+
+function apply(model, m) {
+  if (m.r) model.set("reasoning", edited(model.get("reasoning"), m.r));
+  if (m.b !== undefined) { model.set("open_block", ""); model.set("body", m.b); }
+  if (m.f) {
+    const frozen = edited(model.get("open_block"), m.f);
+    model.set("open_block", "");
+    model.set("body", model.get("body") + frozen);
+  }
+  if (m.o) model.set("open_block", edited(model.get("open_block"), m.o));
+  if (m.x !== undefined) model.set("after", m.x);
+  if (m.e) model.set("ended", true);
+}
+
+function shown(model) {
+  const note = model.get("ended") ? "" :
+    `<p class="qwen-restarted"><em>${model.get("restarted_note")}</em></p>`;
+  return model.get("reasoning") + `<div class="qwen-answer">${model.get("body")}` +
+    `${model.get("open_block")}</div>` + model.get("after") + note;
+}
+
+function keepAsText(model) {
+  const cells = model.widget_manager?.context?.model?.cells;
+  if (!cells) return;
+  const html = shown(model);
+  const text = parse(html).map((node) => node.textContent).join("\\n").trim();
+  for (let c = 0; c < cells.length; c++) {
+    const outputs = cells.get(c).outputs;
+    for (let i = 0; outputs && i < outputs.length; i++) {
+      const view = outputs.get(i).data["application/vnd.jupyter.widget-view+json"];
+      if (view && view.model_id === model.get("answer_id")) {
+        outputs.set(i, { output_type: "display_data", metadata: {},
+                         data: { "text/html": html, "text/plain": text } });
+      }
+    }
+  }
+}
+
+function initialize({ model, signal }) {
+  model.on("msg:custom", (m) => apply(model, m));
+  const session = model.widget_manager?.context?.sessionContext;
+  if (!session) return;
+  const watch = (_, status) => {
+    if (status === "restarting" || status === "autorestarting" || status === "dead") keepAsText(model);
+  };
+  session.statusChanged.connect(watch);
+  signal?.addEventListener("abort", () => session.statusChanged.disconnect(watch));
+}
+
 function render({ model, el }) {
   const root = document.createElement("div");
   root.className = "jp-RenderedHTMLCommon jp-RenderedHTML qwen-live";
   const thinking = document.createElement("div");
   const answer = document.createElement("div");
   const after = document.createElement("div");
-  const restarted = document.createElement("div");
+  const restarted = document.createElement("p");
   thinking.style.display = after.style.display = "contents";
   answer.className = "qwen-answer";
   restarted.className = "qwen-restarted";
-  restarted.textContent = model.get("restarted_note");
+  restarted.innerHTML = `<em>${model.get("restarted_note")}</em>`;
   root.append(thinking, answer, after, restarted);
-  let reasoning = "", open = "", openNodes = [];
-  const setThinking = (html) => { reasoning = html; thinking.innerHTML = html; };
-  const setOpen = (html) => {
+  let body = "", openNodes = [];
+  const showOpen = () => {
     openNodes.forEach((node) => node.remove());
-    open = html;
-    openNodes = parse(html);
+    openNodes = parse(model.get("open_block"));
     answer.append(...openNodes);
   };
-  setThinking(model.get("reasoning"));
-  answer.innerHTML = model.get("body");
-  setOpen(model.get("open_block"));
-  after.innerHTML = model.get("after");
-  model.on("msg:custom", (m) => {
-    if (m.r) setThinking(reasoning.slice(0, m.r[0]) + m.r[1]);
-    if (m.b !== undefined) { answer.innerHTML = m.b; openNodes = []; open = ""; }
-    if (m.f) { setOpen(open.slice(0, m.f[0]) + m.f[1]); openNodes = []; open = ""; }
-    if (m.o) setOpen(open.slice(0, m.o[0]) + m.o[1]);
-    if (m.x !== undefined) after.innerHTML = m.x;
-  });
+  const showBody = () => {
+    const now = model.get("body");
+    if (now.startsWith(body)) {
+      const before = openNodes[0] || null;
+      parse(now.slice(body.length)).forEach((node) => answer.insertBefore(node, before));
+    } else {
+      answer.replaceChildren(...parse(now));
+      openNodes = [];
+      showOpen();
+    }
+    body = now;
+  };
+  const showThinking = () => { thinking.innerHTML = model.get("reasoning"); };
+  const showAfter = () => { after.innerHTML = model.get("after"); };
+  showThinking(); showBody(); showOpen(); showAfter();
+  model.on("change:reasoning", showThinking);
+  model.on("change:body", showBody);
+  model.on("change:open_block", showOpen);
+  model.on("change:after", showAfter);
+  model.on("change:ended", () => restarted.remove());
+  if (model.get("ended")) restarted.remove();
   el.append(root);
 }
-export default { render };
+export default { initialize, render };
 """
 _CSS = """
 .qwen-live .qwen-restarted { display: none; }
-.jupyter-widgets-disconnected .qwen-live .qwen-restarted {
-  display: block; margin-top: 0.4em; font-style: italic; color: var(--jp-warn-color0, #b26b00);
-}
+.jupyter-widgets-disconnected .qwen-live .qwen-restarted { display: block; }
 """
 WIDGET_VIEW_MIME = "application/vnd.jupyter.widget-view+json"
 RESTARTED_NOTE = "The kernel restarted: the answer stopped here."
@@ -202,10 +265,13 @@ def _answer_widget_class() -> type:
         body = traitlets.Unicode("").tag(sync=True)
         open_block = traitlets.Unicode("").tag(sync=True)
         after = traitlets.Unicode("").tag(sync=True)
+        ended = traitlets.Bool(False).tag(sync=True)
+        answer_id = traitlets.Unicode("").tag(sync=True)  # the model id: the page finds its outputs by it
 
-        def __init__(self, parts: Callable[[], dict[str, str]], **kwargs: Any) -> None:
+        def __init__(self, parts: Callable[[], dict[str, Any]], **kwargs: Any) -> None:
             self._parts = parts
-            super().__init__(**kwargs)
+            model_id = uuid.uuid4().hex
+            super().__init__(model_id=model_id, answer_id=model_id, **kwargs)
 
         def get_state(self, key: Any = None, drop_defaults: bool = False) -> dict[str, Any]:
             state = super().get_state(key=key, drop_defaults=drop_defaults)
@@ -318,10 +384,11 @@ class WidgetView:
         """The answer's widget (None until something was shown)."""
         return self._widget
 
-    def _parts(self) -> dict[str, str]:
+    def _parts(self) -> dict[str, Any]:
         """The widget's state: the answer so far, or the whole of it with its footer once ended."""
         ended = self._ended_body is not None
         return {
+            "ended": ended,
             "reasoning": self._reasoning_html,
             "body": self._ended_body if ended else "".join(self._frozen_html),
             "open_block": "" if ended else self._open_html,
@@ -456,7 +523,7 @@ class WidgetView:
                 return
             # The widget ends holding the whole answer and footer, for a page that loads it
             # later (a reload has lost the display id the durable output goes to).
-            message: dict[str, Any] = {"x": sources + result.footer_html()}
+            message: dict[str, Any] = {"x": sources + result.footer_html(), "e": 1}
             if thinking != self._reasoning_html:
                 message["r"] = self._set_reasoning(thinking)
             frozen = "".join(self._frozen_html)
