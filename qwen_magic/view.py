@@ -136,7 +136,7 @@ class _Pacer:
 # output, what the widget showed as HTML, with a line saying the kernel restarted where the
 # answer was unfinished. (Without a notebook to write to, the view keeps its text and shows
 # that line once ipywidgets marks it disconnected.)
-_ESM = """
+_ESM_SOURCE = """
 const parse = (html) => {
   const template = document.createElement("template");
   template.innerHTML = html;
@@ -235,6 +235,8 @@ function render({ model, el }) {
 }
 export default { initialize, render };
 """
+# Sent with every answer's widget: without its indentation.
+_ESM = "\n".join(line.strip() for line in _ESM_SOURCE.splitlines() if line.strip())
 _CSS = """
 .qwen-live .qwen-restarted { display: none; }
 .jupyter-widgets-disconnected .qwen-live .qwen-restarted { display: block; }
