@@ -225,3 +225,27 @@ def test_the_durable_output_is_the_whole_answer_rendered_reusing_the_live_blocks
     assert output.shown[-1]["text/html"] == result._repr_html_()  # what rendering it whole gives
     # The plain answer's blocks were rendered as they streamed; the others are rendered whole, once.
     assert rendered_whole_at_the_end == (0 if name == "plain" else 1)
+
+
+def test_the_other_views_show_a_note_added_after_the_end() -> None:
+    import io
+
+    from qwen_magic.view import MarkdownView, TerminalView
+
+    output = _Output()
+    markdown = MarkdownView(output)
+    result = result_for("An answer.")
+    markdown.finish(result, {"text": "An answer."})
+    result.notes.append("History not saved: locked")
+    markdown.update_footer(result, {"text": "An answer."})
+    assert output.shown[-1]["text/markdown"].endswith("*History not saved: locked*")
+
+    printed = io.StringIO()
+    terminal = TerminalView(printed)
+    result = result_for("An answer.")
+    terminal.show_answer(["An answer."])
+    terminal.finish(result, {"text": "An answer."})
+    before = printed.getvalue()
+    result.notes.append("History not saved: locked")
+    terminal.update_footer(result, {"text": "An answer."})
+    assert printed.getvalue() == before + "[History not saved: locked]\n"  # only the new line
