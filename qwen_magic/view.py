@@ -348,9 +348,9 @@ class LiveWidgets:
 
 
 class WidgetView:
-    """One widget per answer, never shared with another: finished blocks are appended once,
-    the open block is sent as an edit of what the browser has (and frozen in place when it ends); each update is one message, paced, and
-    sent from the session's timer thread (the stream only hands text over)."""
+    """One widget per answer, never shared with another. The open block is sent as an edit of
+    what the page has, and frozen in place by another edit when it ends; each update is one
+    message, paced, sent from the session's timer thread (the stream only hands text over)."""
 
     def __init__(
         self,
@@ -386,7 +386,6 @@ class WidgetView:
         self._has_text = False
         self._lock = threading.Lock()  # the timer thread's tick() and the stream both update
         self._notices: list[str] = []
-        self.sent = 0  # updates sent (the widget's opening included)
 
     @property
     def widget(self) -> Any:
@@ -412,7 +411,6 @@ class WidgetView:
             self._widget.send(message)
         else:
             return
-        self.sent += 1
         self._pacer.spent()
 
     def _show(self) -> None:
