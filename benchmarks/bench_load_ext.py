@@ -24,7 +24,7 @@ from benchmarks._common import REPO, bench_report, environment, median, print_ro
 
 NAME = "load_ext"
 TARGET_MS = 150.0
-HEAVY = ("dashscope", "httpx", "ipywidgets", "markdown_it", "tiktoken")
+HEAVY = ("anywidget", "dashscope", "httpx", "ipywidgets", "markdown_it", "tiktoken")
 
 _PROGRAM = """
 import json, sys, time

@@ -5,8 +5,13 @@ One real kernel; the offline gateway (in a process of its own) sends a determini
 the cell is recorded as the front end receives it (tests/kernel_harness.py): type, arrival
 time, bytes of its content, bytes of the whole message with its envelope.
 
-Candidate: ``%%qwen`` (widget view). Baseline ("naive"): one ``ipywidgets.HTML`` displayed
-once, and on every chunk the whole text so far re-rendered into it with markdown-it.
+Candidate: ``%%qwen`` (widget view: the cell is sent with a cell id, as JupyterLab does).
+Baseline ("naive"): one ``ipywidgets.HTML`` displayed once, and on every chunk the whole text
+so far re-rendered into it with markdown-it.
+
+What a reader sees is rebuilt from the messages as a page does (the widget's state, then each
+message applied): a visible step is a message after which the shown text changed; a raw marker
+is a ``*`` or a backtick in the shown text outside code (the finished answer shows none).
 
     python benchmarks/bench_traffic.py [--runs 3]
 """
@@ -43,7 +48,9 @@ TARGET_CHARS = 20_000
 CHUNK = 16
 STREAM_SECONDS = 4.0
 TARGET_RATE = 25.0
-TARGET_BYTES_MULTIPLE = 3.0
+TARGET_BYTES_MULTIPLE = 2.0
+TARGET_STEPS = 10.0
+TARGET_WIDGETS = 3
 COUNTED = ("display_data", "update_display_data", "comm_open", "comm_msg", "comm_close", "stream")
 PROMPT = "Write a long guide to streaming answers in notebooks."
 
@@ -192,6 +199,94 @@ def carries_answer(message: Any) -> bool:
     return False
 
 
+class _Page:
+    """One answer widget as a page shows it: its state, then each custom message applied."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.parts = {key: state.get(key, "") for key in ("reasoning", "body", "open_block", "after")}
+
+    def apply(self, message: dict[str, Any]) -> None:
+        parts = self.parts
+
+        def edited(text: str, edit: list[Any]) -> str:
+            return text.encode("utf-16-le")[: edit[0] * 2].decode("utf-16-le") + edit[1]
+
+        if "r" in message:
+            parts["reasoning"] = edited(parts["reasoning"], message["r"])
+        if "b" in message:
+            parts["body"], parts["open_block"] = message["b"], ""
+        if "f" in message:
+            parts["body"] += edited(parts["open_block"], message["f"])
+            parts["open_block"] = ""
+        if "o" in message:
+            parts["open_block"] = edited(parts["open_block"], message["o"])
+        if "x" in message:
+            parts["after"] = message["x"]
+
+    @property
+    def html(self) -> str:
+        return "".join(self.parts.values())
+
+
+def shown_states(messages: list[Any]) -> list[tuple[float, str]]:
+    """(arrival, HTML a page shows) after every live message, until the durable output."""
+    pages: dict[str, Any] = {}
+    states: list[tuple[float, str]] = []
+    for message in messages:
+        content = message.content
+        if message.msg_type == "update_display_data":
+            break
+        if message.msg_type == "comm_open":
+            state = content["data"]["state"]
+            if state.get("_model_name") == "AnyModel":
+                pages[content["comm_id"]] = _Page(state)
+            elif state.get("_model_name") == "HTMLModel":
+                pages[content["comm_id"]] = state.get("value", "")
+            else:
+                continue
+        elif message.msg_type == "comm_msg" and content["comm_id"] in pages:
+            data = content["data"]
+            page = pages[content["comm_id"]]
+            if isinstance(page, _Page) and data.get("method") == "custom":
+                page.apply(data["content"])
+            elif data.get("method") == "update" and "value" in data.get("state", {}):
+                pages[content["comm_id"]] = data["state"]["value"]
+            else:
+                continue
+        else:
+            continue
+        page = pages[content["comm_id"]]
+        states.append((message.received, page.html if isinstance(page, _Page) else page))
+    return states
+
+
+_CODE = re.compile(r"<(pre|code)[^>]*>.*?</\1>", re.S)
+
+
+def raw_markers(html_text: str) -> bool:
+    """Whether the shown text holds a Markdown marker outside code (the finished answer has none)."""
+    shown = _visible_text(_CODE.sub("", html_text))
+    return "*" in shown or "`" in shown
+
+
+def reader_figures(messages: list[Any]) -> dict[str, Any]:
+    """What a reader sees: visible steps (and per second), states showing raw markers."""
+    states = shown_states(messages)
+    steps, last = [], None
+    for at, html_text in states:
+        text = _visible_text(html_text)
+        if text and not text.startswith("Waiting for") and text != last:
+            steps.append((at, html_text))
+            last = text
+    span = steps[-1][0] - steps[0][0] if len(steps) > 1 else 0.0
+    return {
+        "visible_steps": len(steps),
+        "visible_steps_per_s": (len(steps) - 1) / span if span > 0 else 0.0,
+        "chars_per_step": (len(_visible_text(steps[-1][1])) / len(steps)) if steps else 0.0,
+        "states_with_raw_markers": sum(raw_markers(h) for _, h in steps),
+    }
+
+
 def _peak_per_second(times: list[float]) -> int:
     """Most messages in any one-second window."""
     peak, start = 0, 0
@@ -235,6 +330,8 @@ def measure(execution: Any, answer: str, *, phases: bool) -> dict[str, Any]:
         "peak_per_1s_whole_cell": _peak_per_second([m.received for m in messages]),
         "uncounted_types": others,
         "total": _totals(messages, answer_bytes),
+        "widgets_created": len([m for m in messages if m.msg_type == "comm_open"]),
+        **reader_figures(messages),
     }
     if phases:
         finals = [i for i, m in enumerate(messages) if m.msg_type == "update_display_data"]
@@ -253,26 +350,31 @@ def measure(execution: Any, answer: str, *, phases: bool) -> dict[str, Any]:
 
 
 def _live_kind(message: Any) -> str:
-    state = message.content.get("data", {}).get("state", {}) if message.msg_type.startswith("comm") else {}
-    if message.msg_type == "comm_open" and isinstance(state.get("value"), str):
-        return "html_widget_opens"  # a new HTML widget (a frozen block, or the open one)
-    if message.msg_type == "comm_msg" and "value" in state:
-        return "value_updates"  # the open block re-rendered (or a placeholder)
-    if "children" in state:
-        return "children_updates" if message.msg_type == "comm_msg" else "box_opens"
-    return "other"  # the shared layout and style, the display_data of the view
+    content = message.content
+    if message.msg_type == "comm_open":
+        return f"opens of {content['data']['state'].get('_model_name', '?')}"
+    if message.msg_type == "comm_msg":
+        data = content.get("data", {})
+        if data.get("method") == "custom":
+            return "custom updates"
+        return "value updates" if "value" in data.get("state", {}) else "other state updates"
+    return message.msg_type  # the display of the view
 
 
 def live_breakdown(messages: list[Any]) -> dict[str, Any]:
-    """Where the live phase's bytes go; value_bytes is the HTML the widgets carry."""
+    """Where the live phase's bytes go; value_bytes is the answer's HTML they carry."""
     kinds: dict[str, dict[str, int]] = {}
     for message in messages:
         kind = kinds.setdefault(_live_kind(message), {"messages": 0, "content_bytes": 0, "value_bytes": 0})
         kind["messages"] += 1
         kind["content_bytes"] += message.content_size
-        state = message.content.get("data", {}).get("state", {}) if message.msg_type.startswith("comm") else {}
-        if isinstance(state.get("value"), str):
-            kind["value_bytes"] += len(json.dumps(state["value"]))
+        data = message.content.get("data", {}) if message.msg_type.startswith("comm") else {}
+        state = data.get("state", {})
+        carried = [state.get(key) for key in ("value", "body", "open_block", "reasoning", "after")]
+        if data.get("method") == "custom":
+            custom = data.get("content", {})
+            carried += [edit[1] for key, edit in custom.items() if key in ("r", "f", "o")] + [custom.get("b")]
+        kind["value_bytes"] += sum(len(json.dumps(value)) for value in carried if isinstance(value, str))
     return kinds
 
 
@@ -361,6 +463,9 @@ def run(runs: int = 3) -> dict[str, Any]:
         "target_rate_per_s": TARGET_RATE,
         "target_bytes_multiple": TARGET_BYTES_MULTIPLE,
         "rate_target_met": qwen["rate_per_s"] <= TARGET_RATE,
+        "steps_target_met": qwen["visible_steps_per_s"] >= TARGET_STEPS,
+        "widgets_target_met": qwen["widgets_created"] <= TARGET_WIDGETS,
+        "markers_target_met": max(r["states_with_raw_markers"] for r in results["qwen"]) == 0,
         # Judged on the streaming (live) phase, as the message rate is: the durable output
         # carries the answer as Markdown and as HTML by design (2.2x on its own), and it is
         # reported beside it, with the whole cell.
@@ -384,6 +489,14 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str]]:
                    f"{result['frames']} frames of {CHUNK} chars, {result['frame_delay_s'] * 1000:.1f} ms apart"),
         ("runs (each, interleaved)", str(result["runs_each"])),
         ("%%qwen streaming time", f"{q['streaming_s']:.2f} s"),
+        ("%%qwen visible steps per second (steps; characters per step)",
+         f"{q['visible_steps_per_s']:.1f} ({q['visible_steps']:.0f}; {q['chars_per_step']:.0f})  target >= {TARGET_STEPS:.0f}: "
+         + ("met" if result["steps_target_met"] else "NOT met")),
+        ("%%qwen widgets created per answer", f"{q['widgets_created']:.0f}  target <= {TARGET_WIDGETS}: "
+         + ("met" if result["widgets_target_met"] else "NOT met")),
+        ("%%qwen states showing raw markers (worst run)",
+         f"{max(r['states_with_raw_markers'] for r in result['per_run']['qwen'])}  target 0: "
+         + ("met" if result["markers_target_met"] else "NOT met")),
         ("%%qwen msgs/s while streaming (peak 1 s; with teardown)",
          f"{q['rate_per_s']:.1f} ({q['peak_per_1s']:.0f}; {q['peak_per_1s_whole_cell']:.0f})  target <= {TARGET_RATE:.0f}: "
          + ("met" if result["rate_target_met"] else "NOT met")),
@@ -398,6 +511,8 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("%%qwen whole cell", _row(q["total"]) + "  (durable output included)"),
         ("naive streaming time", f"{n['streaming_s']:.2f} s"),
         ("naive msgs/s while streaming (peak 1 s)", f"{n['rate_per_s']:.1f} ({n['peak_per_1s']:.0f})"),
+        ("naive visible steps per second; states showing raw markers",
+         f"{n['visible_steps_per_s']:.1f}; {n['states_with_raw_markers']:.0f}"),
         ("naive whole cell", _row(n["total"])),
     ]
 

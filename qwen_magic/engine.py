@@ -41,7 +41,7 @@ from .pricing import UNKNOWN_PRICE_HINT, call_cost
 from .result import COMPLETE, FAILED, INTERRUPTED, QwenResult
 from .store import QUICK_LOCK_WAIT, Owner, Store, StoreError, default_store_path, describe
 from .tokens import count_chat_input, count_text
-from .view import View, WidgetPool, make_view
+from .view import LiveWidgets, View, make_view
 
 
 STORE_REPLACED = (
@@ -212,7 +212,7 @@ class QwenSession:
         # (history file, notebook, chat) -> the name its turns are stored under, once known
         self.stored_names: dict[tuple[Path, str, str], str] = {}
         self.ticker = _Ticker()
-        self.widgets = WidgetPool()  # made with the first widget view
+        self.widgets = LiveWidgets()  # the finished answers' widgets kept open
 
     def chat(self, name: str = "default") -> Chat:
         return self.chats.setdefault(name, Chat(name))
@@ -341,8 +341,9 @@ class QwenSession:
             parameters=options.parameters(),
             stream=settings.stream if options.stream is None else options.stream,
         )
+        # A front end that shows widgets sends the cell's id; nbconvert and papermill do not.
         view = make_view(settings.display, in_kernel=in_kernel, display=display, fmt=plan.fmt,
-                         pool=self.widgets)
+                         front_end=cell_id is not None, widgets=self.widgets)
         early_notes: list[str] = []
         if options.new:
             plan.chat.reset()

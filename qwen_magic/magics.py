@@ -27,7 +27,8 @@ class QwenMagic(Magics):
         ["auto", "widget", "markdown", "text"],
         default_value="auto",
         help=(
-            "How answers stream: auto (widgets in Jupyter, text in a terminal), widget, "
+            "How answers stream: auto (a widget in JupyterLab and Notebook 7, Markdown updates "
+            "where no front end sent the cell, text in a terminal), widget, "
             "markdown (plain display updates, no widgets) or text (printed)."
         ),
     ).tag(config=True)

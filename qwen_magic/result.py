@@ -12,7 +12,10 @@ from .pricing import format_yuan
 if TYPE_CHECKING:  # pragma: no cover
     from .formats import Parsed
 
-FOOTER_STYLE = "color: var(--jp-ui-font-color2, #777); font-size: 0.85em; margin-top: 0.4em;"
+# The footer is quiet by its markup: <small> and <em> (italics, as in its Markdown) survive
+# the sanitiser of an untrusted notebook, which drops the inline colour (checked in
+# JupyterLab 4: 11.7 px italics under 14 px text there).
+FOOTER_STYLE = "color: var(--jp-ui-font-color2, #777); margin-top: 0.4em;"
 COMPLETE = "complete"
 INTERRUPTED = "interrupted"
 FAILED = "failed"
@@ -125,16 +128,20 @@ class QwenResult:
     def body_html(self, rendered_answer: str | None = None) -> str:
         """Thinking, the answer and the sources as safe HTML; ``rendered_answer`` is the
         answer already rendered (by the live view), when it is."""
+        thinking, answer, sources = self.html_parts(rendered_answer)
+        return f'{thinking}<div class="qwen-answer">{answer}</div>{sources}'
+
+    def html_parts(self, rendered_answer: str | None = None) -> tuple[str, str, str]:
+        """The HTML output's parts: the thinking, the answer's own HTML, the sources ("" if none)."""
         from .formats import answer_html, reasoning_html, sources_markdown
         from .markdown import render_markdown
 
         if rendered_answer is None:
             rendered_answer = answer_html(self.format, self.text, self._parsed())
-        html = f'<div class="qwen-answer">{rendered_answer}</div>'
-        if self.reasoning:
-            html = reasoning_html(self.reasoning, opened=False, tokens=self.usage.reasoning_tokens) + html
+        thinking = reasoning_html(self.reasoning, opened=False, tokens=self.usage.reasoning_tokens) if self.reasoning else ""
         sources = sources_markdown(self.search_results)
-        return html + (f'<div class="qwen-sources">{render_markdown(sources)}</div>' if sources else "")
+        return (thinking, rendered_answer,
+                f'<div class="qwen-sources">{render_markdown(sources)}</div>' if sources else "")
 
     def _repr_markdown_(self) -> str:
         return markdown_with_footer(self.body_markdown(), self.footer_lines())
@@ -143,12 +150,15 @@ class QwenResult:
         return self.html_with_footer()
 
     def html_with_footer(self, rendered_answer: str | None = None) -> str:
+        return self.body_html(rendered_answer) + self.footer_html()
+
+    def footer_html(self) -> str:
         from .markdown import escape
 
-        footer = "".join(
-            f'<div class="qwen-footer" style="{FOOTER_STYLE}">{escape(line)}</div>' for line in self.footer_lines()
+        return "".join(
+            f'<div class="qwen-footer" style="{FOOTER_STYLE}"><small><em>{escape(line)}</em></small></div>'
+            for line in self.footer_lines()
         )
-        return self.body_html(rendered_answer) + footer
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         if cycle:

@@ -1,35 +1,37 @@
 """How an answer appears: a live view while it streams, a durable output when it ends.
 
-* ``WidgetView`` (Jupyter): a box of HTML widgets. Finished Markdown blocks are rendered
-  once into a widget that is never touched again; only the open block is re-rendered.
-  Updates are coalesced to a message budget (~16 messages a second) and sent from the
-  session's timer thread; the stream only hands text over. At the end the box is replaced,
-  under the same display id, by a plain ``text/markdown`` + ``text/html`` output (its HTML
-  built from the blocks already rendered where that is the same), so a saved notebook needs
-  no widget state; the box and its open block go back to the session's pool, emptied.
-* ``MarkdownView``: the same durable output, updated in place without widgets.
+* ``WidgetView`` (JupyterLab, Notebook 7): one widget per answer, never reused by another
+  answer, so nothing shown in one cell can appear in another (after a reload, in a second tab).
+  Finished Markdown blocks are rendered once and appended; the open block is re-rendered (its
+  open emphasis closed) and sent as an edit of what the browser has. Each update is one small
+  message, paced (~16 a second) and sent from the session's timer thread; the stream only
+  hands text over. The widget's state is the answer so far, read only when a page asks for it.
+  At the end the output is replaced, under the same display id, by a plain ``text/markdown`` +
+  ``text/html`` output, and the widget itself ends holding the whole answer and its footer.
+* ``MarkdownView``: the same durable output, updated in place without widgets (also what
+  ``display = auto`` uses where no front end sent the cell: nbconvert, papermill).
 * ``TerminalView``: text printed as it comes, then the footer.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TextIO
 
-from .markdown import BlockSplitter, escape, render_markdown
+from .markdown import BlockSplitter, close_open_markers, escape, render_markdown
 from .formats import preformatted, reasoning_html
-from .result import FOOTER_STYLE, markdown_with_footer
+from .result import markdown_with_footer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .result import QwenResult
 
 # One message every 60 ms at most, on average: ~16 a second (benchmarks/README.md says why).
 MESSAGE_INTERVAL = 0.06
-# Frozen blocks are grouped so that adding one re-sends a short list of children, not all.
-GROUP_SIZE = 6
 
 
 
@@ -61,7 +63,7 @@ class View(Protocol):
         """
 
     def update_footer(self, result: "QwenResult", record: dict[str, Any]) -> None:
-        """After ``finish``: notes were added (the history could not be saved); show them too."""
+        """After ``finish``, a note was added to the result: show the output again with it."""
 
 
 def durable_bundle(
@@ -123,83 +125,232 @@ class _Pacer:
         self._next = self._clock() + self._interval * max(messages, 1)
 
 
-class WidgetPool:
-    """The widgets a session's live views share or reuse, so that an answer opens few comms.
+# What a live view shows, in the browser. The model keeps the answer's HTML so far (its
+# state, then each message applied: ``initialize`` sees every message, in order, even before
+# a view is shown); each view shows the model, laid out as the durable output is (the same
+# classes, so the same type and spacing). A page that loads the widget later (a reload, a
+# second tab) asks the kernel for its state and gets the whole answer so far.
+#
+# When the kernel restarts or dies, the widget's model is gone with it, and a saved notebook
+# would read "model not found": the page's own notebook then gets, in place of the widget's
+# output, what the widget showed as HTML, with a line saying the kernel restarted where the
+# answer was unfinished. (Without a notebook to write to, the view keeps its text and shows
+# that line once ipywidgets marks it disconnected.)
+_ESM_SOURCE = """
+const parse = (html) => {
+  const template = document.createElement("template");
+  template.innerHTML = html;
+  return [...template.content.childNodes];
+};
+const edited = (text, [kept, added]) => text.slice(0, kept) + added;
 
-    * The layout and style: ipywidgets gives each widget a layout and a style model of its
-      own, two more comms to open and to close per block. One pair serves every block of
-      every answer.
-    * The frame (the box and its open block): lent to one answer at a time and given back
-      emptied, so the next answer shows with an update and a display, not with new comms
-      opened while its stream is being read (each message then slows the stream: see
-      benchmarks/README.md).
+function apply(model, m) {
+  if (m.r) model.set("reasoning", edited(model.get("reasoning"), m.r));
+  if (m.b !== undefined) { model.set("open_block", ""); model.set("body", m.b); }
+  if (m.f) {
+    const frozen = edited(model.get("open_block"), m.f);
+    model.set("open_block", "");
+    model.set("body", model.get("body") + frozen);
+  }
+  if (m.o) model.set("open_block", edited(model.get("open_block"), m.o));
+  if (m.x !== undefined) model.set("after", m.x);
+  if (m.e) model.set("ended", true);
+}
 
-    Widgets closed from outside (``Widget.close_all()``) are made again; ``close`` releases
-    them all when the extension unloads.
-    """
+function shown(model) {
+  const note = model.get("ended") ? "" :
+    `<p class="qwen-restarted"><em>${model.get("restarted_note")}</em></p>`;
+  return model.get("reasoning") + `<div class="qwen-answer">${model.get("body")}` +
+    `${model.get("open_block")}</div>` + model.get("after") + note;
+}
 
-    def __init__(self) -> None:
-        self._look: tuple[Any, Any] | None = None
-        self._spare_frame: tuple[Any, Any] | None = None
-        self._lock = threading.Lock()  # frames are taken on the timer thread and given back on the cell's
+function keepAsText(model) {
+  const cells = model.widget_manager?.context?.model?.cells;
+  if (!cells) return;
+  const html = shown(model);
+  const text = parse(html).map((node) => node.textContent).join("\\n").trim();
+  for (let c = 0; c < cells.length; c++) {
+    const outputs = cells.get(c).outputs;
+    for (let i = 0; outputs && i < outputs.length; i++) {
+      const view = outputs.get(i).data["application/vnd.jupyter.widget-view+json"];
+      if (view && view.model_id === model.get("answer_id")) {
+        outputs.set(i, { output_type: "display_data", metadata: {},
+                         data: { "text/html": html, "text/plain": text } });
+      }
+    }
+  }
+}
 
-    def layout_and_style(self) -> tuple[Any, Any]:
+function initialize({ model, signal }) {
+  model.on("msg:custom", (m) => apply(model, m));
+  const session = model.widget_manager?.context?.sessionContext;
+  if (!session) return;
+  const watch = (_, status) => {
+    if (status === "restarting" || status === "autorestarting" || status === "dead") keepAsText(model);
+  };
+  session.statusChanged.connect(watch);
+  signal?.addEventListener("abort", () => session.statusChanged.disconnect(watch));
+}
+
+function render({ model, el }) {
+  const root = document.createElement("div");
+  root.className = "jp-RenderedHTMLCommon jp-RenderedHTML qwen-live";
+  const thinking = document.createElement("div");
+  const answer = document.createElement("div");
+  const after = document.createElement("div");
+  const restarted = document.createElement("p");
+  thinking.style.display = after.style.display = "contents";
+  answer.className = "qwen-answer";
+  restarted.className = "qwen-restarted";
+  restarted.innerHTML = `<em>${model.get("restarted_note")}</em>`;
+  root.append(thinking, answer, after, restarted);
+  let body = "", openNodes = [];
+  const showOpen = () => {
+    openNodes.forEach((node) => node.remove());
+    openNodes = parse(model.get("open_block"));
+    answer.append(...openNodes);
+  };
+  const showBody = () => {
+    const now = model.get("body");
+    if (now.startsWith(body)) {
+      const before = openNodes[0] || null;
+      parse(now.slice(body.length)).forEach((node) => answer.insertBefore(node, before));
+    } else {
+      answer.replaceChildren(...parse(now));
+      openNodes = [];
+      showOpen();
+    }
+    body = now;
+  };
+  const showThinking = () => { thinking.innerHTML = model.get("reasoning"); };
+  const showAfter = () => { after.innerHTML = model.get("after"); };
+  showThinking(); showBody(); showOpen(); showAfter();
+  model.on("change:reasoning", showThinking);
+  model.on("change:body", showBody);
+  model.on("change:open_block", showOpen);
+  model.on("change:after", showAfter);
+  model.on("change:ended", () => restarted.remove());
+  if (model.get("ended")) restarted.remove();
+  el.append(root);
+}
+export default { initialize, render };
+"""
+# Sent with every answer's widget: without its indentation.
+_ESM = "\n".join(line.strip() for line in _ESM_SOURCE.splitlines() if line.strip())
+_CSS = """
+.qwen-live .qwen-restarted { display: none; }
+.jupyter-widgets-disconnected .qwen-live .qwen-restarted { display: block; }
+"""
+WIDGET_VIEW_MIME = "application/vnd.jupyter.widget-view+json"
+RESTARTED_NOTE = "The kernel restarted: the answer stopped here."
+# Kept in a saved notebook beside the live view, for readers that cannot show it.
+STREAMING_NOTE = "The answer was still streaming when this output was saved."
+# Finished answers whose widget stays open, so that a page reloaded later still shows them
+# from the widget's state (its display id is lost). Older ones are closed: their outputs on
+# the live page were already replaced by the durable output.
+FINISHED_KEPT = 50
+
+
+@functools.lru_cache(maxsize=1)
+def _answer_widget_class() -> type:
+    """The widget class, made on first use: %load_ext imports no widget library."""
+    import anywidget
+    import traitlets
+
+    class AnswerWidget(anywidget.AnyWidget):  # type: ignore[misc]
+        """One answer's live view. Its state is read when asked for, never re-sent on a change."""
+
+        _esm = _ESM
+        _css = _CSS
+        restarted_note = traitlets.Unicode(RESTARTED_NOTE).tag(sync=True)
+        reasoning = traitlets.Unicode("").tag(sync=True)
+        body = traitlets.Unicode("").tag(sync=True)
+        open_block = traitlets.Unicode("").tag(sync=True)
+        after = traitlets.Unicode("").tag(sync=True)
+        ended = traitlets.Bool(False).tag(sync=True)
+        answer_id = traitlets.Unicode("").tag(sync=True)  # the model id: the page finds its outputs by it
+
+        def __init__(self, parts: Callable[[], dict[str, Any]], **kwargs: Any) -> None:
+            self._parts = parts
+            model_id = uuid.uuid4().hex
+            super().__init__(model_id=model_id, answer_id=model_id, **kwargs)
+
+        def get_state(self, key: Any = None, drop_defaults: bool = False) -> dict[str, Any]:
+            state = super().get_state(key=key, drop_defaults=drop_defaults)
+            wanted = None if key is None else {key} if isinstance(key, str) else set(key)
+            for name, value in self._parts().items():
+                if wanted is None or name in wanted:
+                    state[name] = value
+            return state
+
+    return AnswerWidget
+
+
+def _utf16_length(text: str) -> int:
+    """The length a browser's string has (characters past U+FFFF count twice there)."""
+    return len(text) if text.isascii() else len(text.encode("utf-16-le")) // 2
+
+
+def _edit(old: str, new: str) -> list[Any]:
+    """``[kept, added]``: keep the first ``kept`` UTF-16 units of ``old``, then add ``added``."""
+    limit = min(len(old), len(new))
+    same = 0
+    step = 256
+    while same < limit:  # the common prefix, in slices first
+        end = min(same + step, limit)
+        if old[same:end] == new[same:end]:
+            same = end
+        elif step > 1:
+            step //= 4
+        else:
+            break
+    return [_utf16_length(new[:same]), new[same:]]
+
+
+class LiveWidgets:
+    """A session's answer widgets: the last ``FINISHED_KEPT`` finished ones stay open, and one
+    layout serves them all (it holds no text: only the widget of an answer shows it)."""
+
+    def __init__(self, keep: int = FINISHED_KEPT) -> None:
+        self._keep = keep
+        self._finished: deque[Any] = deque()
+        self._layout: Any = None
+        self._lock = threading.Lock()
+
+    def layout(self) -> Any:
+        """The shared layout (made again if something closed it, e.g. ``Widget.close_all()``)."""
         with self._lock:
-            if self._look is None or not _all_open(self._look):
-                import ipywidgets as widgets
-                from ipywidgets.widgets.widget_string import HTMLStyle
+            if self._layout is None or self._layout.comm is None:
+                import ipywidgets
 
-                _close_all(self._look)
-                self._look = (widgets.Layout(), HTMLStyle())
-            return self._look
+                self._layout = ipywidgets.Layout()
+            return self._layout
 
-    def take_frame(self, value: str) -> tuple[Any, Any, int]:
-        """A box holding one open HTML block that shows ``value``; also the messages sent."""
+    def finished(self, widget: Any) -> None:
         with self._lock:
-            spare, self._spare_frame = self._spare_frame, None
-        if spare is not None and _all_open(spare):
-            box, open_block = spare
-            open_block.value = value
-            return box, open_block, 1
-        _close_all(spare)
-        import ipywidgets as widgets
+            self._finished.append(widget)
+            evicted = [self._finished.popleft() for _ in range(max(len(self._finished) - self._keep, 0))]
+        for old in evicted:
+            old.close()
 
-        layout, style = self.layout_and_style()
-        open_block = widgets.HTML(value=value, layout=layout, style=style)
-        return widgets.VBox(children=(open_block,), layout=layout), open_block, 2
-
-    def give_back(self, box: Any, open_block: Any) -> None:
-        """Keep a frame for the next answer, emptied: no answer stays in a live widget."""
-        if not _all_open((box, open_block)):
-            _close_all((box, open_block))
-            return
-        if open_block.value:
-            open_block.value = ""
-        if tuple(box.children) != (open_block,):
-            box.children = (open_block,)
+    def open_widgets(self) -> list[Any]:
         with self._lock:
-            spare, self._spare_frame = self._spare_frame, (box, open_block)
-        _close_all(spare)  # two answers' views at once (rare): one frame is enough to keep
+            return [widget for widget in self._finished if widget.comm is not None]
 
     def close(self) -> None:
         with self._lock:
-            frame, look = self._spare_frame, self._look
-            self._spare_frame = self._look = None
-        _close_all(frame)
-        _close_all(look)
-
-
-def _all_open(widgets: tuple[Any, ...]) -> bool:
-    return all(widget.comm is not None for widget in widgets)
-
-
-def _close_all(widgets: tuple[Any, ...] | None) -> None:
-    for widget in widgets or ():
-        widget.close()
+            finished, self._finished = list(self._finished), deque()
+            layout, self._layout = self._layout, None
+        for widget in finished:
+            widget.close()
+        if layout is not None:
+            layout.close()
 
 
 class WidgetView:
-    """Live ipywidgets view that freezes finished blocks and re-renders only the open one."""
+    """One widget per answer, never shared with another. The open block is sent as an edit of
+    what the page has, and frozen in place by another edit when it ends; each update is one
+    message, paced, sent from the session's timer thread (the stream only hands text over)."""
 
     def __init__(
         self,
@@ -207,102 +358,100 @@ class WidgetView:
         *,
         render: Callable[[str], str] = render_markdown,
         clock: Callable[[], float] = time.monotonic,
-        pool: WidgetPool | None = None,
+        widgets: LiveWidgets | None = None,
     ):
-        import ipywidgets as widgets
-
+        self._widget_class = _answer_widget_class()  # ImportError here: no widgets to use
         self._render = render
         self._display = display
-        self._reasoning: list[str] = []
-        self._reasoning_widget: Any = None
-
         self._widgets = widgets
-        # Without a session's pool, the view makes its own and closes it when it finishes.
-        self._own_pool = WidgetPool() if pool is None else None
-        self._pool = pool or self._own_pool
-        self._layout: Any = None
-        self._style: Any = None
         # Made when there is something to show (the first text, or the wait after ~0.1 s): an
-        # empty view would cost its messages for nothing, and an answer that fails at once
-        # shows its output without any widget.
-        self._open: Any = None
-        self._box: Any = None
+        # answer that fails at once shows its output without any widget.
+        self._widget: Any = None
         self._handle: Any = None
-        self._loose: list[Any] = []  # frozen blocks in the box itself, until there are more than a group
-        self._groups: list[Any] = []
+        self._reasoning: list[str] = []
         self._splitter = BlockSplitter()
         self._fed = 0  # characters fed to the splitter
-        self._frozen_html: list[str] = []  # the frozen blocks' HTML, in order
+        self._frozen_text: list[str] = []  # the frozen blocks' Markdown and HTML, in order
+        self._frozen_html: list[str] = []
+        # The widget's state: what the browser shows.
+        self._reasoning_html = ""
+        self._open_html = ""
+        self._after_html = ""
+        self._ended_body: str | None = None  # the whole answer's HTML, once it ended
+        self._rendered_answer_html: str | None = None
         # The answer's text not yet fed to the splitter. The stream appends without the lock;
         # whoever updates reads it under the lock.
         self._unread = _AnswerReader()
         self._pacer = _Pacer(clock)
         self._has_text = False
-        # The timer thread's tick() and the stream's show_answer() both update.
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the timer thread's tick() and the stream both update
         self._notices: list[str] = []
 
-    def _html(self, value: str) -> Any:
-        if self._layout is None:
-            self._layout, self._style = self._pool.layout_and_style()
-        return self._widgets.HTML(value=value, layout=self._layout, style=self._style)
+    @property
+    def widget(self) -> Any:
+        """The answer's widget (None until something was shown)."""
+        return self._widget
 
-    def _show(self, open_html: str) -> int:
-        """Fill the box with what there is and display it; return the messages sent."""
-        self._box, self._open, sent = self._pool.take_frame(open_html)
-        children = self._children()
-        if children != (self._open,):
-            self._box.children = children
-            sent += 1
-        # The widget's own bundle, published as is: IPython's formatters would also build a
-        # text repr of the whole box, every time.
+    def _parts(self) -> dict[str, Any]:
+        """The widget's state: the answer so far, or the whole of it with its footer once ended."""
+        ended = self._ended_body is not None
+        return {
+            "ended": ended,
+            "reasoning": self._reasoning_html,
+            "body": self._ended_body if ended else "".join(self._frozen_html),
+            "open_block": "" if ended else self._open_html,
+            "after": self._after_html,
+        }
+
+    def _send(self, message: dict[str, Any]) -> None:
+        """One update; the widget is made and shown with the first (its state holds it)."""
+        if self._widget is None:
+            self._show()
+        elif message:
+            self._widget.send(message)
+        else:
+            return
+        self._pacer.spent()
+
+    def _show(self) -> None:
+        shared = {} if self._widgets is None else {"layout": self._widgets.layout()}
+        self._widget = self._widget_class(self._parts, **shared)
+        text = "\n\n".join([*self._frozen_text, self._splitter.open_block]).strip() if self._has_text else ""
+        # The widget's own bundle, published as is, with text beside the view for whatever
+        # cannot show it (the notebook saved mid-stream and read elsewhere, or untrusted).
         self._handle = self._display(
             {
                 "application/vnd.jupyter.widget-view+json": {
-                    "version_major": 2, "version_minor": 0, "model_id": self._box.model_id,
+                    "version_major": 2, "version_minor": 0, "model_id": self._widget.model_id,
                 },
-                "text/plain": "Qwen answer (live view)",
+                "text/markdown": f"{text}\n\n*{STREAMING_NOTE}*".lstrip(),
+                "text/html": f"{self._render(self._closed(text)) if text else ''}<p><em>{escape(STREAMING_NOTE)}</em></p>",
+                "text/plain": f"{text}\n\n[{STREAMING_NOTE}]".lstrip(),
             },
             raw=True,
             display_id=True,
         )
-        return sent + 1
 
-    def _rendered_answer(self, result: "QwenResult") -> str | None:
-        """The whole answer's HTML from the blocks rendered while it streamed, plus the rest.
+    def _closed(self, text: str) -> str:
+        """Unfinished Markdown with its open emphasis and code span closed."""
+        return close_open_markers(text) if self._render is render_markdown else text
 
-        Blocks render as the whole text does (tests/test_markdown.py checks it) except where a
-        link reference definition (``[label]: url``) reaches across them, or where the splitter
-        says they may not (``BlockSplitter.renders_as_whole``): then ``None``, and the answer is
-        rendered whole. So is an answer not in Markdown.
-        """
-        if result.format not in ("markdown", "code") or self._render is not render_markdown or "]:" in result.text:
-            return None
-        rest = self._unread.take()
-        if self._fed + len(rest) != len(result.text):  # not the text this view was given
-            return None
-        tail = [*self._splitter.feed(rest), self._splitter.open_block]
-        if not self._splitter.renders_as_whole:
-            return None
-        return "".join(self._frozen_html) + self._render("\n\n".join(tail))
+    def _set_open(self, html: str) -> list[Any]:
+        edit = _edit(self._open_html, html)
+        self._open_html = html
+        return edit
 
-    def _children(self) -> tuple[Any, ...]:
-        """The box's contents: the thinking, the frozen blocks (loose, or in groups), the open block."""
-        head = (self._reasoning_widget,) if self._reasoning_widget is not None else ()
-        return (*head, *self._groups, *self._loose, self._open)
-
-    def _set_open(self, html: str) -> int:
-        """Show ``html`` as the open block (the view is made if need be); return messages sent."""
-        if self._box is None:
-            return self._show(html)
-        self._open.value = html
-        return 1
+    def _set_reasoning(self, html: str) -> list[Any]:
+        edit = _edit(self._reasoning_html, html)
+        self._reasoning_html = html
+        return edit
 
     def waiting(self, text: str) -> None:
         with self._lock:
             if not self._has_text and not self._unread:
-                notices = "".join(f"<div>{escape(n)}</div>" for n in self._notices)
-                self._set_open(f'<div class="qwen-waiting" style="{FOOTER_STYLE}">{notices}{escape(text)}</div>')
+                notices = "".join(f"<p><small>{escape(n)}</small></p>" for n in self._notices)
+                html = f'<div class="qwen-waiting">{notices}<p><small>{escape(text)}</small></p></div>'
+                self._send({"o": self._set_open(html)})
 
     def notice(self, text: str) -> None:
         self._notices.append(text)
@@ -316,17 +465,7 @@ class WidgetView:
                 self._show_reasoning(opened=True)
 
     def _show_reasoning(self, *, opened: bool) -> None:
-        html = reasoning_html("".join(self._reasoning), opened=opened)
-        if self._reasoning_widget is None:
-            self._reasoning_widget = self._html(html)
-            if self._box is None:
-                self._pacer.spent(1 + self._show(""))
-            else:
-                self._box.children = self._children()
-                self._pacer.spent(2)
-        else:
-            self._reasoning_widget.value = html
-            self._pacer.spent(1)
+        self._send({"r": self._set_reasoning(reasoning_html("".join(self._reasoning), opened=opened))})
 
     def show_answer(self, answer: list[str]) -> None:
         self._unread.answer = answer
@@ -350,59 +489,74 @@ class WidgetView:
         delta = self._unread.take()
         self._fed += len(delta)
         finished = self._splitter.feed(delta)
-        messages = self._freeze("\n\n".join(finished)) if finished else 0
-        messages += self._set_open(self._render(self._splitter.open_block))
-        self._pacer.spent(messages)
+        message: dict[str, Any] = {}
+        if finished:
+            blocks = "\n\n".join(finished)
+            self._frozen_text.append(blocks)
+            self._frozen_html.append(self._render(blocks))
+            # The browser's open block becomes the frozen blocks: only the edit goes.
+            message["f"] = self._set_open(self._frozen_html[-1])
+            self._open_html = ""
+        open_block = self._closed(self._splitter.open_block)
+        message["o"] = self._set_open(self._render(open_block) if open_block else "")
+        self._send(message)
 
-    def _freeze(self, blocks: str) -> int:
-        """Add finished blocks as a widget that is never updated again; return messages sent."""
-        html = self._render(blocks)
-        self._frozen_html.append(html)
-        frozen = self._html(html)
-        if not self._groups and len(self._loose) < GROUP_SIZE:
-            # A short answer's blocks sit in the box itself: no group to open and close.
-            self._loose.append(frozen)
-            if self._box is None:  # the view is made next, with this block in it
-                return 1
-            self._box.children = self._children()
-            return 2
-        regrouped = 0
-        if self._loose:  # the answer grew long: its first blocks become the first group
-            self._groups.append(self._widgets.VBox(children=self._loose, layout=self._layout))
-            self._loose, regrouped = [], 1
-        if len(self._groups[-1].children) < GROUP_SIZE:
-            group = self._groups[-1]
-            group.children = (*group.children, frozen)
-            return 2
-        self._groups.append(self._widgets.VBox(children=[frozen], layout=self._layout))
-        self._box.children = self._children()
-        return 3 + regrouped
+    def _rendered_answer(self, result: "QwenResult") -> str | None:
+        """The whole answer's HTML from the blocks rendered while it streamed, plus the rest.
+
+        Blocks render as the whole text does (tests/test_markdown.py checks it) except where a
+        link reference definition (``[label]: url``) reaches across them, or where the splitter
+        says they may not (``BlockSplitter.renders_as_whole``): then ``None``, and the answer is
+        rendered whole. So is an answer not in Markdown.
+        """
+        if result.format not in ("markdown", "code") or self._render is not render_markdown or "]:" in result.text:
+            return None
+        rest = self._unread.take()
+        if self._fed + len(rest) != len(result.text):  # not the text this view was given
+            return None
+        self._fed += len(rest)
+        tail = [*self._splitter.feed(rest), self._splitter.open_block]
+        if not self._splitter.renders_as_whole:
+            return None
+        return "".join(self._frozen_html) + self._render("\n\n".join(tail))
 
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
         with self._lock:
             rendered_answer = self._rendered_answer(result)
-        bundle, metadata = durable_bundle(result, record, rendered_answer=rendered_answer)
-        if self._handle is None:  # nothing was shown yet: the answer's output is the first
-            self._handle = self._display(bundle, raw=True, metadata=metadata)
-        else:
+            thinking, answer, sources = result.html_parts(rendered_answer)  # rendered whole if need be
+            self._rendered_answer_html = answer
+            bundle, metadata = durable_bundle(result, record, rendered_answer=answer)
+            if self._widget is None:  # nothing was shown yet: the answer's output is the first
+                self._handle = self._display(bundle, raw=True, metadata=metadata, display_id=True)
+                return
+            # The widget ends holding the whole answer and footer, for a page that loads it
+            # later (a reload has lost the display id the durable output goes to).
+            message: dict[str, Any] = {"x": sources + result.footer_html(), "e": 1}
+            if thinking != self._reasoning_html:
+                message["r"] = self._set_reasoning(thinking)
+            frozen = "".join(self._frozen_html)
+            if rendered_answer is not None and answer.startswith(frozen):
+                message["f"] = self._set_open(answer[len(frozen):])
+                self._open_html = ""
+            else:
+                message["b"] = answer
+            self._ended_body, self._after_html = answer, message["x"]
+            self._widget.send(message)
             self._handle.update(bundle, raw=True, metadata=metadata)
-        # The durable output replaced the view: release the blocks' comms, keep the frame.
-        for group in self._groups:
-            for child in group.children:
-                child.close()
-            group.close()
-        for frozen in self._loose:
-            frozen.close()
-        if self._reasoning_widget is not None:
-            self._reasoning_widget.close()
-        if self._box is not None:
-            self._pool.give_back(self._box, self._open)
-        if self._own_pool is not None:
-            self._own_pool.close()
+        if self._widgets is not None:
+            self._widgets.finished(self._widget)
 
     def update_footer(self, result: "QwenResult", record: dict[str, Any]) -> None:
-        bundle, metadata = durable_bundle(result, record)
-        self._handle.update(bundle, raw=True, metadata=metadata)
+        """A note was added after the answer ended: show the output again with it."""
+        with self._lock:
+            bundle, metadata = durable_bundle(result, record, rendered_answer=self._rendered_answer_html)
+            if self._handle is None:
+                self._handle = self._display(bundle, raw=True, metadata=metadata, display_id=True)
+            else:
+                self._handle.update(bundle, raw=True, metadata=metadata)
+            if self._widget is not None and self._ended_body is not None:
+                self._after_html = result.html_parts(self._rendered_answer_html)[2] + result.footer_html()
+                self._widget.send({"x": self._after_html})
 
 
 class MarkdownView:
@@ -450,7 +604,8 @@ class MarkdownView:
         with self._lock:
             if self._unread and self._pacer.due():
                 self._text += self._unread.take()
-                self._show({"text/markdown": self._text, "text/html": self._render(self._text)})
+                shown = close_open_markers(self._text) if self._render is render_markdown else self._text
+                self._show({"text/markdown": shown, "text/html": self._render(shown)})
                 self._pacer.spent()
 
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
@@ -458,7 +613,7 @@ class MarkdownView:
         self._show(bundle, metadata=metadata)
 
     def update_footer(self, result: "QwenResult", record: dict[str, Any]) -> None:
-        self.finish(result, record)  # the same output, replaced whole
+        self.finish(result, record)
 
 
 class TerminalView:
@@ -480,7 +635,7 @@ class TerminalView:
         self._unread = _AnswerReader()
         self._lock = threading.Lock()  # the timer thread's tick() writes too
         self._thinking_shown = False
-        self._notes_shown = 0  # the notes under the footer printed so far
+        self._footer: list[str] = []  # the footer lines printed
 
     @property
     def _out(self) -> TextIO:
@@ -528,18 +683,23 @@ class TerminalView:
         with self._lock:
             self._write(flush=False)
             prefix = "" if self._ends_with_newline else "\n"
-            footer = "".join(f"[{line}]\n" for line in result.footer_lines())
+            self._footer = result.footer_lines()
+            footer = "".join(f"[{line}]\n" for line in self._footer)
             self._out.write(f"{prefix}\n{footer}")
             self._notes_shown = len(result.notes)
             if not _sends_itself(self._out):  # a kernel flushes its streams as the cell ends
                 self._out.flush()
 
     def update_footer(self, result: "QwenResult", record: dict[str, Any]) -> None:
-        with self._lock:  # what is printed stays: only the notes added since
-            self._out.write("".join(f"[{note}]\n" for note in result.notes[self._notes_shown:]))
-            self._notes_shown = len(result.notes)
-            if not _sends_itself(self._out):
-                self._out.flush()
+        """Print the footer's new lines (what is printed stays)."""
+        with self._lock:
+            lines = result.footer_lines()
+            new = [line for line in lines if line not in self._footer]
+            self._footer = lines
+            if new:
+                self._out.write("".join(f"[{line}]\n" for line in new))
+                if not _sends_itself(self._out):
+                    self._out.flush()
 
 
 def _sends_itself(stream: TextIO) -> bool:
@@ -553,22 +713,29 @@ def make_view(
     in_kernel: bool,
     display: Callable[..., Any],
     fmt: str = "markdown",
-    pool: WidgetPool | None = None,
+    front_end: bool = True,
+    widgets: LiveWidgets | None = None,
 ) -> View:
-    """Pick the view for a display mode (auto: widgets in a kernel, text in a terminal)."""
+    """Pick the view for a display mode.
+
+    auto: a widget where a front end sent the cell (JupyterLab and Notebook 7 send the cell's
+    id); plain Markdown updates in a kernel run without one (nbconvert, papermill), so that
+    the saved notebook holds no widget state and its HTML export needs nothing from the
+    network; text in a terminal.
+    """
     render = preformatted if fmt in ("text", "json") else render_markdown
     if mode == "text" or (mode == "auto" and not in_kernel):
         return TerminalView()
-    if mode == "markdown":
+    if mode == "markdown" or (mode == "auto" and not front_end):
         return MarkdownView(display, render=render)
     try:
-        return WidgetView(display, render=render, pool=pool)
+        return WidgetView(display, render=render, widgets=widgets)
     except ImportError:
         if mode == "widget":
             from IPython.core.error import UsageError
 
             raise UsageError(
-                "QwenMagic.display is 'widget' but ipywidgets cannot be imported; "
-                "pip install ipywidgets, or set QwenMagic.display = 'auto'."
+                "QwenMagic.display is 'widget' but anywidget cannot be imported; "
+                "pip install anywidget, or set QwenMagic.display = 'auto'."
             ) from None
         return MarkdownView(display, render=render)

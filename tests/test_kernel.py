@@ -36,6 +36,7 @@ class Cells:
         self.kernel = kernel
 
     def run(self, code: str, **kwargs) -> Execution:
+        """Run a cell; give ``cell_id`` to send it as JupyterLab does (the live view is a widget)."""
         execution = self.kernel.execute(code, **kwargs)
         everything = json.dumps([m.content for m in execution.messages], default=str)
         assert TEST_KEY not in everything, "the API key reached the front end"
@@ -57,9 +58,10 @@ def final_answer(execution: Execution) -> dict:
     return displays[0]
 
 
-# What a session keeps between answers: the shared layout and style, and the frame (a box
-# and its open block) that the next answer reuses.
-SESSION_WIDGETS = ["HTMLModel", "HTMLStyleModel", "LayoutModel", "VBoxModel"]
+def answer_widgets(execution: Execution) -> list[str]:
+    """The model ids of the answer widgets the cell opened."""
+    return [m.content["comm_id"] for m in execution.of_type("comm_open")
+            if m.content["data"]["state"]["_model_name"] == "AnyModel"]
 
 
 def opened_comms(execution: Execution) -> dict[str, str]:
@@ -71,100 +73,124 @@ def closed_comms(execution: Execution) -> set[str]:
     return {m.content["comm_id"] for m in execution.of_type("comm_close")}
 
 
-def widgets_left_open(execution: Execution) -> list[str]:
-    """The model names of the widgets the cell opened and left open, checked to hold no text."""
-    opened = opened_comms(execution)
-    left = set(opened) - closed_comms(execution)
-    values: dict[str, str] = {}
-    for message in execution.of_type("comm_open", "comm_msg"):
-        state = message.content.get("data", {}).get("state", {})
-        if message.content["comm_id"] in left and "value" in state:
-            values[message.content["comm_id"]] = state["value"]
-    assert not any(values.values()), f"an answer was left in a live widget: {values}"
-    return sorted(opened[comm_id] for comm_id in left)
+class Page:
+    """What a page shows of one answer widget: its state, then each custom message applied
+    (the same steps as the widget's ESM, on strings)."""
+
+    def __init__(self, state: dict) -> None:
+        self.parts = {key: state.get(key, "") for key in ("reasoning", "body", "open_block", "after")}
+
+    def apply(self, message: dict) -> None:
+        parts = self.parts
+        if "r" in message:
+            parts["reasoning"] = _utf16_slice(parts["reasoning"], message["r"][0]) + message["r"][1]
+        if "b" in message:
+            parts["body"], parts["open_block"] = message["b"], ""
+        if "f" in message:
+            parts["body"] += _utf16_slice(parts["open_block"], message["f"][0]) + message["f"][1]
+            parts["open_block"] = ""
+        if "o" in message:
+            parts["open_block"] = _utf16_slice(parts["open_block"], message["o"][0]) + message["o"][1]
+        if "x" in message:
+            parts["after"] = message["x"]
+
+    @property
+    def html(self) -> str:
+        return "".join(self.parts.values())
+
+
+def _utf16_slice(text: str, units: int) -> str:
+    return text.encode("utf-16-le")[: units * 2].decode("utf-16-le")
+
+
+def live_steps(execution: Execution) -> list[tuple[float, str]]:
+    """(arrival time, what the live page shows) after each message of the cell's answer widget."""
+    page, model, steps = None, None, []
+    for message in execution.messages:
+        content = message.content
+        if message.msg_type == "comm_open" and content["data"]["state"].get("_model_name") == "AnyModel":
+            page, model = Page(content["data"]["state"]), content["comm_id"]
+        elif message.msg_type == "comm_msg" and content["comm_id"] == model and content["data"]["method"] == "custom":
+            page.apply(content["data"]["content"])
+        else:
+            continue
+        steps.append((message.received, page.html))
+    return steps
+
+
+def requested_state(kernel: KernelSession, model_id: str) -> dict:
+    """The state a page that loads the widget now gets (a reload asks the kernel for it)."""
+    request = kernel.client.session.msg("comm_msg", {"comm_id": model_id, "data": {"method": "request_state"}})
+    kernel.client.shell_channel.send(request)
+    kernel.execute("pass")  # handled in order: the state request's answer is in by then
+    replies = kernel._iopub.pop(request["header"]["msg_id"], [])
+    states = [r["content"]["data"]["state"] for r in replies if r["header"]["msg_type"] == "comm_msg"]
+    assert states, "the widget did not answer"
+    return states[-1]
 
 
 def test_the_answer_streams_before_the_last_frame_is_sent(cells: Cells, gateway: Gateway) -> None:
     paragraphs = [f"Paragraph {n} of the streamed answer.\n\n" for n in range(1, 11)]
     gateway.script(Reply(chunks=paragraphs, frame_delay=0.15))
-    execution = cells.run("%%qwen\nTell me ten things.")
+    execution = cells.run("%%qwen\nTell me ten things.", cell_id="stream-1")
     assert execution.status == "ok"
 
-    updates = execution.widget_value_updates()
+    updates = live_steps(execution)
     final_update = execution.of_type("update_display_data")[-1]
-    early = [(at, value) for at, value in updates if "Paragraph 1 " in value and "Paragraph 10" not in value]
+    early = [(at, html) for at, html in updates if "Paragraph 1 " in html and "Paragraph 10" not in html]
     assert early, "no partial answer reached the front end"
     # The first partial view arrived while at least 8 more frames (>= 1.2 s) were still to come.
     assert final_update.received - early[0][0] > 1.0
     # The answer grew in several visible steps, not all at once.
-    steps = {value for _, value in updates if "Paragraph" in value}
+    steps = {html for _, html in updates if "Paragraph" in html}
     assert len(steps) >= 3
 
 
-def live_view_html(messages: list[Message]) -> str:
-    """What the live view shows after these messages: its widget tree, read as a front end does."""
-    states: dict[str, dict] = {}
-    root = None
-    for message in messages:
-        if message.msg_type in ("comm_open", "comm_msg"):
-            state = message.content.get("data", {}).get("state")
-            if state:
-                states.setdefault(message.content["comm_id"], {}).update(state)
-        elif message.msg_type == "display_data" and WIDGET_VIEW in message.content["data"]:
-            root = message.content["data"][WIDGET_VIEW]["model_id"]
-
-    def shown(model_id: str) -> str:
-        state = states[model_id]
-        if "children" in state:
-            return "".join(shown(child.removeprefix("IPY_MODEL_")) for child in state["children"])
-        return state.get("value", "")
-
-    return shown(root) if root else ""
-
-
-def test_the_live_view_keeps_every_block_in_order_as_a_long_answer_is_regrouped(
+def test_the_live_view_keeps_every_block_in_order_and_opens_one_widget(
     cells: Cells, gateway: Gateway
 ) -> None:
-    paragraphs = [f"Paragraph {n} of a long answer.\n\n" for n in range(1, 17)]
-    gateway.script(Reply(chunks=paragraphs, frame_delay=0.13))
-    execution = cells.run("%%qwen\nTell me sixteen things.")
+    paragraphs = [f"Paragraph {n} of a long answer with **bold words** in it.\n\n" for n in range(1, 17)]
+    gateway.script(Reply(chunks=paragraphs, frame_delay=0.13, chunk_size=9))
+    execution = cells.run("%%qwen\nTell me sixteen things.", cell_id="order-1")
     assert execution.status == "ok"
-    # Each update ends by setting the open block (a freeze adds the frozen block just before):
-    # there the view is whole again.
-    # (Until the durable output replaces the view: then the frame is emptied for the next answer.)
-    replaced_at = next(i for i, m in enumerate(execution.messages) if m.msg_type == "update_display_data")
-    updates_done = [i for i, m in enumerate(execution.messages[:replaced_at])
-                    if m.msg_type == "comm_msg" and "value" in m.content["data"].get("state", {})]
     seen = []
-    for index in updates_done:
-        html = live_view_html(execution.messages[: index + 1])
+    for _, html in live_steps(execution):
         shown = [int(n) for n in re.findall(r"Paragraph (\d+) ", html)]
         assert shown == list(range(1, len(shown) + 1)), shown  # in order, none twice, none missing
+        assert "**" not in html  # a half-written **bold shows as bold, never as raw markers
         seen.append(len(shown))
-    assert len(set(seen)) > 8 and seen[-1] >= 14, seen
+    assert len(set(seen)) > 8 and seen[-1] == 16, seen
     assert "Paragraph 16 " in final_answer(execution)["data"]["text/markdown"]
-    # More blocks were frozen than fit the box itself: they were moved into groups.
-    boxes = [m for m in execution.of_type("comm_open") if m.content["data"]["state"]["_model_name"] == "VBoxModel"]
-    assert len(boxes) >= 3
-    assert widgets_left_open(execution) == SESSION_WIDGETS
+    # One answer widget (and the layout the session's answers share): at most 3 per answer.
+    assert sorted(opened_comms(execution).values()) == ["AnyModel", "LayoutModel"]
+    assert not closed_comms(execution)
+    gateway.script(Reply(chunks=["Another answer.\n\n", "Two blocks."], frame_delay=0.2))
+    again = cells.run("%%qwen\nAgain.", cell_id="order-2")
+    assert list(opened_comms(again).values()) == ["AnyModel"] and not closed_comms(again)
 
 
 def test_a_first_frame_that_finishes_a_block_shows_it_frozen_above_the_open_one(
     cells: Cells, gateway: Gateway
 ) -> None:
     gateway.script(Reply(chunks=["First block.\n\nSecond", " block."], frame_delay=0.5))
-    execution = cells.run("%%qwen\nTwo blocks.")
-    shown_at = next(i for i, m in enumerate(execution.messages) if m.msg_type == "display_data")
-    assert live_view_html(execution.messages[: shown_at + 1]) == "<p>First block.</p>\n<p>Second</p>\n"
-    # The frozen block, the open one, the box (with the session's layout and style).
-    assert sorted(opened_comms(execution).values()) == sorted([*SESSION_WIDGETS, "HTMLModel"])
-    assert widgets_left_open(execution) == SESSION_WIDGETS
+    execution = cells.run("%%qwen\nTwo blocks.", cell_id="first-frame")
+    (opened,) = [m for m in execution.of_type("comm_open") if m.content["data"]["state"]["_model_name"] == "AnyModel"]
+    state = opened.content["data"]["state"]
+    assert state["body"] + state["open_block"] == "<p>First block.</p>\n<p>Second</p>\n"
+    (shown,) = execution.of_type("display_data")
+    assert shown.content["data"][WIDGET_VIEW]["model_id"] == opened.content["comm_id"]
+    # Text beside the view, for whatever cannot show the widget (a notebook saved mid-stream).
+    assert shown.content["data"]["text/markdown"].startswith("First block.\n\nSecond")
+    assert "<p>First block.</p>" in shown.content["data"]["text/html"]
 
 
-def test_the_durable_output_replaces_the_widget_and_carries_a_footer(cells: Cells, gateway: Gateway) -> None:
-    gateway.script(Reply(text="# Title\n\nSome **bold** text.", usage={"input_tokens": 30, "output_tokens": 9}))
-    execution = cells.run("%%qwen\nFormat something.")
-    output = final_answer(execution)
+def test_each_answer_has_its_own_widget_which_ends_holding_its_answer_and_footer(
+    cells: Cells, kernel: KernelSession, gateway: Gateway
+) -> None:
+    gateway.script(Reply(chunks=["# Title\n\nSome **bold** ", "text."], frame_delay=0.3,
+                         usage={"input_tokens": 30, "output_tokens": 9}))
+    first = cells.run("%%qwen\nFormat something.", cell_id="cell-a")
+    output = final_answer(first)
     data = output["data"]
     assert WIDGET_VIEW not in data
     assert data["text/markdown"].startswith("# Title\n\nSome **bold** text.")
@@ -173,45 +199,74 @@ def test_the_durable_output_replaces_the_widget_and_carries_a_footer(cells: Cell
         assert "qwen-plus · 30 in / 9 out tokens ·" in shown
     meta = output["metadata"]["qwen_magic"]
     assert meta["status"] == "complete" and meta["usage"]["output_tokens"] == 9
-    # Once the durable output is in place, the answer's frozen blocks are closed; the session
-    # keeps its layout and style, and the frame emptied for the next answer.
-    kept = set(opened_comms(execution)) - closed_comms(execution)
-    assert widgets_left_open(execution) == SESSION_WIDGETS
-    shown = next(m for m in execution.of_type("display_data"))
-    box = shown.content["data"][WIDGET_VIEW]["model_id"]
-    assert box in kept
 
     gateway.script(Reply(chunks=["A second answer.\n\n", "With two ", "blocks."], frame_delay=0.3))
-    second = cells.run("%%qwen\nAgain.")
-    # The second answer opens only its frozen block: the frame is shown again, refilled.
-    assert list(opened_comms(second).values()) == ["HTMLModel"]
-    assert widgets_left_open(second) == []
-    assert second.widget_value_updates()[-1][1] == ""  # emptied again once the answer ended
-    shown_again = next(m for m in second.of_type("display_data"))
-    assert shown_again.content["data"][WIDGET_VIEW]["model_id"] == box
-    assert "A second answer." in final_answer(second)["data"]["text/markdown"]
+    second = cells.run("%%qwen\nAgain.", cell_id="cell-b")
+    (first_model,), (second_model,) = answer_widgets(first), answer_widgets(second)
+    assert first_model != second_model
+    assert "Title" not in json.dumps([m.content for m in second.messages])
+    # A page reloaded now asks for each widget's state: each holds its own answer and footer.
+    first_state, second_state = requested_state(kernel, first_model), requested_state(kernel, second_model)
+    assert "<h1>Title</h1>" in first_state["body"] and "second answer" not in first_state["body"]
+    assert "A second answer." in second_state["body"] and "Title" not in second_state["body"]
+    assert first_state["open_block"] == "" and "qwen-plus · 30 in / 9 out tokens" in first_state["after"]
+    # And the live page's last step showed the same as the durable output.
+    assert live_steps(first)[-1][1] == first_state["body"] + first_state["after"]
 
     unloaded = cells.run("%unload_ext qwen_magic")
-    assert kept <= closed_comms(unloaded)
+    assert {first_model, second_model} | set(opened_comms(first)) <= closed_comms(unloaded)
+
+
+def test_a_state_asked_for_mid_stream_is_answered_with_the_whole_answer_after_the_cell(
+    cells: Cells, kernel: KernelSession, gateway: Gateway
+) -> None:
+    # A page reloaded mid-stream asks for the widgets; the kernel answers once the cell is done.
+    gateway.script(Reply(chunks=[f"Part {n}. " for n in range(30)], frame_delay=0.05))
+    streaming = kernel.submit("%%qwen\nStream.", cell_id="reloaded")
+    asked: list[str] = []
+
+    def ask_once_shown(message: Message) -> None:
+        if not asked and message.msg_type == "comm_open" and message.content["data"]["state"].get("_model_name") == "AnyModel":
+            asked.append(message.content["comm_id"])
+            request = kernel.client.session.msg(
+                "comm_msg", {"comm_id": asked[0], "data": {"method": "request_state"}})
+            kernel.client.shell_channel.send(request)
+            asked.append(request["header"]["msg_id"])
+
+    execution = kernel.collect(streaming, during=ask_once_shown, timeout=30)
+    assert execution.status == "ok" and asked
+    kernel.execute("pass")
+    (reply,) = [r for r in kernel._iopub.pop(asked[1]) if r["header"]["msg_type"] == "comm_msg"]
+    state = reply["content"]["data"]["state"]
+    assert "Part 0. " in state["body"] and "Part 29." in state["body"] and "qwen-plus ·" in state["after"]
+
+
+def test_a_cell_run_without_a_front_end_uses_no_widgets(cells: Cells, gateway: Gateway) -> None:
+    gateway.script(Reply(chunks=["One. ", "Two. ", "Three."], frame_delay=0.2))
+    execution = cells.run("%%qwen\nCount.")  # no cellId: nbconvert, papermill
+    assert not execution.of_type("comm_open", "comm_msg")
+    assert final_answer(execution)["data"]["text/markdown"].startswith("One. Two. Three.")
 
 
 def test_the_view_says_it_is_waiting_until_the_first_text(cells: Cells, gateway: Gateway) -> None:
     gateway.script(Reply(text="Finally.", first_token_delay=1.6))
-    execution = cells.run("%%qwen\nTake your time.")
-    waiting = [value for _, value in execution.widget_value_updates() if "Waiting for qwen-plus" in value]
-    assert any("1 s" in value for value in waiting), waiting
+    execution = cells.run("%%qwen\nTake your time.", cell_id="waiting")
+    waiting = [html for _, html in live_steps(execution) if "Waiting for qwen-plus" in html]
+    assert any("1 s" in html for html in waiting), waiting
     # The view appears with the wait already in it: no empty widget is shown first.
-    first_open = next(m for m in execution.of_type("comm_open") if m.content["data"]["state"].get("value"))
-    assert "Waiting for qwen-plus" in first_open.content["data"]["state"]["value"]
+    first_open = next(m for m in execution.of_type("comm_open") if m.content["data"]["state"].get("_model_name") == "AnyModel")
+    assert "Waiting for qwen-plus" in first_open.content["data"]["state"]["open_block"]
     assert "Finally." in final_answer(execution)["data"]["text/markdown"]
 
 
 def test_hostile_markup_in_an_answer_stays_text(cells: Cells, gateway: Gateway) -> None:
     gateway.script(Reply(text="Look: <script>alert(1)</script> and <img src=x onerror=alert(2)>"))
-    execution = cells.run("%%qwen\nBe naughty.")
+    execution = cells.run("%%qwen\nBe naughty.", cell_id="naughty")
     html = final_answer(execution)["data"]["text/html"]
     assert "<script" not in html and "<img" not in html and "&lt;script&gt;" in html
-    for _, value in execution.widget_value_updates():
+    steps = live_steps(execution)
+    assert steps
+    for _, value in steps:
         assert "<script" not in value and "<img" not in value
 
 
@@ -355,7 +410,7 @@ def test_an_interrupt_while_the_answer_is_saved_is_held_until_it_is_written(
     assert slow.status == "ok"
     try:
         gateway.script(Reply(text="A complete answer.", usage={"input_tokens": 9, "output_tokens": 4}))
-        saving = kernel.submit("%%qwen\nAnswer briefly.")
+        saving = kernel.submit("%%qwen\nAnswer briefly.", cell_id="saving")
         queued = kernel.submit("after_late_interrupt = True")
         interrupted = []
 
@@ -375,7 +430,6 @@ def test_an_interrupt_while_the_answer_is_saved_is_held_until_it_is_written(
         data = final_answer(execution)["data"]
         assert data["text/markdown"].startswith("A complete answer.\n\n*qwen-plus · 9 in / 4 out tokens")
         assert "interrupted" not in data["text/markdown"]
-        assert widgets_left_open(execution) == SESSION_WIDGETS
         assert kernel.collect(queued).status == "aborted"
         turns = cells.run("%qwen history")
         assert "A complete answer." in json.dumps([o.get("data", o.get("text")) for o in turns.outputs])
@@ -422,8 +476,8 @@ def test_code_format_puts_the_code_in_a_new_cell_below(cells: Cells, gateway: Ga
 def test_thinking_streams_into_a_section_that_folds_when_the_answer_starts(cells: Cells, gateway: Gateway) -> None:
     gateway.script(Reply(reasoning="First I consider the question carefully. " * 3,
                          text="The answer is 42. It follows from the question.", chunk_size=12, frame_delay=0.08))
-    execution = cells.run("%%qwen --thinking\nLife?")
-    values = [value for _, value in execution.widget_value_updates()]
+    execution = cells.run("%%qwen --thinking\nLife?", cell_id="thinking")
+    values = [value for _, value in live_steps(execution)]
     opened = [i for i, v in enumerate(values) if v.startswith('<details class="qwen-thinking" open>')]
     folded = [i for i, v in enumerate(values) if v.startswith('<details class="qwen-thinking">')]
     answer = [i for i, v in enumerate(values) if "The answer" in v]
@@ -432,3 +486,48 @@ def test_thinking_streams_into_a_section_that_folds_when_the_answer_starts(cells
     html = final_answer(execution)["data"]["text/html"]
     assert html.startswith('<details class="qwen-thinking"><summary>Thinking (')
     assert "The answer is 42." in html
+
+
+def test_a_notebook_executed_headless_keeps_no_widget_state_and_exports_offline_html(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [
+        nbformat.v4.new_code_cell("%load_ext qwen_magic"),
+        nbformat.v4.new_code_cell("%%qwen\nWrite two paragraphs."),
+    ]
+    path = tmp_path / "headless.ipynb"
+    nbformat.write(notebook, path)
+    gateway.script(Reply(chunks=["First **paragraph**.\n\n", "Second ", "paragraph."], frame_delay=0.3))
+    env = kernel_env(tmp_path, DASHSCOPE_API_KEY=TEST_KEY, DASHSCOPE_BASE_URL=gateway.base_url)
+    for target in ("notebook", "html"):
+        subprocess.run(
+            [sys.executable, "-m", "jupyter", "nbconvert", "--to", target, "--execute", str(path),
+             "--output", f"executed-{target}"],
+            env=env, cwd=tmp_path, check=True, capture_output=True, timeout=120,
+        )
+        if target == "notebook":
+            gateway.script(Reply(chunks=["First **paragraph**.\n\n", "Second ", "paragraph."], frame_delay=0.3))
+
+    executed = nbformat.read(tmp_path / "executed-notebook.ipynb", as_version=4)
+    assert "widgets" not in executed.metadata
+    (output,) = executed.cells[1].outputs
+    assert WIDGET_VIEW not in output.data
+    assert output.data["text/markdown"].startswith("First **paragraph**.\n\nSecond paragraph.")
+    html = (tmp_path / "executed-html.html").read_text()
+    assert "<strong>paragraph</strong>" in html and "qwen-plus ·" in html
+    # Nothing loaded from the network for the answer: no widget state, no widget manager. (The
+    # nbconvert template itself links require.js and MathJax from a CDN for any notebook: the
+    # same remote scripts as a notebook of plain code.)
+    plain = tmp_path / "plain.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1")]), plain)
+    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", str(plain)],
+                   env=env, cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    remote = re.compile(r"<(?:script|link)[^>]*(?:src|href)=[\"'](https?://[^\"']+)")
+    assert set(remote.findall(html)) == set(remote.findall((tmp_path / "plain.html").read_text()))
+    assert "widget-state+json" not in html and "html-manager" not in html

@@ -245,3 +245,65 @@ def test_the_splitter_says_where_blocks_may_not_render_as_the_whole(text: str) -
     plain = BlockSplitter()
     plain.feed("# Title\n\nA paragraph.\n\n- a\n- b\n\n```\ncode\n```\n")
     assert plain.renders_as_whole
+
+
+# A document whose finished rendering shows no `*`, `_` or backtick outside code.
+MARKED_UP = (
+    "# A **bold** title with `code`\n\n"
+    "Some *emphasis*, some **strong text**, ***both at once***, _underscored_ and __double__ words, "
+    "a `code span`, a ``span with ` inside`` and snake_case_words and 3 * 4 = 12 inside plain text.\n\n"
+    "- a bullet with **bold words inside** it\n"
+    "- another with *one emphasised phrase* and `x = 1`\n"
+    "  continued on a second line with _more_\n\n"
+    "1. numbered **one**\n"
+    "2. numbered _two_ and **nested *emphasis* here**\n\n"
+    "| column | *value* |\n|---|---|\n| **a** | `b` |\n\n"
+    "```python\nx = a * b  # *not* emphasis\n```\n\n"
+    "> a quote with **strong** words\n\n"
+    "The end, with a **final bold** word and an *ending*."
+)
+
+
+def _visible_outside_code(html: str) -> str:
+    import html as html_module
+    import re
+
+    html = re.sub(r"<code[^>]*>.*?</code>", "", html, flags=re.S)
+    return html_module.unescape(re.sub(r"<[^>]+>", "", html))
+
+
+def test_the_finished_document_shows_no_markers() -> None:
+    shown = _visible_outside_code(render_markdown(MARKED_UP))
+    assert "`" not in shown and "**" not in shown
+    assert shown.count("*") == 1 and "_" in shown  # 3 * 4, and snake_case_words
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_no_prefix_of_an_answer_shows_a_marker_the_whole_does_not(seed: int) -> None:
+    import re
+
+    from qwen_magic.markdown import close_open_markers
+
+    final = _visible_outside_code(render_markdown(MARKED_UP))
+    rng = random.Random(seed)
+    ends = sorted(rng.sample(range(1, len(MARKED_UP)), 150))
+    for end in ends:
+        prefix = MARKED_UP[:end]
+        shown = _visible_outside_code(render_markdown(close_open_markers(prefix)))
+        assert "`" not in shown, (prefix, shown)
+        assert shown.count("*") <= final.count("*") and "**" not in shown, (prefix, shown)
+        # The one underscore word shows its underscores in the end too, whole or in part.
+        assert "_" not in re.sub(r"snake[a-z_]*", "", shown), (prefix, shown)
+
+
+def test_closing_markers_keeps_what_the_prefix_means() -> None:
+    from qwen_magic.markdown import close_open_markers
+
+    assert render_markdown(close_open_markers("Some **bold")) == "<p>Some <strong>bold</strong></p>\n"
+    assert render_markdown(close_open_markers("Use `pip ins")) == "<p>Use <code>pip ins</code></p>\n"
+    assert render_markdown(close_open_markers("a *b and **c")) == "<p>a <em>b and <strong>c</strong></em></p>\n"
+    assert close_open_markers("Nothing yet **") == "Nothing yet"
+    assert close_open_markers("- one\n-") == "- one"
+    assert close_open_markers("```py\nx = *a") == "```py\nx = *a"  # inside a fence: as it is
+    assert close_open_markers("snake_case") == "snake_case"
+    assert close_open_markers("3 * 4 = 12") == "3 * 4 = 12"

@@ -1,93 +1,201 @@
-"""The widget view: the widgets a session shares (layout, style) or reuses (the frame), and the
-durable output it leaves."""
+"""The widget view: one widget per answer, never reused; its state is the answer so far, and
+in the end the whole answer with its footer; finished widgets are kept open up to a bound."""
 
 from __future__ import annotations
 
-import ipywidgets
+from typing import Any
+
 import pytest
 
-from qwen_magic.view import WidgetPool
-
-
-def test_every_answer_shares_one_layout_and_style_until_closed() -> None:
-    pool = WidgetPool()
-    layout, style = pool.layout_and_style()
-    assert isinstance(layout, ipywidgets.Layout) and style.comm is not None
-    assert pool.layout_and_style() == (layout, style)
-
-    pool.close()
-    assert layout.comm is None and style.comm is None
-    assert pool.layout_and_style()[0] is not layout
-    pool.close()
-
-
-def test_a_look_closed_from_outside_is_made_again() -> None:
-    pool = WidgetPool()
-    layout, style = pool.layout_and_style()
-    ipywidgets.Widget.close_all()  # what a user may run to clean up their own widgets
-    fresh_layout, fresh_style = pool.layout_and_style()
-    assert fresh_layout is not layout and fresh_style is not style
-    assert fresh_layout.comm is not None and fresh_style.comm is not None
-    pool.close()
-
-
-def test_a_frame_given_back_is_lent_again_emptied() -> None:
-    pool = WidgetPool()
-    box, open_block, sent = pool.take_frame("<p>First answer</p>")
-    assert sent == 2  # made: the open block and the box
-    assert open_block.value == "<p>First answer</p>" and box.children == (open_block,)
-    assert open_block.layout is pool.layout_and_style()[0]
-    frozen = ipywidgets.HTML("<p>A finished block</p>")
-    box.children = (frozen, open_block)
-
-    pool.give_back(box, open_block)
-    # Nothing of the answer stays in a live widget (a saved widget state would keep it).
-    assert open_block.value == "" and box.children == (open_block,)
-
-    again_box, again_open, sent = pool.take_frame("<p>Second answer</p>")
-    assert (again_box, again_open) == (box, open_block) and sent == 1  # one value update
-    assert open_block.value == "<p>Second answer</p>"
-    frozen.close()
-    pool.give_back(box, open_block)
-    pool.close()
-    assert box.comm is None and open_block.comm is None
-
-
-def test_a_frame_closed_from_outside_is_not_lent_again() -> None:
-    pool = WidgetPool()
-    box, open_block, _ = pool.take_frame("")
-    pool.give_back(box, open_block)
-    ipywidgets.Widget.close_all()
-    fresh_box, fresh_open, sent = pool.take_frame("<p>x</p>")
-    assert fresh_box is not box and fresh_open is not open_block and sent == 2
-    assert fresh_box.comm is not None and fresh_open.layout.comm is not None
-    pool.close()
-
-
-def test_two_frames_lent_at_once_are_distinct_and_one_is_kept() -> None:
-    pool = WidgetPool()
-    first = pool.take_frame("<p>one</p>")[:2]
-    second = pool.take_frame("<p>two</p>")[:2]
-    assert first[0] is not second[0] and first[1] is not second[1]
-    pool.give_back(*first)
-    pool.give_back(*second)
-    assert all(widget.comm is None for widget in first)  # one spare frame is enough
-    assert pool.take_frame("")[:2] == second
-    pool.close()
+from qwen_magic.client import Usage
+from qwen_magic.result import QwenResult
+from qwen_magic.view import WIDGET_VIEW_MIME, LiveWidgets, WidgetView
 
 
 class _Output:
-    """A display() stand-in that keeps what was shown last."""
+    """A display() stand-in that keeps what was shown."""
 
     def __init__(self) -> None:
         self.shown: list[dict] = []
 
-    def __call__(self, bundle: dict, **kwargs) -> "_Output":
+    def __call__(self, bundle: dict, **kwargs: Any) -> "_Output":
         self.shown.append(bundle)
         return self
 
-    def update(self, bundle: dict, **kwargs) -> None:
+    def update(self, bundle: dict, **kwargs: Any) -> None:
         self.shown.append(bundle)
+
+
+class _Sent:
+    """Records the custom messages a widget sends (instead of a front end's comm)."""
+
+    def __init__(self, widget: Any) -> None:
+        self.messages: list[dict] = []
+        widget.send = lambda content, buffers=None: self.messages.append(content)
+
+
+def stream(view: WidgetView, text: str, size: int = 7) -> list[str]:
+    """Feed ``text`` in pieces, with an update due at every tick; return the answer list."""
+    answer = [text[:size]]
+    view.show_answer(answer)
+    for start in range(size, len(text), size):
+        answer.append(text[start : start + size])
+        view._pacer._next = 0.0
+        view.tick()
+    return answer
+
+
+def result_for(text: str) -> QwenResult:
+    return QwenResult(text=text, model="qwen-plus", usage=Usage(input_tokens=3, output_tokens=30))
+
+
+class Browser:
+    """What a page shows from the widget: its state when it loaded, then the custom messages
+    (the same steps as the view's ESM, on strings)."""
+
+    def __init__(self, state: dict[str, str]) -> None:
+        self.reasoning, self.body, self.open, self.after = (state[k] for k in ("reasoning", "body", "open_block", "after"))
+
+    def apply(self, message: dict) -> None:
+        if "r" in message:
+            self.reasoning = _utf16_slice(self.reasoning, message["r"][0]) + message["r"][1]
+        if "b" in message:
+            self.body, self.open = message["b"], ""
+        if "f" in message:
+            self.body += _utf16_slice(self.open, message["f"][0]) + message["f"][1]
+            self.open = ""
+        if "o" in message:
+            self.open = _utf16_slice(self.open, message["o"][0]) + message["o"][1]
+        if "x" in message:
+            self.after = message["x"]
+
+    @property
+    def html(self) -> str:
+        return self.reasoning + self.body + self.open + self.after
+
+
+def _utf16_slice(text: str, units: int) -> str:
+    return text.encode("utf-16-le")[: units * 2].decode("utf-16-le")
+
+
+ANSWER = "# Plan\n\nFirst **paragraph** of the answer, 中文 and 😀 too.\n\n- one\n- two\n\n```python\nprint(1)\n```\n\nThe end."
+
+
+def test_two_answers_never_share_a_widget_and_each_ends_holding_its_own_answer() -> None:
+    widgets = LiveWidgets()
+    views = []
+    for text in ("The first answer.\n\nIts second block.", "A second answer, in another cell."):
+        output = _Output()
+        view = WidgetView(output, widgets=widgets)
+        stream(view, text)
+        result = result_for(text)
+        view.finish(result, {"text": text})
+        views.append((view, output, result))
+    (first, _, first_result), (second, second_output, _) = views
+    assert first.widget is not second.widget and first.widget.model_id != second.widget.model_id
+    # The one widget they share is their layout, which holds no text.
+    assert first.widget.layout is second.widget.layout and not first.widget.layout.get_state().get("value")
+    state = first.widget.get_state()
+    # A page that loads the first widget later sees the first answer and its footer, only.
+    assert "The first answer." in state["body"] and "second answer" not in state["body"]
+    assert state["open_block"] == "" and first_result.footer_lines()[0] in state["after"]
+    assert state["body"] + state["after"] == first_result.html_parts()[1] + first_result.footer_html()
+    live = second_output.shown[0]
+    assert live[WIDGET_VIEW_MIME]["model_id"] == second.widget.model_id
+    assert widgets.open_widgets() == [first.widget, second.widget]
+    widgets.close()
+    assert first.widget.comm is None and second.widget.comm is None and first.widget.layout.comm is None
+
+
+def test_a_page_that_loads_the_widget_mid_stream_sees_the_answer_so_far_then_follows() -> None:
+    output = _Output()
+    view = WidgetView(output)
+    text = ANSWER * 3
+    answer = stream(view, text[:40])
+    sent = _Sent(view.widget)
+    early = Browser(view.widget.get_state())  # a page loaded the widget here
+    for start in range(40, len(text), 9):
+        answer.append(text[start : start + 9])
+        view._pacer._next = 0.0
+        view.tick()
+        if start == 40 + 9 * 20:
+            late = Browser(view.widget.get_state())  # another loaded it here
+            late_from = len(sent.messages)
+    result = result_for(text)
+    view.finish(result, {"text": text})
+    for message in sent.messages:
+        early.apply(message)
+    for message in sent.messages[late_from:]:
+        late.apply(message)
+    whole = result.html_parts()[1] + result.footer_html()
+    assert early.html == late.html == whole
+    final = view.widget.get_state()
+    assert final["body"] + final["after"] == whole
+    # Only the edit of the open block goes: the live messages carry about the answer's HTML once.
+    live_bytes = sum(len(m.get(key, [0, ""])[1]) for m in sent.messages[:-1] for key in ("f", "o"))
+    assert live_bytes < 1.5 * len(result.html_parts()[1])
+    # The durable output replaced the view on the live page.
+    assert output.shown[-1]["text/html"] == result._repr_html_()
+
+
+def test_finished_widgets_are_kept_open_up_to_a_bound_and_older_ones_are_closed() -> None:
+    widgets = LiveWidgets(keep=3)
+    made = []
+    for n in range(5):
+        view = WidgetView(_Output(), widgets=widgets)
+        stream(view, f"Answer {n}.")
+        view.finish(result_for(f"Answer {n}."), {"text": f"Answer {n}."})
+        made.append(view.widget)
+    assert [w.comm is None for w in made] == [True, True, False, False, False]
+    assert made[0].layout.comm is not None  # the layout the others still use
+    assert widgets.open_widgets() == made[2:]
+    widgets.close()
+    assert made[0].layout.comm is None
+
+
+def test_a_layout_closed_from_outside_is_made_again() -> None:
+    import ipywidgets
+
+    widgets = LiveWidgets()
+    layout = widgets.layout()
+    ipywidgets.Widget.close_all()  # what a user may run to clean up their own widgets
+    view = WidgetView(_Output(), widgets=widgets)
+    stream(view, "An answer.")
+    assert view.widget.layout is not layout and view.widget.layout.comm is not None
+    widgets.close()
+
+
+def test_the_saved_bundle_holds_text_beside_the_widget_view() -> None:
+    output = _Output()
+    view = WidgetView(output)
+    stream(view, "Some **bold", size=100)
+    bundle = output.shown[0]
+    assert set(bundle) == {WIDGET_VIEW_MIME, "text/markdown", "text/html", "text/plain"}
+    assert bundle["text/markdown"].startswith("Some **bold")
+    assert "<strong>bold</strong>" in bundle["text/html"]  # the open emphasis closed
+
+
+def test_an_answer_that_fails_before_any_text_makes_no_widget() -> None:
+    output = _Output()
+    view = WidgetView(output)
+    result = result_for("")
+    result.status, result.error = "failed", "InvalidApiKey"
+    view.finish(result, {"text": ""})
+    assert view.widget is None and len(output.shown) == 1 and WIDGET_VIEW_MIME not in output.shown[0]
+
+
+def test_a_note_added_after_the_end_reaches_the_output_and_the_widget() -> None:
+    output = _Output()
+    view = WidgetView(output)
+    stream(view, "An answer.")
+    result = result_for("An answer.")
+    view.finish(result, {"text": "An answer."})
+    sent = _Sent(view.widget)
+    result.notes.append("History not saved: locked")
+    view.update_footer(result, {"text": "An answer."})
+    assert "History not saved: locked" in output.shown[-1]["text/markdown"]
+    assert "History not saved: locked" in sent.messages[-1]["x"]
+    assert "History not saved: locked" in view.widget.get_state()["after"]
 
 
 ANSWERS = {
@@ -102,29 +210,42 @@ def test_the_durable_output_is_the_whole_answer_rendered_reusing_the_live_blocks
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from qwen_magic import formats
-    from qwen_magic.client import Usage
     from qwen_magic.markdown import render_markdown
-    from qwen_magic.result import QwenResult
-    from qwen_magic.view import WidgetView
 
     text = ANSWERS[name]
     rendered_whole: list[str] = []
     monkeypatch.setattr(formats, "render_markdown", lambda t: rendered_whole.append(t) or render_markdown(t))
-    pool, output = WidgetPool(), _Output()
-    view = WidgetView(output, pool=pool)
-    answer = [text[:5]]
-    view.show_answer(answer)
-    pieces = [text[start : start + 7] for start in range(5, len(text), 7)]
-    for piece in pieces[:-1]:
-        answer.append(piece)
-        view._pacer._next = 0.0  # an update is due at every tick
-        view.tick()
-    answer.append(pieces[-1])  # a last piece the timer never showed is still in the durable output
-    result = QwenResult(text=text, model="qwen-plus", usage=Usage(input_tokens=3, output_tokens=30))
+    output = _Output()
+    view = WidgetView(output)
+    answer = stream(view, text[:-3])
+    answer.append(text[-3:])  # a last piece the timer never showed is still in the durable output
+    result = result_for(text)
     view.finish(result, {"text": text})
     rendered_whole_at_the_end = rendered_whole.count(text)
-
     assert output.shown[-1]["text/html"] == result._repr_html_()  # what rendering it whole gives
-    # The plain answer's blocks were rendered as they streamed; the others are rendered whole.
+    # The plain answer's blocks were rendered as they streamed; the others are rendered whole, once.
     assert rendered_whole_at_the_end == (0 if name == "plain" else 1)
-    pool.close()
+
+
+def test_the_other_views_show_a_note_added_after_the_end() -> None:
+    import io
+
+    from qwen_magic.view import MarkdownView, TerminalView
+
+    output = _Output()
+    markdown = MarkdownView(output)
+    result = result_for("An answer.")
+    markdown.finish(result, {"text": "An answer."})
+    result.notes.append("History not saved: locked")
+    markdown.update_footer(result, {"text": "An answer."})
+    assert output.shown[-1]["text/markdown"].endswith("*History not saved: locked*")
+
+    printed = io.StringIO()
+    terminal = TerminalView(printed)
+    result = result_for("An answer.")
+    terminal.show_answer(["An answer."])
+    terminal.finish(result, {"text": "An answer."})
+    before = printed.getvalue()
+    result.notes.append("History not saved: locked")
+    terminal.update_footer(result, {"text": "An answer."})
+    assert printed.getvalue() == before + "[History not saved: locked]\n"  # only the new line
