@@ -235,11 +235,12 @@ def test_a_second_answer_streams_into_its_own_cell_and_the_first_stays(
 # --------------------------------------------------------------------------- off the happy path
 
 
-def test_after_a_reload_mid_stream_each_cell_ends_with_its_own_whole_answer(
-    notebook: NotebookPage, front_end: FrontEnd, gateway: Gateway
+@pytest.mark.parametrize("reloaded", ["while-streaming", "after-the-answer"])
+def test_after_a_reload_each_cell_ends_with_its_own_whole_answer(
+    notebook: NotebookPage, front_end: FrontEnd, gateway: Gateway, reloaded: str
 ) -> None:
-    """Save and reload while an answer streams: the kernel streams on while the page is away;
-    the cell ends with its own whole answer and footer, the next answer never shows in it, and
+    """Save while an answer streams, then reload (while it streams on, or once it ended): the
+    cell ends with its own whole answer and footer, the next answer never shows in it, and
     whatever is saved holds text."""
     findings = Findings()
     name = front_end.notebook("reload.ipynb", "%load_ext qwen_magic", "%%qwen\nFirst question.",
@@ -257,18 +258,24 @@ def test_after_a_reload_mid_stream_each_cell_ends_with_its_own_whole_answer(
     findings.check(bool(mid.cells[1].outputs), "the file saved mid-stream has no output for the streaming cell")
     findings.extend(text_problems(mid, "mid-stream"))
 
-    notebook.reload()
+    # The kernel streams on while the page is away; its shell channel says when the cell ended.
     cell_end = front_end.probe(name)
     try:
-        assert not cell_end.answered(timeout=0.5), "the answer had ended before the page came back: the test proves nothing"
-        assert cell_end.answered(timeout=60), "the first answer's cell never ended"
+        if reloaded == "while-streaming":
+            notebook.reload()
+            assert not cell_end.answered(timeout=0.5), "the answer had ended before the page came back"
+            assert cell_end.answered(timeout=60), "the first answer's cell never ended"
+        else:
+            assert cell_end.answered(timeout=60), "the first answer's cell never ended"
+            notebook.reload()
     finally:
         cell_end.close()
     shown = wait_for_text(notebook, 1, lambda text: "out tokens" in text, timeout=20)
-    notebook.screenshot("reloaded-mid-stream")
+    notebook.screenshot(f"reloaded-{reloaded}")
+    when = {"while-streaming": "while the answer streamed", "after-the-answer": "after the answer ended"}[reloaded]
     if findings.check("out tokens" in shown and "Alpha 40 of the first answer." in shown,
-                      f"after a reload mid-stream, the cell never showed its whole answer and footer "
-                      f"(20 s after the kernel finished); it shows {shown[-300:]!r}"):
+                      f"saved mid-stream and reloaded {when}, the cell never showed its whole answer and footer "
+                      f"(20 s after the cell ended); it shows {shown[-300:]!r}"):
         findings.check(shown.startswith("Alpha 1 of the first answer."), f"the reloaded cell shows {shown[:200]!r}")
     findings.check(not trouble_in(shown), f"the reloaded cell reads {trouble_in(shown)}")
 
@@ -291,7 +298,7 @@ def test_after_a_reload_mid_stream_each_cell_ends_with_its_own_whole_answer(
     findings.check("Beta" not in first, f"the first cell ends showing the second cell's answer: {first[-200:]!r}")
     findings.check("Beta 16 of the second answer." in second and "Alpha" not in second,
                    f"the second cell shows {second[-200:]!r}")
-    notebook.screenshot("after-reload-second-answer")
+    notebook.screenshot(f"reloaded-{reloaded}-second-answer")
 
     notebook.save()
     final = front_end.saved(name, until=lambda nb: all(outputs for _, outputs in qwen_outputs(nb)))
