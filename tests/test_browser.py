@@ -246,7 +246,7 @@ def test_after_a_reload_each_cell_ends_with_its_own_whole_answer(
     name = front_end.notebook("reload.ipynb", "%load_ext qwen_magic", "%%qwen\nFirst question.",
                               "%%qwen\nSecond question.")
     gateway.script(
-        Reply(chunks=[f"Alpha {n} of the first answer.\n\n" for n in range(1, 41)], frame_delay=0.25),  # ~10 s
+        Reply(chunks=[f"Alpha {n} of the first answer.\n\n" for n in range(1, 49)], frame_delay=0.25),  # ~12 s
         Reply(chunks=[f"Beta {n} of the second answer.\n\n" for n in range(1, 17)], frame_delay=0.25),
     )
     notebook.open(name)
@@ -273,7 +273,7 @@ def test_after_a_reload_each_cell_ends_with_its_own_whole_answer(
     shown = wait_for_text(notebook, 1, lambda text: "out tokens" in text, timeout=20)
     notebook.screenshot(f"reloaded-{reloaded}")
     when = {"while-streaming": "while the answer streamed", "after-the-answer": "after the answer ended"}[reloaded]
-    if findings.check("out tokens" in shown and "Alpha 40 of the first answer." in shown,
+    if findings.check("out tokens" in shown and "Alpha 48 of the first answer." in shown,
                       f"saved mid-stream and reloaded {when}, the cell never showed its whole answer and footer "
                       f"(20 s after the cell ended); it shows {shown[-300:]!r}"):
         findings.check(shown.startswith("Alpha 1 of the first answer."), f"the reloaded cell shows {shown[:200]!r}")
