@@ -308,30 +308,19 @@ def _edit(old: str, new: str) -> list[Any]:
 
 
 class LiveWidgets:
-    """A session's answer widgets: the last ``FINISHED_KEPT`` finished ones stay open, and one
-    layout serves them all (it holds no text: only the widget of an answer shows it)."""
+    """The live widgets of a session's finished answers: the last ``FINISHED_KEPT`` stay open."""
 
     def __init__(self, keep: int = FINISHED_KEPT) -> None:
         self._keep = keep
         self._finished: deque[Any] = deque()
-        self._layout: Any = None
         self._lock = threading.Lock()
-
-    def layout(self) -> Any:
-        """The shared layout (made again if something closed it, e.g. ``Widget.close_all()``)."""
-        with self._lock:
-            if self._layout is None or self._layout.comm is None:
-                import ipywidgets
-
-                self._layout = ipywidgets.Layout()
-            return self._layout
 
     def finished(self, widget: Any) -> None:
         with self._lock:
             self._finished.append(widget)
             evicted = [self._finished.popleft() for _ in range(max(len(self._finished) - self._keep, 0))]
         for old in evicted:
-            old.close()
+            _close(old)
 
     def open_widgets(self) -> list[Any]:
         with self._lock:
@@ -340,11 +329,15 @@ class LiveWidgets:
     def close(self) -> None:
         with self._lock:
             finished, self._finished = list(self._finished), deque()
-            layout, self._layout = self._layout, None
         for widget in finished:
-            widget.close()
-        if layout is not None:
-            layout.close()
+            _close(widget)
+
+
+def _close(widget: Any) -> None:
+    layout = getattr(widget, "layout", None)
+    widget.close()
+    if layout is not None:
+        layout.close()
 
 
 class WidgetView:
@@ -414,8 +407,7 @@ class WidgetView:
         self._pacer.spent()
 
     def _show(self) -> None:
-        shared = {} if self._widgets is None else {"layout": self._widgets.layout()}
-        self._widget = self._widget_class(self._parts, **shared)
+        self._widget = self._widget_class(self._parts)
         text = "\n\n".join([*self._frozen_text, self._splitter.open_block]).strip() if self._has_text else ""
         # The widget's own bundle, published as is, with text beside the view for whatever
         # cannot show it (the notebook saved mid-stream and read elsewhere, or untrusted).

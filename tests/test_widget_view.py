@@ -93,8 +93,7 @@ def test_two_answers_never_share_a_widget_and_each_ends_holding_its_own_answer()
         views.append((view, output, result))
     (first, _, first_result), (second, second_output, _) = views
     assert first.widget is not second.widget and first.widget.model_id != second.widget.model_id
-    # The one widget they share is their layout, which holds no text.
-    assert first.widget.layout is second.widget.layout and not first.widget.layout.get_state().get("value")
+    assert first.widget.layout is not second.widget.layout
     state = first.widget.get_state()
     # A page that loads the first widget later sees the first answer and its footer, only.
     assert "The first answer." in state["body"] and "second answer" not in state["body"]
@@ -104,7 +103,7 @@ def test_two_answers_never_share_a_widget_and_each_ends_holding_its_own_answer()
     assert live[WIDGET_VIEW_MIME]["model_id"] == second.widget.model_id
     assert widgets.open_widgets() == [first.widget, second.widget]
     widgets.close()
-    assert first.widget.comm is None and second.widget.comm is None and first.widget.layout.comm is None
+    assert first.widget.comm is None and second.widget.comm is None
 
 
 def test_a_page_that_loads_the_widget_mid_stream_sees_the_answer_so_far_then_follows() -> None:
@@ -147,21 +146,8 @@ def test_finished_widgets_are_kept_open_up_to_a_bound_and_older_ones_are_closed(
         view.finish(result_for(f"Answer {n}."), {"text": f"Answer {n}."})
         made.append(view.widget)
     assert [w.comm is None for w in made] == [True, True, False, False, False]
-    assert made[0].layout.comm is not None  # the layout the others still use
+    assert [w.layout.comm is None for w in made] == [True, True, False, False, False]
     assert widgets.open_widgets() == made[2:]
-    widgets.close()
-    assert made[0].layout.comm is None
-
-
-def test_a_layout_closed_from_outside_is_made_again() -> None:
-    import ipywidgets
-
-    widgets = LiveWidgets()
-    layout = widgets.layout()
-    ipywidgets.Widget.close_all()  # what a user may run to clean up their own widgets
-    view = WidgetView(_Output(), widgets=widgets)
-    stream(view, "An answer.")
-    assert view.widget.layout is not layout and view.widget.layout.comm is not None
     widgets.close()
 
 
