@@ -17,6 +17,7 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from .catalog import Catalog, ModelInfo
+from .result import QUIET_STYLE
 from .markdown import escape, render_markdown
 
 JSON_HINT = "Answer with one JSON object only."
@@ -202,7 +203,7 @@ def reasoning_html(reasoning: str, *, opened: bool, tokens: int | None = None) -
     counted = f" ({tokens:,} tokens)" if tokens else ""
     return (
         f'<details class="qwen-thinking"{" open" if opened else ""}><summary>Thinking{counted}</summary>'
-        f'<div style="white-space: pre-wrap; color: var(--jp-ui-font-color2, #666)">{escape(reasoning)}</div>'
+        f'<div style="white-space: pre-wrap; {QUIET_STYLE}">{escape(reasoning)}</div>'
         "</details>"
     )
 

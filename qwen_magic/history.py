@@ -12,7 +12,7 @@ from IPython.core.error import UsageError
 from .conversation import Chat, RecordError, Turn
 from .markdown import escape, render_markdown
 from .pricing import format_yuan
-from .result import COMPLETE, text_from_markdown
+from .result import COMPLETE, QUIET_STYLE, text_from_markdown
 
 _MARKS = {"interrupted": "⚠ interrupted", "failed": "✖ failed"}
 
@@ -56,7 +56,7 @@ class ChatHistory:
         for number, turn in enumerate(self.chat.turns, start=1):
             parts.append(
                 "<div style='border-left:3px solid var(--jp-border-color1,#ccc);padding-left:0.6em;margin:0.6em 0'>"
-                f"<div style='color:var(--jp-ui-font-color2,#777);font-size:0.85em'>{escape(_turn_line(number, turn))}</div>"
+                f"<div style='{QUIET_STYLE} font-size:0.85em'>{escape(_turn_line(number, turn))}</div>"
                 f"<div><strong>You</strong></div>{render_markdown(turn.prompt)}"
                 f"<div><strong>{escape(turn.result.model)}</strong></div>{render_markdown(turn.result.text)}</div>"
             )

@@ -12,10 +12,11 @@ from .pricing import format_yuan
 if TYPE_CHECKING:  # pragma: no cover
     from .formats import Parsed
 
-# The footer is quiet by its markup: <small> and <em> (italics, as in its Markdown) survive
-# the sanitiser of an untrusted notebook, which drops the inline colour (checked in
-# JupyterLab 4: 11.7 px italics under 14 px text there).
-FOOTER_STYLE = "color: var(--jp-ui-font-color2, #777); margin-top: 0.4em;"
+# Quiet text (the footer, the thinking): lighter by opacity, which the sanitiser of an untrusted
+# notebook keeps (it drops a colour given as var(--jp-...)) and which suits light and dark
+# themes alike. The footer is also <small> and <em>, as its Markdown is in italics.
+QUIET_STYLE = "opacity: 0.65;"
+FOOTER_STYLE = f"{QUIET_STYLE} margin-top: 0.4em;"
 COMPLETE = "complete"
 INTERRUPTED = "interrupted"
 FAILED = "failed"
