@@ -470,8 +470,9 @@ class QwenClient:
                 reader = iter(frames)
                 last = choice = None
                 # A surrogate pair may come split across two frames (the JSON escapes "\\ud83d",
-                # then "\\ude00"): such pieces are joined before anyone sees them.
-                answer_mender, thought_mender = _Mender(), _Mender()
+                # then "\\ude00"): the thinking's pieces are joined here, before they are shown;
+                # the answer's, where the views read the answer (not once per frame).
+                thought_mender = _Mender()
                 try:
                     for last in reader:  # until the answer's first text: thinking, search results
                         if last.search_info is not None:
@@ -487,8 +488,6 @@ class QwenClient:
                         if thought:
                             shown = True
                             yield ReasoningDelta(thought)
-                        if text and (answer_mender.held or not _encodable(text)):
-                            text = answer_mender(text)
                         if text:
                             shown = True
                             state.answer.append(text)
@@ -509,8 +508,6 @@ class QwenClient:
                             delta = choice.delta
                             text = delta.content
                             if text:
-                                if answer_mender.held or not _encodable(text):
-                                    text = answer_mender(text)
                                 keep(text)
                             elif delta.reasoning_content:
                                 thought = delta.reasoning_content
@@ -521,8 +518,6 @@ class QwenClient:
                         yield ReasoningDelta(thought_mender.rest())
                 finally:
                     frames.close()
-                    if answer_mender.held:
-                        state.answer.append(answer_mender.rest())
                     _read_last_frame(state, last, choice)
                 if state.finish_reason is None:
                     raise QwenAPIError(

@@ -552,8 +552,9 @@ class QwenSession:
         finally:
             events.close()  # an interrupt outside the stream's own code: it still reads its last frame
             ticker.release()
-        # Pieces come mended from the stream; what is joined is made writable once more, so that
-        # no stray surrogate can fail the output, the history or the count of a billed call.
+        # The answer's pieces come as the frames had them: joined, a surrogate pair split between
+        # two frames is whole again, and a stray half is replaced, so that nothing can fail the
+        # output, the history or the count of a billed call.
         answer, thought = mend("".join(state.answer)), mend("".join(reasoning))
         usage = state.usage
         if status != COMPLETE and (answer or thought or state.request_id) and not usage.input_tokens:

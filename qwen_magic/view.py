@@ -23,6 +23,7 @@ import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TextIO
 
+from .client import mend
 from .markdown import BlockSplitter, close_open_markers, escape, render_markdown
 from .formats import preformatted, reasoning_html
 from .result import markdown_with_footer
@@ -91,22 +92,32 @@ def _drain(pending: "deque[str]") -> str:
 
 
 class _AnswerReader:
-    """Reads what the stream appended to the answer since the last read (from any thread)."""
+    """Reads what the stream appended to the answer since the last read (from any thread).
 
-    __slots__ = ("answer", "read")
+    The stream appends each frame's text as it came; a surrogate pair split between two frames
+    (the JSON escapes "\\ud83d", then "\\ude00") is joined here, once per read rather than once
+    per frame, and a lone half left at the end is replaced (``mend``).
+    """
+
+    __slots__ = ("answer", "read", "held")
 
     def __init__(self) -> None:
         self.answer: list[str] = []
         self.read = 0  # pieces read so far
+        self.held = ""  # a first half of a surrogate pair that ended the last read
 
     def __bool__(self) -> bool:
         """Something is left to read."""
         return len(self.answer) > self.read
 
-    def take(self) -> str:
+    def take(self, *, final: bool = False) -> str:
         end = len(self.answer)  # the stream may append meanwhile: read up to here
-        new = "".join(self.answer[self.read:end])
-        self.read = end
+        new = self.held + "".join(self.answer[self.read:end])
+        self.read, self.held = end, ""
+        if new and not new.isascii():
+            if not final and "\ud800" <= new[-1] <= "\udbff":  # its other half comes next
+                new, self.held = new[:-1], new[-1]
+            new = mend(new)
         return new
 
 
@@ -503,7 +514,7 @@ class WidgetView:
         """
         if result.format not in ("markdown", "code") or self._render is not render_markdown or "]:" in result.text:
             return None
-        rest = self._unread.take()
+        rest = self._unread.take(final=True)
         if self._fed + len(rest) != len(result.text):  # not the text this view was given
             return None
         self._fed += len(rest)
@@ -662,8 +673,8 @@ class TerminalView:
             if (self._thinking or self._unread) and self._pacer.due():
                 self._write(flush=not _sends_itself(self._out))
 
-    def _write(self, *, flush: bool) -> None:
-        text = _drain(self._thinking) + self._unread.take()
+    def _write(self, *, flush: bool, final: bool = False) -> None:
+        text = _drain(self._thinking) + self._unread.take(final=final)
         if text:
             self._out.write(text)
             self._ends_with_newline = text.endswith("\n")
@@ -673,7 +684,7 @@ class TerminalView:
 
     def finish(self, result: "QwenResult", record: dict[str, Any]) -> None:
         with self._lock:
-            self._write(flush=False)
+            self._write(flush=False, final=True)
             prefix = "" if self._ends_with_newline else "\n"
             self._footer = result.footer_lines()
             footer = "".join(f"[{line}]\n" for line in self._footer)

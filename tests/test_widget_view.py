@@ -235,3 +235,16 @@ def test_the_other_views_show_a_note_added_after_the_end() -> None:
     result.notes.append("History not saved: locked")
     terminal.update_footer(result, {"text": "An answer."})
     assert printed.getvalue() == before + "[History not saved: locked]\n"  # only the new line
+
+
+def test_the_answer_reader_joins_a_surrogate_pair_split_between_two_reads() -> None:
+    from qwen_magic.view import _AnswerReader
+
+    reader = _AnswerReader()
+    reader.answer = ["你好\ud83d"]  # the first half of 😀 ends a frame, and a read
+    assert reader.take() == "你好"
+    reader.answer.append("\ude00 ok")
+    assert reader.take() == "😀 ok"
+    reader.answer.append("end\ud83d")  # a first half that never gets its other half
+    assert reader.take(final=True) == "end\ufffd"
+    assert reader.take(final=True) == ""
