@@ -18,6 +18,7 @@ import queue
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -110,6 +111,17 @@ class FrontEnd:
         if kernel is None:
             raise AssertionError(f"{name} has no kernel")
         return ShellProbe(self.runtime_dir / f"kernel-{kernel['id']}.json")
+
+    def kill_kernel(self, name: str) -> None:
+        """SIGKILL the notebook's kernel process, as a crash would (the server restarts it)."""
+        kernel = self.kernel_of(name)
+        if kernel is None:
+            raise AssertionError(f"{name} has no kernel")
+        found = subprocess.run(["pgrep", "-f", f"kernel-{kernel['id']}.json"], capture_output=True, text=True)
+        pids = [int(pid) for pid in found.stdout.split()]
+        assert pids, f"the kernel process of {name} was not found"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
 
     def shut_down_kernels(self) -> None:
         """End every session, so kernels of earlier tests do not share the machine's two cores."""
@@ -311,6 +323,13 @@ class NotebookPage:
         self.page.locator('.lm-Menu-item[data-command="kernelmenu:restart"]').first.click()
         dialog = self.page.locator(".jp-Dialog")
         dialog.wait_for(timeout=10_000)
+        dialog.locator("button.jp-mod-accept").click()
+        dialog.wait_for(state="detached", timeout=10_000)
+
+    def acknowledge_dialog(self, timeout: float = 20) -> None:
+        """Press OK on the dialog the page shows (e.g. "The kernel appears to have died")."""
+        dialog = self.page.locator(".jp-Dialog")
+        dialog.wait_for(timeout=timeout * 1000)
         dialog.locator("button.jp-mod-accept").click()
         dialog.wait_for(state="detached", timeout=10_000)
 

@@ -306,23 +306,29 @@ def test_after_a_reload_each_cell_ends_with_its_own_whole_answer(
     findings.assert_none()
 
 
+@pytest.mark.parametrize("how", ["restart", "crash"])
 def test_a_kernel_restart_mid_stream_leaves_the_partial_answer_as_text(
-    notebook: NotebookPage, open_page, front_end: FrontEnd, gateway: Gateway
+    notebook: NotebookPage, open_page, front_end: FrontEnd, gateway: Gateway, how: str
 ) -> None:
-    """↻ while an answer streams: what the user last saw stays, as text, with a line saying
-    the kernel restarted; saved and reopened, the partial answer shows and no widget error."""
+    """↻ while an answer streams (or the kernel dies and the server restarts it): what the user
+    last saw stays, as text, with a line saying the kernel restarted; saved and reopened, the
+    partial answer shows and no widget error."""
     findings = Findings()
-    name = front_end.notebook("restart.ipynb", "%load_ext qwen_magic", "%%qwen\nCount slowly.")
+    name = front_end.notebook(f"{how}.ipynb", "%load_ext qwen_magic", "%%qwen\nCount slowly.")
     gateway.script(Reply(chunks=[f"word{n} " for n in range(400)], frame_delay=0.05))  # ~20 s
     notebook.open(name)
     notebook.run_cell(0)
     notebook.run_cell(1)
     notebook.wait_for_output(1, "word20 ")
-    notebook.restart_kernel()
+    if how == "restart":
+        notebook.restart_kernel()
+    else:
+        front_end.kill_kernel(name)
+        notebook.acknowledge_dialog()  # "The kernel appears to have died. It will restart automatically."
     notebook.wait_until_connected(idle=True)
 
     shown = wait_for_text(notebook, 1, RESTARTED.search, timeout=15)
-    notebook.screenshot("restarted-mid-stream")
+    notebook.screenshot(f"{how}-mid-stream")
     findings.check(bool(RESTARTED.search(shown)),
                    f"after the restart the cell has no line saying the kernel restarted; it shows {shown[-300:]!r}")
     findings.check(shown.startswith("word0 word1 word2") and "word20 " in shown,
@@ -341,7 +347,7 @@ def test_a_kernel_restart_mid_stream_leaves_the_partial_answer_as_text(
     reopened = open_page()
     reopened.open(name)
     again = wait_for_text(reopened, 1, lambda text: "word20 " in text, timeout=15)
-    reopened.screenshot("restarted-then-reopened")
+    reopened.screenshot(f"{how}-then-reopened")
     findings.check("word20 " in again and again.lstrip().startswith("word0"),
                    f"reopened after the restart, the cell does not show the partial answer; it shows {again[:300]!r}")
     findings.check(not trouble_in(again), f"reopened after the restart, the cell reads {again[:200]!r}")
