@@ -271,8 +271,11 @@ def _answer_widget_class() -> type:
     class AnswerWidget(anywidget.AnyWidget):  # type: ignore[misc]
         """One answer's live view. Its state is read when asked for, never re-sent on a change."""
 
-        _esm = _ESM
-        _css = _CSS
+        # Declared here, so that anywidget finds them already traits: otherwise it adds them
+        # to each new widget, which makes a class per answer (half of a widget's cost).
+        _esm = traitlets.Unicode(_ESM).tag(sync=True)
+        _css = traitlets.Unicode(_CSS).tag(sync=True)
+        _anywidget_id = traitlets.Unicode("qwen_magic.view.AnswerWidget").tag(sync=True)
         restarted_note = traitlets.Unicode(RESTARTED_NOTE).tag(sync=True)
         reasoning = traitlets.Unicode("").tag(sync=True)
         body = traitlets.Unicode("").tag(sync=True)
@@ -280,6 +283,12 @@ def _answer_widget_class() -> type:
         after = traitlets.Unicode("").tag(sync=True)
         ended = traitlets.Bool(False).tag(sync=True)
         answer_id = traitlets.Unicode("").tag(sync=True)  # the model id: the page finds its outputs by it
+
+        def add_traits(self, **traits: Any) -> None:
+            """Only traits the class does not declare (adding none would still make a class)."""
+            new = {name: trait for name, trait in traits.items() if not self.has_trait(name)}
+            if new:
+                super().add_traits(**new)
 
         def __init__(self, parts: Callable[[], dict[str, Any]], **kwargs: Any) -> None:
             self._parts = parts
