@@ -54,3 +54,29 @@ def shell(gateway: Gateway, isolated_env: Path, monkeypatch: pytest.MonkeyPatch)
     yield ip
     ip.run_line_magic("unload_ext", "qwen_magic")
     ip.config.pop("QwenMagic", None)
+
+
+def run_cell(shell, cell: str):
+    """One cell in the shell, kept out of its history (tests run many)."""
+    return shell.run_cell(cell, store_history=False)
+
+
+def shown(capsys) -> str:
+    captured = capsys.readouterr()
+    return captured.out + captured.err
+
+
+def refusal(shell, capsys, cell: str) -> str:
+    """Run a cell that must be refused with one UsageError line (no traceback, never the key);
+    return that line as shown."""
+    from IPython.core.error import UsageError
+
+    outcome = run_cell(shell, cell)
+    text = shown(capsys)
+    assert not outcome.success, text
+    assert isinstance(outcome.error_in_exec, UsageError), repr(outcome.error_in_exec)
+    assert "Traceback" not in text and TEST_KEY not in text, text
+    assert "\n" not in str(outcome.error_in_exec), str(outcome.error_in_exec)
+    lines = [line for line in text.splitlines() if line.startswith("UsageError: ")]
+    assert len(lines) == 1, text
+    return lines[0]

@@ -6,8 +6,6 @@ where what the front end receives (and a saved notebook keeps) is the point.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import time
 from pathlib import Path
@@ -21,34 +19,14 @@ from qwen_magic.gateway import Gateway, Reply
 from qwen_magic.result import COMPLETE, FAILED
 from qwen_magic.tokens import _encoding, count_chat_input, count_text
 
-from .conftest import TEST_KEY
+from .conftest import TEST_KEY, refusal, shown
+from .conftest import run_cell as run
 from .kernel_harness import KernelSession, kernel_env
 
 PNG = (
     b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89"
     b"\x00\x00\x00\rIDATx\x9cc\xf8\x0f\x00\x00\x01\x01\x00\x05\x18\xd8N\x00\x00\x00\x00IEND\xaeB`\x82"
 )
-
-
-def run(shell, cell: str):
-    return shell.run_cell(cell, store_history=False)
-
-
-def shown(capsys) -> str:
-    captured = capsys.readouterr()
-    return captured.out + captured.err
-
-
-def refused(shell, capsys, cell: str) -> str:
-    """Run a cell that must end in one UsageError line; return that line."""
-    outcome = run(shell, cell)
-    assert not outcome.success
-    assert isinstance(outcome.error_in_exec, UsageError), repr(outcome.error_in_exec)
-    text = shown(capsys)
-    assert "Traceback" not in text and TEST_KEY not in text
-    lines = [line for line in text.splitlines() if line.startswith("UsageError: ")]
-    assert len(lines) == 1, text
-    return lines[0]
 
 
 def error_line(shell, capsys, cell: str) -> tuple[QwenAPIError, str]:
@@ -67,7 +45,7 @@ def error_line(shell, capsys, cell: str) -> tuple[QwenAPIError, str]:
 # ---- 2. the %%qwen line
 
 def test_an_unbalanced_quote_in_the_line_is_one_usage_error(shell, gateway: Gateway, capsys) -> None:
-    line = refused(shell, capsys, '%%qwen -s "be brief\nHi')
+    line = refusal(shell, capsys, '%%qwen -s "be brief\nHi')
     assert line == ("UsageError: The %%qwen line cannot be read: No closing quotation "
                     "(quote values with spaces in matching quotes).")
     assert gateway.requests == []
@@ -98,19 +76,19 @@ def test_fuzzed_option_lines_never_end_in_a_traceback(shell, gateway: Gateway, c
     assert gateway.requests == []  # --dry-run: nothing went out, whatever else the line said
 
 
-def test_numbers_no_request_can_carry_are_refused(shell, gateway: Gateway, capsys) -> None:
-    line = refused(shell, capsys, "%%qwen --max-tokens 99999999999999999999\nHi")
+def test_numbers_no_request_can_carry_are_refusal(shell, gateway: Gateway, capsys) -> None:
+    line = refusal(shell, capsys, "%%qwen --max-tokens 99999999999999999999\nHi")
     assert "--max-tokens must be from 1 to 2,147,483,647" in line
-    line = refused(shell, capsys, "%%qwen --thinking-budget 2147483648\nHi")
+    line = refusal(shell, capsys, "%%qwen --thinking-budget 2147483648\nHi")
     assert "--thinking-budget must be from 1 to 2,147,483,647 tokens" in line
     # Within int32 but more than the model writes: the catalog says how much it can.
-    line = refused(shell, capsys, "%%qwen -m qwen-max --max-tokens 100000\nHi")
+    line = refusal(shell, capsys, "%%qwen -m qwen-max --max-tokens 100000\nHi")
     assert line == "UsageError: --max-tokens 100,000 is more than qwen-max can write: at most 8,192 tokens (%qwen models)."
     assert gateway.requests == []
 
 
-def test_a_model_name_with_control_characters_is_refused(shell, gateway: Gateway, capsys, caplog) -> None:
-    line = refused(shell, capsys, "%%qwen -m 'qwen\x00plus'\nHi")
+def test_a_model_name_with_control_characters_is_refusal(shell, gateway: Gateway, capsys, caplog) -> None:
+    line = refusal(shell, capsys, "%%qwen -m 'qwen\x00plus'\nHi")
     assert line == r"UsageError: -m/--model: 'qwen\x00plus' has control characters; no model name does."
     run(shell, "%config QwenMagic.model = 'qwen\\x00plus'")  # %config logs a refused value as one line
     text = shown(capsys) + caplog.text
@@ -120,14 +98,14 @@ def test_a_model_name_with_control_characters_is_refused(shell, gateway: Gateway
     assert gateway.requests == []
 
 
-def test_a_chat_name_with_control_characters_is_refused(shell, gateway: Gateway, capsys) -> None:
-    line = refused(shell, capsys, "%%qwen -c 'a\x00b'\nHi")
+def test_a_chat_name_with_control_characters_is_refusal(shell, gateway: Gateway, capsys) -> None:
+    line = refusal(shell, capsys, "%%qwen -c 'a\x00b'\nHi")
     assert line == r"UsageError: -c/--chat: 'a\x00b' has control characters; a chat name has none."
     assert gateway.requests == []
 
 
 def test_a_python_keyword_is_no_variable_for_out(shell, gateway: Gateway, capsys) -> None:
-    line = refused(shell, capsys, "%%qwen -o if\nHi")
+    line = refusal(shell, capsys, "%%qwen -o if\nHi")
     assert line == "UsageError: -o/--out needs a variable name (not a Python keyword), not 'if'."
     assert gateway.requests == []
 
@@ -137,7 +115,7 @@ def test_a_python_keyword_is_no_variable_for_out(shell, gateway: Gateway, capsys
 @pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:99999/api/v1", "http://[not-ip]/v1", "ftp://h/v1",
                                  "http://h:x/v1"])
 def test_a_malformed_base_url_option_is_one_line(shell, gateway: Gateway, capsys, url: str) -> None:
-    line = refused(shell, capsys, f"%%qwen --base-url '{url}'\nHi")
+    line = refusal(shell, capsys, f"%%qwen --base-url '{url}'\nHi")
     assert line.startswith(f"UsageError: --base-url {url!r}: ")
     assert gateway.requests == []
 
@@ -153,7 +131,7 @@ def test_a_malformed_base_url_setting_is_refused_when_set(shell, gateway: Gatewa
 
 def test_a_malformed_base_url_in_the_environment_is_one_line(shell, gateway: Gateway, capsys, monkeypatch) -> None:
     monkeypatch.setenv("DASHSCOPE_BASE_URL", "http://[::1")
-    line = refused(shell, capsys, "%%qwen\nHi")
+    line = refusal(shell, capsys, "%%qwen\nHi")
     assert line.startswith("UsageError: The base URL 'http://[::1' cannot be used: not a valid URL")
     assert "DASHSCOPE_BASE_URL" in line
     assert gateway.requests == []
@@ -190,7 +168,7 @@ def test_no_output_of_a_verbose_traceback_carries_the_key(verbose_kernel: Kernel
         "%load_ext qwen_magic\n%xmode Verbose\n%config QwenMagic.max_retries = 0",
         "%%qwen --base-url 'http://[::1'\nHi",
         "%config QwenMagic.base_url = 'http://[::1'\n%config QwenMagic.base_url",
-        f"%env DASHSCOPE_BASE_URL=http://[::1\n",
+        "%env DASHSCOPE_BASE_URL=http://[::1\n",
         "%%qwen\nHi",
         f"%env DASHSCOPE_BASE_URL={gateway.base_url}",
         # A failure that still raises: the server refuses the call.
@@ -267,7 +245,7 @@ def test_a_placeholder_whose_object_raises_is_named_in_one_line(
 
     shell.user_ns["doc"] = _Hostile()
     shell.user_ns["rows"] = Rows()
-    assert refused(shell, capsys, f"%%qwen\nSummarise {placeholder}") == expected
+    assert refusal(shell, capsys, f"%%qwen\nSummarise {placeholder}") == expected
     assert gateway.requests == []
 
 
@@ -356,7 +334,7 @@ def test_a_cell_of_a_million_spaces_is_sent_or_refused_in_one_line(shell, gatewa
 def test_a_two_megabyte_cell_ends_in_one_line_in_bounded_time(shell, gateway: Gateway, capsys) -> None:
     words = " ".join(f"word{n}" for n in range(300_000))[: 2 * 2**20]
     started = time.monotonic()
-    line = refused(shell, capsys, f"%%qwen -m qwen-max\n{words}")
+    line = refusal(shell, capsys, f"%%qwen -m qwen-max\n{words}")
     assert time.monotonic() - started < 30
     assert line.startswith("UsageError: Refused, nothing sent: this request has ")
     assert "over qwen-max's limit of" in line
@@ -378,7 +356,7 @@ def test_an_image_symlink_to_the_processes_environment_sends_nothing(shell, gate
                                                                       tmp_path: Path) -> None:
     link = tmp_path / "chart.png"
     link.symlink_to("/proc/self/environ")
-    line = refused(shell, capsys, f"%%qwen -m qwen-vl-plus --image {link}\nWhat is this?")
+    line = refusal(shell, capsys, f"%%qwen -m qwen-vl-plus --image {link}\nWhat is this?")
     assert line == f"UsageError: --image {link}: not a regular file; nothing was sent."
     assert gateway.requests == []
 
@@ -386,7 +364,7 @@ def test_an_image_symlink_to_the_processes_environment_sends_nothing(shell, gate
 def test_a_text_file_named_png_is_not_an_image(shell, gateway: Gateway, capsys, tmp_path: Path) -> None:
     fake = tmp_path / "notes.png"
     fake.write_text(f"DASHSCOPE_API_KEY={TEST_KEY}\n")
-    line = refused(shell, capsys, f"%%qwen -m qwen-vl-plus --image {fake}\nWhat is this?")
+    line = refusal(shell, capsys, f"%%qwen -m qwen-vl-plus --image {fake}\nWhat is this?")
     assert "not an image (its content is not PNG, JPEG, GIF, WebP, BMP or TIFF); nothing was sent." in line
     assert gateway.requests == []
     # A real image behind a symlink with another extension goes, typed by its content.
@@ -408,7 +386,7 @@ def test_the_worst_case_includes_the_thinking_budget(shell, gateway: Gateway, ca
     assert dry.preflight.estimate.max_output_tokens == 1300
     # At the thinking price (¥8 per 1M on qwen-plus), 1,300 output tokens cost more than 300 do.
     assert dry.preflight.estimate.worst_cost > dry.preflight.estimate.input_cost + 1300 * 8 / 1e6 - 1e-12
-    line = refused(shell, capsys, "%%qwen -m qwen-plus --thinking --thinking-budget 1000 --max-tokens 300 "
+    line = refusal(shell, capsys, "%%qwen -m qwen-plus --thinking --thinking-budget 1000 --max-tokens 300 "
                                   "--max-cost 0.005\nHi")
     assert "up to 1,300 output tokens (1,000 of them thinking)" in line
     assert gateway.requests == []

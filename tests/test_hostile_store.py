@@ -25,29 +25,9 @@ from qwen_magic.gateway import Gateway, Reply
 from qwen_magic.result import QwenResult
 from qwen_magic.store import Store
 
-from .conftest import TEST_KEY
+from .conftest import TEST_KEY, refusal, shown
+from .conftest import run_cell as run
 from .kernel_harness import KernelSession, kernel_env
-
-
-def run(shell, cell: str):
-    return shell.run_cell(cell, store_history=False)
-
-
-def shown(capsys) -> str:
-    captured = capsys.readouterr()
-    return captured.out + captured.err
-
-
-def one_line_refusal(shell, capsys, cell: str) -> str:
-    """Run a cell that must be refused with a UsageError of one line; return that line."""
-    outcome = run(shell, cell)
-    text = shown(capsys)
-    assert not outcome.success, text
-    assert type(outcome.error_in_exec).__name__ == "UsageError", text
-    assert "Traceback" not in text, text
-    message = str(outcome.error_in_exec)
-    assert "\n" not in message, message
-    return message
 
 
 def session_of(shell):
@@ -139,7 +119,7 @@ def test_resume_from_a_notebook_of_the_wrong_shape_is_refused_and_changes_nothin
     before = stored_prompts(store_path(tmp_path))
     notebook = tmp_path / "bad.ipynb"
     notebook.write_text(json.dumps(BAD_NOTEBOOKS[shape], allow_nan=True), encoding="utf-8")
-    message = one_line_refusal(shell, capsys, f"%qwen resume --from {notebook}")
+    message = refusal(shell, capsys, f"%qwen resume --from {notebook}")
     assert str(notebook) in message and "nothing was changed" in message
     assert [t.prompt for t in session_of(shell).chat("default").turns] == ["Kept question"]
     assert stored_prompts(store_path(tmp_path)) == before == ["Kept question"]
@@ -164,7 +144,7 @@ def test_resume_of_a_stored_turn_of_the_wrong_shape_is_one_line(shell, gateway: 
     db.execute("UPDATE turns SET record = ?", (json.dumps(_record(prompt=["poison"])),))
     db.commit()
     db.close()
-    message = one_line_refusal(shell, capsys, "%qwen resume")
+    message = refusal(shell, capsys, "%qwen resume")
     assert "'prompt' is a list, not text" in message and str(store_path(tmp_path)) in message
     assert [t.prompt for t in session_of(shell).chat("default").turns] == ["Stored question"]
 
@@ -236,8 +216,8 @@ def test_a_damaged_history_file_is_one_line_everywhere_and_repair_keeps_what_it_
     pages = path.stat().st_size // 4096
     damage(path, first_page=5, every=4)  # pages of both tables and of their indexes
     for command in ("%qwen resume", "%qwen usage --all"):
-        message = one_line_refusal(shell, capsys, command)
-        assert f"the history file {path} is damaged".capitalize() in message.capitalize(), message
+        message = refusal(shell, capsys, command)
+        assert f"the history file {path} is damaged".capitalize() in message.removeprefix("UsageError: ").capitalize(), message
         assert "%qwen repair" in message
     chats = pretty(shell.run_line_magic("qwen", "chats"))
     assert str(path) in chats and "%qwen repair" in chats
@@ -273,7 +253,7 @@ def test_a_file_that_is_not_a_database_is_one_line_and_repairable(shell, gateway
                                                                   tmp_path: Path) -> None:
     path = store_path(tmp_path)
     path.write_bytes(b"this is not SQLite at all\n" * 400)
-    message = one_line_refusal(shell, capsys, "%qwen usage --all")
+    message = refusal(shell, capsys, "%qwen usage --all")
     assert str(path) in message and "%qwen repair" in message
     assert run(shell, "%qwen repair").success
     assert "It is kept as" in shown(capsys)
@@ -333,7 +313,7 @@ def test_a_locked_history_file_costs_about_a_second_and_says_so(shell, gateway: 
 
 @pytest.mark.parametrize("amount", ["inf", "nan", "-0", "1e309", "-inf", "¥inf", "0"])
 def test_a_budget_must_be_positive_and_finite(shell, gateway: Gateway, capsys, amount: str) -> None:
-    message = one_line_refusal(shell, capsys, f"%qwen budget {amount}")
+    message = refusal(shell, capsys, f"%qwen budget {amount}")
     assert "positive, finite amount of yuan" in message
     assert session_of(shell).budget is None
 
@@ -360,7 +340,7 @@ def test_odd_command_arguments_end_in_one_line(shell, gateway: Gateway, capsys, 
     run(shell, "%%qwen\nSomething to export")
     shown(capsys)
     started = time.monotonic()
-    message = one_line_refusal(shell, capsys, line)
+    message = refusal(shell, capsys, line)
     assert time.monotonic() - started < 5
     assert len(message) < 1_000, message[:300]
 
@@ -392,8 +372,8 @@ def test_a_store_path_that_is_a_directory_is_a_note(shell, gateway: Gateway, cap
     run(shell, f"%config QwenMagic.store_path = {str(folder)!r}")
     assert run(shell, "%%qwen\nQuestion one").success
     assert f"History not saved: cannot open the history file {folder}" in shown(capsys)
-    assert "is a directory" in one_line_refusal(shell, capsys, "%qwen repair")
-    assert str(folder) in one_line_refusal(shell, capsys, "%qwen resume")
+    assert "is a directory" in refusal(shell, capsys, "%qwen repair")
+    assert str(folder) in refusal(shell, capsys, "%qwen resume")
     assert [t.prompt for t in session_of(shell).chat("default").turns] == ["Question one"]
 
 
@@ -542,7 +522,7 @@ def test_two_kernels_on_one_notebook_lose_no_turn(gateway_server: Gateway, workd
         # The second kernel's reset and undo touch its own copy, never the first kernel's.
         second = kernels[[n for n in notes if notes[n]][0]]
         assert second.execute("%qwen undo\n%qwen reset").status == "ok"
-        assert second.execute(f"%%qwen\nSecond kernel again", cell_id="cell-0").status == "ok"
+        assert second.execute("%%qwen\nSecond kernel again", cell_id="cell-0").status == "ok"
     finally:
         for kernel in kernels:
             kernel.shutdown()
