@@ -266,6 +266,7 @@ FINISHED_KEPT = 50
 def _answer_widget_class() -> type:
     """The widget class, made on first use: %load_ext imports no widget library."""
     import anywidget
+    import ipywidgets
     import traitlets
 
     class AnswerWidget(anywidget.AnyWidget):  # type: ignore[misc]
@@ -276,6 +277,12 @@ def _answer_widget_class() -> type:
         _esm = traitlets.Unicode(_ESM).tag(sync=True)
         _css = traitlets.Unicode(_CSS).tag(sync=True)
         _anywidget_id = traitlets.Unicode("qwen_magic.view.AnswerWidget").tag(sync=True)
+        # No layout widget: the view needs none (ipywidgets skips a null layout), and one model
+        # per answer is one comm fewer, referring to no other model (a page reloaded mid-cell
+        # waits for good on a model made before it reloaded).
+        layout = traitlets.Instance(ipywidgets.Layout, allow_none=True, default_value=None).tag(
+            sync=True, **ipywidgets.widget_serialization
+        )
         restarted_note = traitlets.Unicode(RESTARTED_NOTE).tag(sync=True)
         reasoning = traitlets.Unicode("").tag(sync=True)
         body = traitlets.Unicode("").tag(sync=True)
@@ -340,7 +347,7 @@ class LiveWidgets:
             self._finished.append(widget)
             evicted = [self._finished.popleft() for _ in range(max(len(self._finished) - self._keep, 0))]
         for old in evicted:
-            _close(old)
+            old.close()
 
     def open_widgets(self) -> list[Any]:
         with self._lock:
@@ -350,14 +357,7 @@ class LiveWidgets:
         with self._lock:
             finished, self._finished = list(self._finished), deque()
         for widget in finished:
-            _close(widget)
-
-
-def _close(widget: Any) -> None:
-    layout = getattr(widget, "layout", None)
-    widget.close()
-    if layout is not None:
-        layout.close()
+            widget.close()
 
 
 class WidgetView:
