@@ -433,9 +433,7 @@ class WidgetView:
         # cannot show it (the notebook saved mid-stream and read elsewhere, or untrusted).
         self._handle = self._display(
             {
-                "application/vnd.jupyter.widget-view+json": {
-                    "version_major": 2, "version_minor": 0, "model_id": self._widget.model_id,
-                },
+                WIDGET_VIEW_MIME: {"version_major": 2, "version_minor": 0, "model_id": self._widget.model_id},
                 "text/markdown": f"{text}\n\n*{STREAMING_NOTE}*".lstrip(),
                 "text/html": f"{self._render(self._closed(text)) if text else ''}<p><em>{escape(STREAMING_NOTE)}</em></p>",
                 "text/plain": f"{text}\n\n[{STREAMING_NOTE}]".lstrip(),
