@@ -44,6 +44,8 @@ HELP = Table(
         ("%qwen count TEXT", "tokens of TEXT, and of a one-message request, with its cost"),
         ("%qwen config", "the effective settings, the key masked"),
         ("%qwen login", "type the API key at a hidden prompt; kept in memory for this session"),
+        ("%qwen fix [-m MODEL] [-c CHAT] [--dry-run] [WORDS]",
+         "send the last error (cell, message, traceback): its cause, and a corrected cell below"),
         ("%qwen help", "this list"),
     ),
 )
@@ -422,6 +424,33 @@ COMMANDS: dict[str, Callable[["QwenMagic", list[str]], Any]] = {
     "login": _login,
     "repair": _repair,
 }
+
+
+# ---- %qwen fix
+
+_FIX_OPTIONS_WITH_VALUE = ("-m", "--model", "-c", "--chat")
+
+
+def _fix(magics: "QwenMagic", args: list[str]) -> Any:
+    """%qwen fix [-m MODEL] [-c CHAT] [--dry-run] [words]: as a %%qwen --fix cell of those words."""
+    options = ["--fix"]
+    while args and args[0].startswith("-"):
+        option = args.pop(0)
+        if option in _FIX_OPTIONS_WITH_VALUE:
+            if not args:
+                raise UsageError(f"%qwen fix: {option} needs a value, e.g. %qwen fix {option} NAME.")
+            options += [option, args.pop(0)]
+        elif option == "--dry-run":
+            options.append(option)
+        else:
+            raise UsageError(
+                f"%qwen fix takes -m MODEL, -c CHAT and --dry-run, then any words to add to the question; "
+                f"not {shortened(option)!r} (%%qwen --fix takes every cell option)."
+            )
+    return magics.qwen(shlex.join(options), " ".join(args))
+
+
+COMMANDS["fix"] = _fix
 
 
 def run_command(magics: "QwenMagic", line: str) -> Any:

@@ -30,6 +30,7 @@ from .client import (
     Usage,
     mend,
 )
+from .context import NotebookContext
 from .conversation import Chat, Turn, Window, fit_window, messages_for
 from .formats import check_capabilities, parse_answer, protocol_for, question, with_json_hint
 from .ledger import Ledger
@@ -89,6 +90,7 @@ class Settings:
     store_path: str | None = None
     stream: bool = True
     model_aliases: Mapping[str, str] = field(default_factory=dict)
+    max_value_tokens: int = 2000
 
 
 class _Ticker:
@@ -191,6 +193,7 @@ class _Plan:
     window: Window
     messages: list[dict[str, Any]]
     preflight: Preflight
+    notes: list[str] = field(default_factory=list)  # values summarised, context shortened
 
 
 class QwenSession:
@@ -322,11 +325,12 @@ class QwenSession:
         in_kernel: bool,
         display: Callable[..., Any],
         namespace: Mapping[str, Any] | None = None,
+        context: NotebookContext | None = None,
     ) -> QwenResult | DryRun:
         """Send one cell, stream the answer into its view, record the turn."""
-        plan = self._plan(prompt, options, settings, cell_id=cell_id, namespace=namespace)
+        plan = self._plan(prompt, options, settings, cell_id=cell_id, namespace=namespace, context=context)
         if options.dry_run:
-            return DryRun(plan.preflight, plan.window.note())
+            return DryRun(plan.preflight, plan.window.note(), tuple(plan.notes))
         check_input_limit(plan.preflight)
         check_cost(plan.preflight, spent=self.ledger.total_cost, budget=self.effective_budget(settings),
                    max_cost=options.max_cost)
@@ -390,21 +394,30 @@ class QwenSession:
         *,
         cell_id: str | None,
         namespace: Mapping[str, Any] | None,
+        context: NotebookContext | None = None,
     ) -> "_Plan":
         """What the request will carry: the filled prompt, the chat's window, the count."""
         # Blank lines around the cell's text are not part of the question (and cost tokens).
         prompt = prompt.strip("\n").rstrip()
-        if not prompt.strip():
+        if not prompt.strip() and not options.fix:
             raise UsageError("The %%qwen cell is empty: write a question below the %%qwen line.")
+        notes: list[str] = []
         if options.interpolate and namespace is not None:
-            prompt = fill(prompt, namespace)
-        # A value read with errors="surrogateescape" brings lone surrogates, which no request,
-        # output or history can carry: they are sent as U+FFFD, as the answer's would be.
-        prompt = mend(prompt)
-        fmt = options.format or "markdown"
+            prompt = fill(prompt, namespace, value_tokens=settings.max_value_tokens, notes=notes)
+        fmt = options.format or ("code" if options.fix else "markdown")
         model_name = options.model or settings.model
         catalog = self.catalog(settings)
         model = catalog.get(settings.model_aliases.get(model_name, model_name))
+        attached = None
+        if context is not None and (options.fix or options.cells is not None or options.files):
+            # Placed around the filled question: the cells' and files' own braces are not filled.
+            attached = context.attach(options, max_input=model.max_input if model else None, model_name=model_name,
+                                      value_tokens=settings.max_value_tokens)
+            prompt = attached.around(prompt)
+            notes += attached.notes
+        # A value read with errors="surrogateescape" brings lone surrogates, which no request,
+        # output or history can carry: they are sent as U+FFFD, as the answer's would be.
+        prompt = mend(prompt)
         check_capabilities(model_name, model, catalog, thinking=options.thinking, images=bool(options.images))
         if model is not None and model.max_output and options.max_tokens and options.max_tokens > model.max_output:
             raise UsageError(
@@ -414,7 +427,8 @@ class QwenSession:
         chat = self.chat(options.chat)
         # -n: afresh, without the old turns or system prompt (the chat itself is emptied
         # only once the call is really sent: a refused call changes nothing).
-        system = options.system or (None if options.new else chat.system) or settings.system
+        system = (options.system or (attached.system if attached else None)
+                  or (None if options.new else chat.system) or settings.system)
         system = mend(system) if system else system
         request_system = with_json_hint(system, prompt) if fmt == "json" else system
         user_content = question(prompt, options.images)
@@ -430,7 +444,7 @@ class QwenSession:
         messages = messages_for(request_system, window.turns, user_content)
         preflight = prepare(model_name, model, messages, max_tokens=options.max_tokens, thinking=options.thinking,
                             thinking_budget=options.thinking_budget)
-        return _Plan(prompt, fmt, model_name, model, chat, system, window, messages, preflight)
+        return _Plan(prompt, fmt, model_name, model, chat, system, window, messages, preflight, notes)
 
     def _settle(
         self,
@@ -458,6 +472,7 @@ class QwenSession:
             result.notes.append(UNKNOWN_PRICE_HINT.format(model=plan.model_name))
         if plan.window.note():
             result.notes.append(plan.window.note())
+        result.notes.extend(plan.notes)
         chat_name = None if options.no_history else plan.chat.name
         self.ledger.add(cell=cell_label, chat=chat_name, model=plan.model_name, usage=result.usage,
                         cost=result.cost, status=result.status, elapsed=result.elapsed)

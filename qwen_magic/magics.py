@@ -79,6 +79,18 @@ class QwenMagic(Magics):
         ),
     ).tag(config=True)
 
+    max_value_tokens = Int(
+        2000,
+        help="Most tokens a {name} in a cell is filled with: a larger DataFrame, array, string or collection "
+        "is summarised ({name!full} sends it whole).",
+    ).tag(config=True)
+
+    @validate("max_value_tokens")
+    def _valid_value_tokens(self, proposal: dict[str, Any]) -> int:
+        if not 50 <= proposal["value"] <= 1_000_000:
+            raise TraitError("QwenMagic.max_value_tokens must be between 50 and 1,000,000.")
+        return proposal["value"]
+
     @validate("model")
     def _valid_model(self, proposal: dict[str, Any]) -> str:
         value = proposal["value"].strip()
@@ -129,6 +141,12 @@ class QwenMagic(Magics):
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
         self._session: QwenSession | None = None
+        from .context import ErrorWatch
+
+        # The last cell that raised, for %qwen fix (a few lines of plain Python per cell).
+        self.errors = ErrorWatch()
+        if shell is not None:
+            shell.events.register("post_run_cell", self.errors)
 
     @property
     def session(self) -> "QwenSession":
@@ -156,6 +174,7 @@ class QwenMagic(Magics):
             store_path=self.store_path,
             stream=self.stream,
             model_aliases=dict(self.model_aliases),
+            max_value_tokens=self.max_value_tokens,
         )
 
     @cell_arguments
@@ -197,7 +216,17 @@ class QwenMagic(Magics):
         result object (.text, .value for JSON, .code, .usage, .cost, .request_id).
 
         As a line magic: %qwen help | models | usage | budget | count | chats | history |
-        reset | undo | export | resume | repair | config | login.
+        reset | undo | export | resume | repair | config | login | fix.
+
+        The notebook as context: ``%qwen fix`` (or ``%%qwen --fix``) sends the last error with
+        its cell and traceback and puts the corrected cell below; ``--cells 3`` sends the
+        last three code cells with their outputs; ``--file data.csv`` a file. ``{df}`` sends
+        a compact summary of a DataFrame (``{df!full}``: all of it); ``{Out[3]}`` an output's text::
+
+            %qwen fix
+
+            %%qwen --cells 2 --file notes.md
+            Why is the total in the last cell lower than in the notes?
 
         Settings: %config QwenMagic (model, system, display, budget, stream, ...).
         The key comes from %qwen login, DASHSCOPE_API_KEY, or ~/.dashscope/config.toml.
@@ -208,6 +237,13 @@ class QwenMagic(Magics):
 
             return run_command(self, line)
         options = CellOptions.from_namespace(parse_cell_line(self.qwen, line))
+        context = self._notebook_context()
+        if options.fix:
+            nothing = context.nothing_to_fix()
+            if nothing is not None:  # said in one line; nothing is sent
+                from .commands import Message
+
+                return Message(nothing)
         try:
             result = self.session.ask(
                 cell,
@@ -217,7 +253,8 @@ class QwenMagic(Magics):
                 cell_label=f"In [{self._prompt_number()}]",
                 in_kernel=getattr(self.shell, "kernel", None) is not None,
                 display=_display,
-                namespace=self.shell.user_ns,
+                namespace=self._namespace(),
+                context=context,
             )
         except BaseException as error:
             partial = getattr(error, "result", None)
@@ -268,8 +305,28 @@ class QwenMagic(Magics):
         cell_id = (parent or {}).get("metadata", {}).get("cellId")
         return str(cell_id) if cell_id else None
 
+    def _notebook_context(self) -> Any:
+        from .context import NotebookContext
+
+        return NotebookContext(self.shell, self.errors, self._prompt_number())
+
+    def _namespace(self) -> Any:
+        """The user's variables, with ``In`` as the cells were typed (IPython's ``In`` holds
+        them after transformation, a %%qwen cell as a run_cell_magic call)."""
+        from collections import ChainMap
+
+        raw = getattr(getattr(self.shell, "history_manager", None), "input_hist_raw", None)
+        if raw is None or self.shell.user_ns.get("In") is raw:
+            return self.shell.user_ns
+        return ChainMap({"In": raw, "_ih": raw}, self.shell.user_ns)
+
     def close(self) -> None:
         """Called on %unload_ext: release connections and the configurable slot."""
+        if self.shell is not None:
+            try:
+                self.shell.events.unregister("post_run_cell", self.errors)
+            except ValueError:  # not registered
+                pass
         if self._session is not None:
             self._session.close()
         if self.shell is not None and self in self.shell.configurables:

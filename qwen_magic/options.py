@@ -23,7 +23,7 @@ MAX_TOKENS_PARAMETER = 2**31 - 1
 _CELL_ARGUMENTS = (
     argument("-m", "--model", help="Model to ask (default: QwenMagic.model), e.g. qwen-max."),
     argument("-s", "--system", help="System prompt of the chat, kept for its later turns."),
-    argument("-c", "--chat", default="default", metavar="NAME", help="The named chat to continue (default: default)."),
+    argument("-c", "--chat", default=None, metavar="NAME", help="The named chat to continue (default: default)."),
     argument("-n", "--new", action="store_true", help="Start the chat afresh with this cell."),
     argument(
         "--no-history",
@@ -87,6 +87,25 @@ _CELL_ARGUMENTS = (
         metavar="YUAN",
         help="Refuse this call if its worst case (with the longest answer) could cost more.",
     ),
+    # ---- the notebook as context
+    argument(
+        "--fix",
+        action="store_true",
+        help="Send the last error (its cell, message and traceback) and ask for its cause and a corrected "
+        "cell, which goes into a new cell below; the cell's text is added to the question.",
+    ),
+    argument(
+        "--cells",
+        metavar="N|A-B",
+        help="Send the last N code cells before this one (or cells In [A] to In [B]) with their outputs.",
+    ),
+    argument(
+        "--file",
+        action="append",
+        metavar="PATH",
+        dest="files",
+        help="A text file sent before the question (repeatable); a large CSV or JSONL is summarised.",
+    ),
 )
 
 
@@ -136,15 +155,20 @@ class CellOptions:
     images: tuple[str, ...] = ()
     protocol: str | None = None
     base_url: str | None = None
+    # The notebook as context
+    fix: bool = False
+    cells: int | tuple[int, int] | None = None  # the last N cells, or In [A] to In [B]
+    files: tuple[str, ...] = ()
 
     @classmethod
     def from_namespace(cls, namespace: argparse.Namespace) -> "CellOptions":
         options = cls(
             model=_strip_quotes(namespace.model),
             system=_strip_quotes(namespace.system),
-            chat=_strip_quotes(namespace.chat) or "",
+            chat="default" if namespace.chat is None else _strip_quotes(namespace.chat) or "",
             new=namespace.new,
-            no_history=namespace.no_history,
+            # An error and its fix are a one-off unless a chat is named.
+            no_history=namespace.no_history or (namespace.fix and namespace.chat is None and not namespace.new),
             max_history=namespace.max_history,
             temperature=namespace.temperature,
             top_p=namespace.top_p,
@@ -163,6 +187,9 @@ class CellOptions:
             images=tuple(_strip_quotes(i) or "" for i in (namespace.images or ())),
             protocol=namespace.protocol,
             base_url=_strip_quotes(namespace.base_url),
+            fix=namespace.fix,
+            cells=None if namespace.cells is None else parse_cells(_strip_quotes(namespace.cells) or ""),
+            files=tuple(_strip_quotes(f) or "" for f in (namespace.files or ())),
         )
         options.validate()
         return options
@@ -280,3 +307,21 @@ def _strip_quotes(value: str | None) -> str | None:
     if value and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
         return value[1:-1]
     return value
+
+
+def parse_cells(spec: str) -> int | tuple[int, int]:
+    """``--cells N`` (the last N code cells) or ``--cells A-B`` (cells In [A] to In [B])."""
+    first, dash, last = spec.strip().partition("-")
+    try:
+        if not dash:
+            count = int(first)
+            if 1 <= count <= 1000:
+                return count
+        else:
+            start, end = int(first), int(last)
+            if 1 <= start <= end:
+                return start, end
+    except ValueError:
+        pass
+    raise UsageError(f"--cells takes a number of cells (e.g. --cells 3) or a range of prompt numbers "
+                     f"(e.g. --cells 3-7), not {_shown(spec)}.")

@@ -151,6 +151,7 @@ class DryRun:
 
     preflight: Preflight
     window_note: str | None = None
+    notes: tuple[str, ...] = ()  # values summarised, context shortened
 
     def _summary(self) -> list[tuple[str, str]]:
         p = self.preflight
@@ -165,6 +166,7 @@ class DryRun:
             rows.append(("note", f"{p.model_name} is not in the catalog: its price is unknown"))
         if self.window_note:
             rows.append(("history", self.window_note))
+        rows += [("note", note) for note in self.notes]
         if any(not isinstance(m["content"], str) for m in p.messages):
             rows.append(("images", "not counted locally: the server's usage will include them"))
         return rows

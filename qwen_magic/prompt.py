@@ -2,7 +2,9 @@
 
 Only plain references are filled: a name, then attributes and constant indexes, as in
 ``{df.shape}``, ``{rows[0]}`` or ``{config['model']}``, with an optional ``!r``/``!s``
-conversion and a format spec (``{price:.2f}``). No expression is evaluated and nothing in
+conversion and a format spec (``{price:.2f}``). A plain reference is filled by ``values``:
+tables, arrays, long strings and collections summarised within a token limit, images named;
+``!full`` sends the whole value. No expression is evaluated and nothing in
 braces is called, but the objects' own methods do run, as they would in an f-string: each
 attribute access (``__getattr__``, properties), each index (``__getitem__``), then the
 value's ``__format__`` (with a spec), ``__str__``, ``__repr__`` (``!r``) or ``ascii``
@@ -19,18 +21,28 @@ from typing import Any, Mapping
 
 from IPython.core.error import UsageError
 
+from .values import DEFAULT_VALUE_TOKENS, render, render_full
+
 # {{ ... }} first (kept whole), then a reference with an optional conversion and spec.
 _PLACEHOLDER = re.compile(
     r"\{\{.*?\}\}"
     r"|\{(?P<expr>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*|\[[^\[\]{}]*\])*)"
     # A format spec as Python defines it (no spaces): "{k: v}" in code is not a reference.
-    r"(?:!(?P<conversion>[rsa]))?(?::(?P<spec>(?:[^{}\s]?[<>=^])?[+-]?#?0?\d*[,_]?(?:\.\d+)?[bcdeEfFgGnosxX%]?))?\}",
+    r"(?:!(?P<conversion>[rsa]|full))?(?::(?P<spec>(?:[^{}\s]?[<>=^])?[+-]?#?0?\d*[,_]?(?:\.\d+)?[bcdeEfFgGnosxX%]?))?\}",
     re.DOTALL,
 )
 
 
-def fill(text: str, namespace: Mapping[str, Any]) -> str:
-    """The prompt with every reference to an existing variable replaced by its value."""
+SUMMARISED = "{placeholder} was summarised ({summary}); {{{name}!full}} sends it whole."
+
+
+def fill(text: str, namespace: Mapping[str, Any], *, value_tokens: int = DEFAULT_VALUE_TOKENS,
+         notes: list[str] | None = None) -> str:
+    """The prompt with every reference to an existing variable replaced by its value.
+
+    A plain reference gives at most about ``value_tokens`` tokens; ``notes`` collects a line
+    for each value that was summarised to fit.
+    """
 
     def replace(match: re.Match[str]) -> str:
         expr = match.group("expr")
@@ -44,6 +56,13 @@ def fill(text: str, namespace: Mapping[str, Any]) -> str:
         conversion = match.group("conversion")
         spec = match.group("spec") or ""
         try:
+            if conversion == "full":
+                return render_full(value)
+            if conversion is None and not spec:
+                rendered = render(value, value_tokens)
+                if rendered.summary is not None and notes is not None:
+                    notes.append(SUMMARISED.format(placeholder=written, summary=rendered.summary, name=expr))
+                return rendered.text
             if conversion == "r":
                 value = repr(value)
             elif conversion == "a":
