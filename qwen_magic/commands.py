@@ -44,7 +44,7 @@ HELP = Table(
         ("%qwen count TEXT", "tokens of TEXT, and of a one-message request, with its cost"),
         ("%qwen config", "the effective settings, the key masked"),
         ("%qwen login", "type the API key at a hidden prompt; kept in memory for this session"),
-        ("%qwen fix [-m MODEL] [-c CHAT] [--dry-run] [WORDS]",
+        ("%qwen fix [-m MODEL] [-c CHAT] [-o VAR] [--dry-run] [WORDS]",
          "send the last error (cell, message, traceback): its cause, and a corrected cell below"),
         ("%qwen help", "this list"),
     ),
@@ -428,11 +428,11 @@ COMMANDS: dict[str, Callable[["QwenMagic", list[str]], Any]] = {
 
 # ---- %qwen fix
 
-_FIX_OPTIONS_WITH_VALUE = ("-m", "--model", "-c", "--chat")
+_FIX_OPTIONS_WITH_VALUE = ("-m", "--model", "-c", "--chat", "-o", "--out")
 
 
 def _fix(magics: "QwenMagic", args: list[str]) -> Any:
-    """%qwen fix [-m MODEL] [-c CHAT] [--dry-run] [words]: as a %%qwen --fix cell of those words."""
+    """%qwen fix [-m MODEL] [-c CHAT] [-o VAR] [--dry-run] [words]: as a %%qwen --fix cell of those words."""
     options = ["--fix"]
     while args and args[0].startswith("-"):
         option = args.pop(0)
@@ -444,7 +444,7 @@ def _fix(magics: "QwenMagic", args: list[str]) -> Any:
             options.append(option)
         else:
             raise UsageError(
-                f"%qwen fix takes -m MODEL, -c CHAT and --dry-run, then any words to add to the question; "
+                f"%qwen fix takes -m MODEL, -c CHAT, -o VAR and --dry-run, then any words to add to the question; "
                 f"not {shortened(option)!r} (%%qwen --fix takes every cell option)."
             )
     return magics.qwen(shlex.join(options), " ".join(args))

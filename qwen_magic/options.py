@@ -232,6 +232,8 @@ class CellOptions:
                 raise UsageError(f"--base-url {_shown(self.base_url)}: {problem}.")
         if self.out is not None and (not self.out.isidentifier() or keyword.iskeyword(self.out)):
             raise UsageError(f"-o/--out needs a variable name (not a Python keyword), not {_shown(self.out)}.")
+        if any(not path.strip() for path in self.files):
+            raise UsageError("--file needs a path, e.g. --file notes.md.")
 
     def parameters(self) -> dict[str, Any]:
         """The request parameters that were given, as the SDK names them."""

@@ -56,9 +56,9 @@ def render_full(value: Any) -> str:
     module = type(value).__module__.split(".")[0]
     name = type(value).__name__
     if module == "pandas" and name in ("DataFrame", "Series"):
-        return value.to_csv()
+        return value.to_csv().rstrip("\n")
     if module == "polars" and name == "DataFrame":
-        return value.write_csv()
+        return value.write_csv().rstrip("\n")
     if module == "polars" and name == "Series":
         return "\n".join(str(item) for item in value.to_list())
     if module == "numpy" and name == "ndarray":
@@ -95,6 +95,8 @@ def rich_text(value: Any) -> str:
 
 def image_type(value: Any) -> str | None:
     """The image type the notebook shows the value as (a figure, a PIL image), if any."""
+    if type(value).__module__.startswith("matplotlib.figure"):
+        return "image/png"  # a figure is shown as a picture, whichever backend draws it
     for mime in _IMAGE_TYPES:
         formatter = _formatter(mime)
         if formatter is not None:
