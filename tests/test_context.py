@@ -399,3 +399,109 @@ def test_loading_the_extension_imports_no_data_library() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+# ---- in a real kernel, as a front end sees it
+
+@pytest.fixture(scope="module")
+def kernel(gateway_server: Gateway, tmp_path_factory: pytest.TempPathFactory):
+    from .kernel_harness import KernelSession, kernel_env
+
+    folder = tmp_path_factory.mktemp("notebook")
+    env = kernel_env(folder, DASHSCOPE_API_KEY=TEST_KEY, DASHSCOPE_BASE_URL=gateway_server.base_url)
+    session = KernelSession(env, cwd=folder)
+    session.folder = folder
+    ran = session.execute("%load_ext qwen_magic")
+    assert ran.status == "ok", ran.outputs
+    yield session
+    session.shutdown()
+
+
+def run_in(kernel, code: str):
+    execution = kernel.execute(code)
+    assert TEST_KEY not in repr([m.content for m in execution.messages])
+    return execution
+
+
+def shown_text(execution) -> str:
+    return "\n".join(o.get("text") or o.get("data", {}).get("text/plain", "") for o in execution.outputs)
+
+
+@pytest.mark.kernel
+def test_kernel_fix_after_an_index_error_and_none_before(kernel, gateway: Gateway) -> None:
+    # Kept first in this module: the kernel has raised nothing yet.
+    nothing = run_in(kernel, "%qwen fix")
+    assert nothing.status == "ok" and shown_text(nothing).strip() == NO_ERROR
+    assert gateway.requests == []
+
+    failing = run_in(kernel, "rows = [1, 2]\nrows[5]")
+    assert failing.status == "error" and failing.error["ename"] == "IndexError"
+    number = failing.reply["execution_count"]
+    gateway.script(Reply(text=FIXED))
+    fixed = run_in(kernel, "%qwen fix")
+    assert fixed.status == "ok", fixed.outputs
+    (request,) = gateway.requests
+    text = request.messages[-1]["content"]
+    assert request.messages[0]["content"] == FIX_SYSTEM
+    assert f"The cell In [{number}] raised an error.\n\nThe cell:\n\n```python\nrows = [1, 2]\nrows[5]\n```" in text
+    assert (f"```text\nCell In [{number}], line 2, in <module>\n    rows[5]\nIndexError: list index out of range\n```"
+            in text), text
+    assert "ipykernel" not in text and "\x1b[" not in text
+    # The corrected cell is offered below, not run.
+    assert {"source": "set_next_input", "text": "rows = [1, 2]\nprint(rows[1])", "replace": False} in [
+        {key: p.get(key) for key in ("source", "text", "replace")} for p in fixed.reply["payload"]]
+    (answer,) = [o for o in fixed.outputs if o["output_type"] == "display_data"]
+    assert "one-off, not in a chat" in answer["data"]["text/markdown"]
+
+
+@pytest.mark.kernel
+def test_kernel_outputs_fill_with_text_and_a_figure_is_named(kernel, gateway: Gateway) -> None:
+    number = run_in(kernel, "2 ** 10").reply["execution_count"]
+    code = ("class Chart:\n    def _repr_png_(self):\n        return b'\\x89PNG\\r\\n\\x1a\\n' + bytes(16)\n"
+            "    def __repr__(self):\n        return '<Chart object>'\nChart()")
+    try:
+        import matplotlib  # noqa: F401
+
+        code = ("import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([1, 2])\n"
+                "ax.set_title('Sales')\nplt.close(fig)\nfig")
+        expected = "[an image (image/png), not sent: a matplotlib figure, "
+    except ImportError:
+        expected = "[an image (image/png), not sent: Chart]"
+    picture = run_in(kernel, code)
+    assert "image/png" in picture.outputs[-1]["data"]
+    figure = picture.reply["execution_count"]
+    assert run_in(kernel, f"%%qwen --no-history\n{{Out[{number}]}} / {{Out[{figure}]}}").status == "ok"
+    text = gateway.requests[-1].messages[-1]["content"]
+    assert text.startswith(f"1024 / {expected}") and "<Figure size" not in text
+
+
+@pytest.mark.kernel
+def test_kernel_data_frame_cells_and_files(kernel, gateway: Gateway) -> None:
+    pytest.importorskip("pandas")
+    first = run_in(kernel, "import pandas as pd\ndf = pd.DataFrame({'n': range(10_000), 'sq': [i * i for i in range(10_000)]})")
+    shape = run_in(kernel, "df.shape")
+    assert run_in(kernel, "%%qwen --no-history\nDescribe {df}").status == "ok"
+    text = gateway.requests[-1].messages[-1]["content"]
+    assert count_text(text) <= 2000 and "pandas DataFrame: 10,000 rows × 2 columns" in text
+    assert "| 9999 | 9999 | 99980001 |" in text
+
+    dry = run_in(kernel, "%%qwen --cells 2 --dry-run\nWhat is the shape?")
+    plain = shown_text(dry)
+    numbers = first.reply["execution_count"], shape.reply["execution_count"]
+    assert f"In [{numbers[0]}]:" in plain and f"In [{numbers[1]}]:" in plain and f"Out [{numbers[1]}]:" in plain
+    assert "(10000, 2)" in plain and "Dry run: nothing was sent." in plain
+
+    folder = kernel.folder
+    (folder / "sales.csv").write_text("\n".join(["city,n"] + [f"c{i},{i}" for i in range(5000)]), encoding="utf-8")
+    (folder / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00")
+    sent = run_in(kernel, "%%qwen --no-history --file sales.csv\nWhich city is last?")
+    assert sent.status == "ok"
+    assert gateway.requests[-1].messages[-1]["content"].startswith(
+        "File sales.csv, summarised:\n\nCSV file: 5,000 rows × 2 columns")
+    requests = len(gateway.requests)
+    for name, message in (("photo.jpg", "not a text file (its content is binary)"), ("gone.csv", "no such file")):
+        refused = run_in(kernel, f"%%qwen --file {name}\nQ")
+        assert refused.status == "error" and refused.error is None  # no traceback shown
+        (line,) = [o["text"] for o in refused.outputs if o["output_type"] == "stream"]
+        assert line.startswith(f"UsageError: --file {name}: ") and message in line and line.count("\n") == 1
+    assert len(gateway.requests) == requests
