@@ -90,7 +90,7 @@ class ErrorWatch:
         source = getattr(info, "raw_cell", "") or ""
         cell_id = getattr(info, "cell_id", None)
         number = getattr(result, "execution_count", None)
-        error = result.error_before_exec or result.error_in_exec
+        error = result.error_before_exec if result.error_before_exec is not None else result.error_in_exec
         if error is None:
             if self.last is not None and cell_id and cell_id == self.last.cell_id and self.fixed_by is None:
                 self.fixed_by = number

@@ -9,6 +9,7 @@ binary file, a folder, or a file over the model's input limit is refused with on
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
@@ -98,8 +99,8 @@ def _encoding(start: bytes, path_text: str) -> str:
         raise UsageError(f"--file {path_text}: not a text file (its content is binary); nothing was sent.")
     for encoding in ("utf-8-sig", "gb18030"):
         try:
-            # The sniffed bytes may end inside a character: ignore an incomplete last one.
-            start.decode(encoding) if len(start) < _SNIFF else start[:-4].decode(encoding)
+            # The sniffed bytes may end inside a character: an incomplete last one is no error.
+            codecs.getincrementaldecoder(encoding)().decode(start, final=len(start) < _SNIFF)
             return encoding
         except UnicodeDecodeError:
             continue

@@ -33,6 +33,8 @@ class Rendered:
 
 def render(value: Any, limit: int) -> Rendered:
     """The value as text within about ``limit`` tokens."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return cut(str(value), limit)
     module = type(value).__module__.split(".")[0]
     name = type(value).__name__
     if module == "pandas" and name == "DataFrame":
@@ -78,9 +80,10 @@ def render_full(value: Any) -> str:
 # ---- text of rich objects and images
 
 def rich_text(value: Any) -> str:
-    """What the notebook shows of the value as text: Markdown, then IPython's pretty text, then str."""
-    if isinstance(value, str):
-        return value
+    """The value's text: its own ``__str__`` if its type has one (as an f-string gives it), else
+    what the notebook shows: its Markdown, then IPython's pretty text, then the plain repr."""
+    if isinstance(value, str) or type(value).__str__ is not object.__str__:
+        return str(value)
     markdown = _call_repr(value, "_repr_markdown_")
     if isinstance(markdown, str) and markdown:
         return markdown

@@ -232,6 +232,13 @@ def test_rich_objects_fill_with_their_markdown(shell, gateway: Gateway) -> None:
     assert gateway.requests[-1].messages[-1]["content"] == "Summarise **Q3**: up 4%"
 
 
+def test_an_object_with_its_own_str_fills_with_it(shell, gateway: Gateway) -> None:
+    gateway.script(Reply(text="West Lake is in Hangzhou."))
+    cell(shell, "%%qwen -o answer --no-history\nWhere is West Lake?")
+    cell(shell, "%%qwen --no-history\nTranslate: {answer}")
+    assert gateway.requests[-1].messages[-1]["content"] == "Translate: West Lake is in Hangzhou."
+
+
 def test_cells_sends_the_last_code_cells_with_their_outputs(shell, gateway: Gateway) -> None:
     cell(shell, "prices = [3, 4, 5]")
     first = number_of_last_cell(shell)
