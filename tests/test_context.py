@@ -512,3 +512,41 @@ def test_kernel_data_frame_cells_and_files(kernel, gateway: Gateway) -> None:
         (line,) = [o["text"] for o in refused.outputs if o["output_type"] == "stream"]
         assert line.startswith(f"UsageError: --file {name}: ") and message in line and line.count("\n") == 1
     assert len(gateway.requests) == requests
+
+
+def _pdf_with_text(text: str) -> bytes:
+    """A one-page PDF whose page shows ``text`` (written by hand: no PDF library needed)."""
+    stream = f"BT /F1 24 Tf 72 700 Td ({text}) Tj ET".encode()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+def test_a_pdf_is_sent_as_its_text_with_pypdf(shell, gateway: Gateway, folder) -> None:
+    pytest.importorskip("pypdf")
+    (folder / "report.pdf").write_bytes(_pdf_with_text("Revenue rose in Hangzhou"))
+    cell(shell, "%%qwen --file report.pdf\nWhat rose?")
+    assert gateway.requests[-1].messages[-1]["content"] == (
+        "File report.pdf:\n\n```\n[page 1]\nRevenue rose in Hangzhou\n```\n\nWhat rose?")
+
+
+def test_a_pdf_without_pypdf_is_refused_in_one_line(shell, gateway: Gateway, folder, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "pypdf", None)  # as if it were not installed
+    (folder / "report.pdf").write_bytes(_pdf_with_text("Revenue"))
+    assert "--file report.pdf: a PDF; install pypdf (pip install pypdf) to send its text." in \
+        refusal(shell, capsys, "%%qwen --file report.pdf\nWhat rose?")
+    assert gateway.requests == []
