@@ -273,7 +273,8 @@ def fenced(text: str, language: str = "") -> str:
     """A Markdown code block that the text cannot close early."""
     longest = max((len(run) for run in re.findall(r"`{3,}", text)), default=2)
     fence = "`" * (longest + 1)
-    return f"{fence}{language}\n{text}\n{fence}"
+    body = text[:-1] if text.endswith("\n") else text  # a file's last newline is not a blank line
+    return f"{fence}{language}\n{body}\n{fence}"
 
 
 class NotebookContext:

@@ -334,11 +334,12 @@ def folder(tmp_path: Path, monkeypatch) -> Path:
 
 def test_a_text_file_goes_before_the_question_from_the_notebooks_folder(shell, gateway: Gateway, folder) -> None:
     (folder / "notes.md").write_text("# Notes\nTotal {should} stay as written.", encoding="utf-8")
+    shell.user_ns["should"] = "FILLED"
     (folder / "small.csv").write_text("a,b\n1,2\n", encoding="utf-8")
     cell(shell, "%%qwen --file notes.md --file small.csv\nSummarise.")
     assert gateway.requests[-1].messages[-1]["content"] == (
         "File notes.md:\n\n```markdown\n# Notes\nTotal {should} stay as written.\n```\n\n"
-        "File small.csv:\n\n```csv\na,b\n1,2\n\n```\n\nSummarise."
+        "File small.csv:\n\n```csv\na,b\n1,2\n```\n\nSummarise."
     )
 
 

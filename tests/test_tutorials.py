@@ -188,7 +188,7 @@ def test_tutorials_cover_the_magic() -> None:
     )
     for option in ("-m", "-t", "--max-tokens", "-o", "-c", "-s", "-n", "--no-history", "--max-history",
                    "--dry-run", "--max-cost", "-f json", "-f code", "-f text", "--no-interp", "--thinking",
-                   "--search", "--image"):
+                   "--search", "--image", "--cells", "--file"):
         assert re.search(rf"^%%qwen .*(?<![\w-]){re.escape(option)}(\s|$)", sources, re.MULTILINE), option
     for command in ("config", "models", "help", "chats", "history", "undo", "export", "resume", "reset",
                     "count", "usage", "budget", "fix"):
