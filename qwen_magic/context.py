@@ -170,12 +170,15 @@ def traceback_text(shell: Any, error: BaseException, limit: int = TRACEBACK_TOKE
             pieces.append((text, True))
         pieces.append((cut(_exception_only(shell, exception), limit // 3).text, False))
     counts = [count_text(text) for text, _ in pieces]
-    dropped = 0
-    while sum(counts) > limit and any(droppable for _, droppable in pieces):
-        at = next(i for i, (_, droppable) in enumerate(pieces) if droppable)
-        del pieces[at], counts[at]
-        dropped += 1
-    lines = [text for text, _ in pieces]
+    total, dropped = sum(counts), 0
+    for at, (_, droppable) in enumerate(pieces):  # outermost first
+        if total <= limit:
+            break
+        if droppable:
+            total -= counts[at]
+            pieces[at] = ("", False)
+            dropped += 1
+    lines = [text for text, _ in pieces if text]
     if dropped:
         lines.insert(0, f"[… {dropped} outer frame(s) left out …]")
     text = "\n".join(lines)
@@ -212,6 +215,7 @@ def _frames(shell: Any, error: BaseException) -> Iterator[str]:
     while len(frames) > 1 and _library(frames[0].filename) in _SHELL_PACKAGES:
         frames = frames[1:]
     folded: list[str] = []
+    previous, repeated = "", 0
     for position, frame in enumerate(frames):
         library = _library(frame.filename)
         innermost = position == len(frames) - 1
@@ -219,14 +223,24 @@ def _frames(shell: Any, error: BaseException) -> Iterator[str]:
             folded.append(library)
             continue
         if folded:
+            if repeated:
+                yield f"[Previous frame repeated {repeated} more time(s)]"
             yield _folded(folded)
-            folded = []
+            folded, previous, repeated = [], "", 0
         label = _cell_label(shell, frame.filename)
         where = f"Cell {label}" if label else f"File {frame.filename}"
         line = (frame.line or "").strip()
-        yield f"{where}, line {frame.lineno}, in {frame.name}" + (f"\n    {line}" if line else "")
-    if folded:
-        yield _folded(folded)
+        text = f"{where}, line {frame.lineno}, in {frame.name}" + (f"\n    {line}" if line else "")
+        if text == previous:  # deep recursion: said once, as Python does
+            repeated += 1
+            continue
+        if repeated:
+            yield f"[Previous frame repeated {repeated} more time(s)]"
+            repeated = 0
+        previous = text
+        yield text
+    if repeated:
+        yield f"[Previous frame repeated {repeated} more time(s)]"
 
 
 def _library(filename: str) -> str | None:

@@ -154,16 +154,25 @@ def test_traceback_folds_library_frames_and_keeps_the_innermost_within_its_limit
     text = gateway.requests[-1].messages[-1]["content"]
     assert "frame(s) inside installed packages (pandas) …]" in text
     assert "KeyError: 'missing'" in text
-    # Deep recursion: the outer frames go, the innermost stay, and the footer says so.
+    # Recursion through one frame is said once, as Python says it.
     cell(shell, "def down(n):\n    if n == 0:\n        raise RuntimeError('bottom')\n    return down(n - 1)")
+    down = number_of_last_cell(shell)
     assert not cell(shell, "down(400)").success
-    result = cell(shell, "%qwen fix -o fixed").result
+    cell(shell, "%qwen fix")
+    text = gateway.requests[-1].messages[-1]["content"]
+    assert (f"Cell In [{down}], line 4, in down\n    return down(n - 1)\n[Previous frame repeated 399 more time(s)]\n"
+            f"Cell In [{down}], line 3, in down\n    raise RuntimeError('bottom')\nRuntimeError: bottom") in text
+    # Deep recursion through two frames: the outer frames go, the innermost stay, and the footer says so.
+    cell(shell, "def ping(n):\n    if n == 0:\n        raise RuntimeError('bottom')\n    return pong(n - 1)\n"
+                "def pong(n):\n    return ping(n)")
+    assert not cell(shell, "ping(400)").success
+    cell(shell, "%qwen fix -o fixed")
     text = gateway.requests[-1].messages[-1]["content"]
     trace = text.split("```text\n", 1)[1].split("\n```", 1)[0]
     assert count_text(trace) <= 1500
     assert trace.startswith("[… ") and "outer frame(s) left out" in trace.splitlines()[0]
     assert trace.endswith("raise RuntimeError('bottom')\nRuntimeError: bottom")
-    assert any("outermost frame(s) were left out" in note for note in shell.user_ns["fixed"].notes), result
+    assert any("outermost frame(s) were left out" in note for note in shell.user_ns["fixed"].notes)
 
 
 def test_colour_codes_in_an_error_message_are_stripped(shell, gateway: Gateway) -> None:
