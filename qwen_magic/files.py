@@ -81,8 +81,9 @@ def _regular_file(path_text: str) -> Path:
     try:
         resolved = path.resolve(strict=True)
         mode = resolved.stat().st_mode
-    except (OSError, RuntimeError):  # missing, a broken or looping link, no permission
-        raise UsageError(f"--file {path_text}: no such file (relative paths are read from {os.getcwd()}).") from None
+    except (OSError, RuntimeError, ValueError):  # missing, a broken or looping link, a NUL in the name
+        shown = path_text if path_text.isprintable() else repr(path_text)
+        raise UsageError(f"--file {shown}: no such file (relative paths are read from {os.getcwd()}).") from None
     if stat.S_ISDIR(mode):
         raise UsageError(f"--file {path_text}: a folder, not a file; name the files to send.")
     # /proc and /sys hold "regular" files that are views of the process (its environment among them).

@@ -376,6 +376,7 @@ def test_files_that_cannot_be_sent_are_refused_in_one_line(shell, gateway: Gatew
     assert "--file data: a folder, not a file" in refusal(shell, capsys, "%%qwen --file data\nQ")
     assert "--file null-link: not a regular file" in refusal(shell, capsys, "%%qwen --file null-link\nQ")
     assert "--file env-link: not a regular file" in refusal(shell, capsys, "%%qwen --file env-link\nQ")
+    assert "--file 'a\\x00b': no such file" in refusal(shell, capsys, "%%qwen --file a\x00b\nQ")
     assert gateway.requests == []
 
 
