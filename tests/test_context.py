@@ -310,6 +310,16 @@ def test_full_sends_the_whole_value_checked_against_the_input_limit(shell, gatew
     assert len(gateway.requests) == 1
 
 
+def test_a_polars_data_frame_is_summarised_too(shell, gateway: Gateway, capsys) -> None:
+    pl = pytest.importorskip("polars")
+    shell.user_ns["df"] = pl.DataFrame({"city": ["杭州", "北京"] * 5000, "n": range(10_000)})
+    cell(shell, "%%qwen --no-history\n{df}")
+    text = gateway.requests[-1].messages[-1]["content"]
+    assert text.startswith("polars DataFrame: 10,000 rows × 2 columns\nColumns (dtype): city (String), n (Int64)")
+    assert "| 北京 | 9999 |" in text and count_text(text) <= 2000
+    assert "{df} was summarised (a polars DataFrame of 10,000 rows × 2 columns" in shown(capsys)
+
+
 def test_the_dry_run_says_a_value_was_summarised_and_the_limit_is_a_setting(shell, gateway: Gateway) -> None:
     shell.user_ns["log"] = "line of a long log\n" * 3000
     shell.run_line_magic("config", "QwenMagic.max_value_tokens = 200")
