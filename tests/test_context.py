@@ -215,7 +215,7 @@ def test_outputs_fill_with_their_text_and_images_are_named(shell, gateway: Gatew
     chart = number_of_last_cell(shell)
     cell(shell, f"%%qwen --no-history\nOut: {{Out[{number}]}}; chart: {{Out[{chart}]}}; code: {{In[{number}]}}")
     text = gateway.requests[-1].messages[-1]["content"]
-    assert text == f"Out: 42; chart: [an image (image/png), not sent: Chart]; code: 6 * 7"
+    assert text == "Out: 42; chart: [an image (image/png), not sent: Chart]; code: 6 * 7"
 
 
 def test_a_matplotlib_figure_is_named_by_its_axes_not_pasted(shell, gateway: Gateway) -> None:
