@@ -49,14 +49,15 @@ def _docstring_parts(doc: str | None) -> tuple[str, dict[str, str]]:
     lines = text.splitlines()
     described: dict[str, str] = {}
     numpy_name: str | None = None
+    numpy_indent = 0
     for index, line in enumerate(lines):
         stripped = line.strip()
         numpy = re.fullmatch(r"(\w+)\s+:\s*[^:]*", stripped)
         google = re.fullmatch(r"(\w+)\s*(?:\([^)]*\))?\s*[:：]\s*(.+)", stripped)
-        if numpy and index + 1 < len(lines) and lines[index + 1].startswith((" ", "\t")) and not google:
-            numpy_name = numpy.group(1)
+        if numpy and index + 1 < len(lines) and _indent(lines[index + 1]) > _indent(line):
+            numpy_name, numpy_indent = numpy.group(1), _indent(line)
             continue
-        if numpy_name and stripped and line.startswith((" ", "\t")):
+        if numpy_name and stripped and _indent(line) > numpy_indent:
             described[numpy_name] = " ".join(filter(None, [described.get(numpy_name), stripped]))
             continue
         numpy_name = None
@@ -65,6 +66,10 @@ def _docstring_parts(doc: str | None) -> tuple[str, dict[str, str]]:
     if described and any(line.strip().startswith(tuple(described)) for line in paragraphs[0].splitlines()[:1]):
         first = ""  # the docstring starts with the parameters: no description of its own
     return first, described
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
 
 
 def json_schema_of(hint: Any) -> dict[str, Any]:
@@ -305,8 +310,17 @@ def prepare_call(call_id: str, name: str, arguments: str, tools: Mapping[str, To
     if not isinstance(parsed, dict):
         call.error = "the arguments must be a JSON object of named parameters"
         return call, None
+    from .schema import first_problem
+
+    signature = inspect.signature(tool.function)
+    unexpected = [key for key in parsed if key not in signature.parameters]
+    problem = first_problem(parsed, tool.parameters)
+    if unexpected or problem:
+        wrong = f"unexpected argument(s) {', '.join(map(repr, unexpected))}" if unexpected else problem
+        call.error = f"the arguments do not fit {name}{signature}: {wrong}"
+        return call, None
     try:
-        bound = inspect.signature(tool.function).bind(**{key: _converted(value, tool.hints.get(key))
+        bound = signature.bind(**{key: _converted(value, tool.hints.get(key))
                                                           for key, value in parsed.items()})
     except TypeError as error:
         call.error = f"the arguments do not fit {name}{inspect.signature(tool.function)}: {error}"

@@ -1,0 +1,293 @@
+"""--tools: the model calls the notebook's functions, through the real SDK and the gateway."""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Literal, Optional, TypedDict
+
+import pytest
+from pydantic import BaseModel
+
+from qwen_magic.conversation import Turn
+from qwen_magic.gateway import Gateway, Reply
+from qwen_magic.tools import describe
+
+from .conftest import TEST_KEY, refusal, run_cell, shown
+
+WEATHER = '''
+calls = []
+def get_current_weather(location: str) -> str:
+    """获取现在的天气
+
+    location: 要获取天气的省市名称，例如浙江省杭州市
+    """
+    calls.append(location)
+    return f"{location}: 晴, 20°C"
+
+def population(city: str, year: int = 2024) -> dict:
+    """People living in a city."""
+    return {"city": city, "year": year, "people": 1000}
+
+def broken(x: int) -> int:
+    """Always fails."""
+    raise ValueError(f"no data for {x}")
+'''
+
+
+def call(name: str, **arguments) -> dict:
+    return {"name": name, "arguments": arguments}
+
+
+@pytest.fixture
+def tools_shell(shell):
+    assert run_cell(shell, WEATHER).success
+    return shell
+
+
+# ---- describing functions
+
+class Unit(enum.Enum):
+    CELSIUS = "c"
+    FAHRENHEIT = "f"
+
+
+class Place(BaseModel):
+    city: str
+    country: str = "CN"
+
+
+class Range(TypedDict):
+    low: int
+    high: int
+
+
+def forecast(place: Place, days: list[int], unit: Unit, mode: Literal["brief", "full"] = "brief",
+             span: Optional[Range] = None, tags: dict[str, float] | None = None, strict: bool = False) -> str:
+    """Forecast for a place.
+
+    More text that is not the description.
+
+    Args:
+        place: where to look
+        days (list[int]): which days ahead
+    """
+    return ""
+
+
+def numpy_style(city: str, limit: float) -> str:
+    """Find a city.
+
+    Parameters
+    ----------
+    city : str
+        The city's name,
+        in full.
+    limit : float
+        At most this many.
+    """
+    return city
+
+
+def test_a_function_becomes_a_tool_definition_from_its_signature_and_docstring() -> None:
+    tool = describe("forecast", forecast)
+    assert tool.description == "Forecast for a place."
+    schema = tool.parameters
+    assert schema["required"] == ["place", "days", "unit"]
+    properties = schema["properties"]
+    assert properties["place"]["type"] == "object" and properties["place"]["required"] == ["city"]
+    assert properties["place"]["description"] == "where to look"
+    assert properties["days"] == {"type": "array", "items": {"type": "integer"}, "description": "which days ahead"}
+    assert properties["unit"] == {"enum": ["c", "f"]}
+    assert properties["mode"] == {"enum": ["brief", "full"], "type": "string", "default": "brief"}
+    assert properties["span"]["anyOf"][0] == {"type": "object", "properties": {"low": {"type": "integer"},
+                                                                               "high": {"type": "integer"}},
+                                              "required": ["low", "high"]}
+    assert properties["tags"]["anyOf"][0] == {"type": "object", "additionalProperties": {"type": "number"}}
+    assert properties["strict"] == {"type": "boolean", "default": False}
+
+
+def test_numpy_style_parameters_are_described() -> None:
+    properties = describe("numpy_style", numpy_style).parameters["properties"]
+    assert properties["city"]["description"] == "The city's name, in full."
+    assert properties["limit"] == {"type": "number", "description": "At most this many."}
+
+
+@pytest.mark.parametrize(
+    ("definition", "message"),
+    [
+        ("def f(*args): pass", "*args cannot be described"),
+        ("def f(x: set[object]): pass", "parameter 'x' cannot be described"),
+        ("f = 3", "is not a function"),
+        ("def search(q: str): pass\nf = search", "--tools search"),
+    ],
+)
+def test_a_function_that_cannot_be_described_is_refused_before_anything_is_sent(
+        shell, gateway: Gateway, capsys, definition: str, message: str) -> None:
+    assert run_cell(shell, definition).success
+    name = "search" if "search" in message else "f"
+    line = refusal(shell, capsys, f"%%qwen --tools {name}\nhi")
+    assert message in line
+    assert gateway.requests == []
+
+
+def test_an_unknown_name_in_tools_is_refused(shell, gateway: Gateway, capsys) -> None:
+    assert "no function of that name" in refusal(shell, capsys, "%%qwen --tools nowhere\nhi")
+    assert gateway.requests == []
+
+
+# ---- the exchange
+
+@pytest.mark.parametrize("protocol", ["native", "openai"])
+def test_parallel_calls_run_in_order_and_their_results_go_back(tools_shell, gateway: Gateway, capsys,
+                                                               protocol: str) -> None:
+    gateway.script(
+        Reply(tool_calls=[call("get_current_weather", location="浙江省杭州市"),
+                          call("get_current_weather", location="上海市")], chunk_size=4,
+              usage={"input_tokens": 100, "output_tokens": 20}),
+        Reply(text="杭州和上海都是晴天。", usage={"input_tokens": 150, "output_tokens": 10}),
+    )
+    outcome = run_cell(tools_shell, f"%%qwen --protocol {protocol} --tools get_current_weather -o r\n杭州和上海现在的天气如何？")
+    assert outcome.success, outcome.error_in_exec
+    printed = shown(capsys)
+    assert "→ get_current_weather(location='浙江省杭州市')" in printed
+    assert "← 上海市: 晴, 20°C" in printed
+    assert tools_shell.user_ns["calls"] == ["浙江省杭州市", "上海市"]
+    first, second = gateway.requests
+    for request in (first, second):
+        assert request.parameters["parallel_tool_calls"] is True
+        (tool,) = request.parameters["tools"]
+        assert tool["function"]["name"] == "get_current_weather"
+        assert tool["function"]["description"] == "获取现在的天气"
+        assert tool["function"]["parameters"]["properties"]["location"]["description"].startswith("要获取天气")
+    if protocol == "native":
+        assert first.parameters["result_format"] == "message"
+    roles = [m["role"] for m in second.messages]
+    assert roles == ["user", "assistant", "tool", "tool"]
+    calls = second.messages[1]["tool_calls"]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"location": "浙江省杭州市"}, {"location": "上海市"}]
+    assert all(c["id"] for c in calls)  # merged: the later fragments' empty ids did not win
+    assert [m["tool_call_id"] for m in second.messages[2:]] == [c["id"] for c in calls]
+    assert second.messages[2]["content"] == "浙江省杭州市: 晴, 20°C"
+    result = tools_shell.user_ns["r"]
+    assert result.text == "杭州和上海都是晴天。"
+    assert [(c.name, c.arguments, c.result, c.error) for c in result.tool_calls] == [
+        ("get_current_weather", {"location": "浙江省杭州市"}, "浙江省杭州市: 晴, 20°C", None),
+        ("get_current_weather", {"location": "上海市"}, "上海市: 晴, 20°C", None),
+    ]
+    assert all(c.time >= 0 for c in result.tool_calls)
+    # The footer sums both requests and counts the calls.
+    assert result.usage.input_tokens == 250 and result.usage.output_tokens == 30
+    assert "250 in / 30 out tokens" in printed and "2 tool calls" in printed
+    assert TEST_KEY not in printed
+
+
+def test_non_string_results_go_back_as_json(tools_shell, gateway: Gateway) -> None:
+    gateway.script(Reply(tool_calls=[call("population", city="杭州")]), Reply(text="ok"))
+    assert run_cell(tools_shell, "%%qwen --tools get_current_weather,population\nhow many?").success
+    tool_message = gateway.requests[1].messages[-1]
+    assert json.loads(tool_message["content"]) == {"city": "杭州", "year": 2024, "people": 1000}
+
+
+def test_unknown_tool_and_bad_arguments_run_nothing_and_tell_the_model(tools_shell, gateway: Gateway) -> None:
+    gateway.script(
+        Reply(tool_calls=[{"name": "delete_everything", "arguments": {}},
+                          {"name": "get_current_weather", "arguments": '{"location": "杭州'},
+                          call("get_current_weather", place="杭州"),
+                          call("population", city="杭州", year="soon")]),
+        Reply(text="Sorry."),
+    )
+    assert run_cell(tools_shell, "%%qwen --tools get_current_weather,population -o r\nweather?").success
+    assert tools_shell.user_ns["calls"] == []
+    answers = [m["content"] for m in gateway.requests[1].messages if m["role"] == "tool"]
+    assert "no tool named 'delete_everything'" in answers[0] and "get_current_weather, population" in answers[0]
+    assert "not valid JSON" in answers[1]
+    assert "do not fit get_current_weather" in answers[2] and "place" in answers[2]
+    assert "field year: expected integer, got str" in answers[3]
+    assert all(c.error and c.result is None for c in tools_shell.user_ns["r"].tool_calls)
+
+
+def test_a_raising_tool_sends_back_its_error(tools_shell, gateway: Gateway, capsys) -> None:
+    gateway.script(Reply(tool_calls=[call("broken", x=3)]), Reply(text="It failed."))
+    assert run_cell(tools_shell, "%%qwen --tools broken -o r\ntry it").success
+    assert gateway.requests[1].messages[-1]["content"] == "Error: ValueError: no data for 3"
+    assert "✖ ValueError: no data for 3" in shown(capsys)
+    assert tools_shell.user_ns["r"].tool_calls[0].error == "ValueError: no data for 3"
+
+
+def test_the_round_limit_stops_the_exchange_with_a_clear_line(tools_shell, gateway: Gateway, capsys) -> None:
+    gateway.script(Reply(tool_calls=[call("get_current_weather", location="杭州")]), times=None)
+    assert run_cell(tools_shell, "%%qwen --tools get_current_weather --max-rounds 2 -o r\nloop").success
+    assert len(gateway.requests) == 2
+    assert tools_shell.user_ns["calls"] == ["杭州"]
+    assert "Stopped after 2 requests (--max-rounds 2): the model still asked for get_current_weather" in shown(capsys)
+
+
+def test_the_chat_follows_up_and_a_rerun_replaces_the_whole_exchange(tools_shell, gateway: Gateway) -> None:
+    magic = tools_shell.magics_manager.registry["QwenMagic"]
+    gateway.script(Reply(tool_calls=[call("get_current_weather", location="杭州")]), Reply(text="晴。"))
+    assert run_cell(tools_shell, "%%qwen --tools get_current_weather\n杭州天气？").success
+    assert run_cell(tools_shell, "%%qwen\n明天呢？").success
+    follow_up = gateway.requests[-1].messages
+    assert [m["role"] for m in follow_up] == ["user", "assistant", "tool", "assistant", "user"]
+    assert follow_up[2]["content"] == "杭州: 晴, 20°C" and follow_up[3]["content"] == "晴。"
+    # The turn is stored whole and comes back from its record.
+    (turn, _) = magic.session.chat().turns
+    again = Turn.from_record(json.loads(json.dumps(turn.to_record())))
+    assert again.messages() == turn.messages()
+    assert run_cell(tools_shell, "%qwen reset").success
+    # Re-running a cell (same cell id) replaces its exchange in place.
+    chat = magic.session.chat()
+    gateway.script(Reply(tool_calls=[call("get_current_weather", location="上海")]), Reply(text="一"),
+                   Reply(text="二"))
+    magic._cell_id = lambda: "cell-1"
+    assert run_cell(tools_shell, "%%qwen --tools get_current_weather\n天气？").success
+    assert run_cell(tools_shell, "%%qwen\n天气？").success
+    assert len(chat.turns) == 1 and chat.turns[0].exchange == [] and chat.turns[0].result.text == "二"
+
+
+def test_resume_brings_back_a_turn_with_tool_calls(tools_shell, gateway: Gateway) -> None:
+    gateway.script(Reply(tool_calls=[call("get_current_weather", location="杭州")]), Reply(text="晴。"))
+    assert run_cell(tools_shell, "%%qwen --tools get_current_weather\n杭州天气？").success
+    magic = tools_shell.magics_manager.registry["QwenMagic"]
+    before = magic.session.chat().turns[0].messages()
+    magic.session.chats.clear()
+    assert run_cell(tools_shell, "%qwen resume").success
+    assert magic.session.chat().turns[0].messages() == before
+
+
+def test_a_server_without_a_key_takes_tools(tools_shell, capsys) -> None:
+    with Gateway(require_key=False) as local:
+        local.script(Reply(tool_calls=[call("get_current_weather", location="杭州")]), Reply(text="晴"))
+        outcome = run_cell(tools_shell, f"%%qwen --base-url {local.compatible_base_url} --tools get_current_weather -o r\nweather")
+        assert outcome.success, outcome.error_in_exec
+        assert [m["role"] for m in local.requests[1].messages] == ["user", "assistant", "tool"]
+        assert tools_shell.user_ns["r"].text == "晴"
+
+
+def test_confirm_without_stdin_is_refused_before_sending(tools_shell, gateway: Gateway, capsys) -> None:
+    assert "takes no input" in refusal(tools_shell, capsys, "%%qwen --tools get_current_weather --confirm\nhi")
+    assert gateway.requests == []
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("--confirm", "it needs --tools"),
+        ("--tools get_current_weather --max-rounds 0", "--max-rounds must be from 1 to 50"),
+        ("--tools 'a b'", "--tools needs names"),
+        ("--tools f,f", "names a function twice"),
+    ],
+)
+def test_tool_options_are_checked(tools_shell, capsys, line: str, message: str) -> None:
+    assert message in refusal(tools_shell, capsys, f"%%qwen {line}\nhi")
+
+
+def test_the_gateway_refuses_a_tool_message_without_its_call(gateway: Gateway) -> None:
+    import dashscope
+    from dashscope.v2.errors import BadRequestError
+
+    client = dashscope.Client(api_key=TEST_KEY, base_url=gateway.base_url, max_retries=0)
+    with pytest.raises(BadRequestError, match="preceding message"):
+        client.chat.completions.create(model="qwen-plus", messages=[
+            {"role": "user", "content": "hi"}, {"role": "tool", "content": "x", "tool_call_id": "call_1"}])
