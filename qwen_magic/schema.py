@@ -71,7 +71,10 @@ def _type_adapter(target: Any) -> Any:
         from pydantic import TypeAdapter
     except ImportError:  # pydantic is optional: the schema is checked here instead
         return None
-    return TypeAdapter(target)
+    try:
+        return TypeAdapter(target)
+    except Exception:  # e.g. typing.TypedDict before Python 3.12, which pydantic refuses
+        return None
 
 
 def _pydantic(build: Any) -> tuple[Any, str | None]:
