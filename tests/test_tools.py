@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 import json
 from typing import Literal, Optional, TypedDict
 
@@ -291,3 +292,74 @@ def test_the_gateway_refuses_a_tool_message_without_its_call(gateway: Gateway) -
     with pytest.raises(BadRequestError, match="preceding message"):
         client.chat.completions.create(model="qwen-plus", messages=[
             {"role": "user", "content": "hi"}, {"role": "tool", "content": "x", "tool_call_id": "call_1"}])
+
+
+# ---- in a real kernel: ■ during a call, and --confirm through the front end's input
+
+from .kernel_harness import KernelSession, Message, kernel_env  # noqa: E402
+
+SLOW = '''
+import time
+ran = []
+def slow(seconds: float) -> str:
+    """Takes its time."""
+    ran.append(seconds)
+    time.sleep(seconds)
+    return "done"
+'''
+
+
+@pytest.fixture(scope="module")
+def kernel(gateway_server: Gateway, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("kernel")
+    env = kernel_env(tmp, DASHSCOPE_API_KEY=TEST_KEY, DASHSCOPE_BASE_URL=gateway_server.base_url)
+    session = KernelSession(env, cwd=tmp)
+    setup = session.execute("%load_ext qwen_magic\n" + SLOW)
+    assert setup.status == "ok", setup.outputs
+    yield session
+    session.shutdown()
+
+
+@pytest.mark.kernel
+def test_interrupt_during_a_call_stops_the_exchange_and_keeps_what_was_shown(kernel: KernelSession,
+                                                                             gateway: Gateway) -> None:
+    gateway.script(Reply(tool_calls=[call("slow", seconds=20), call("slow", seconds=1)]), Reply(text="never"))
+    interrupted = []
+
+    def interrupt_once_the_call_shows(message: Message) -> None:
+        if not interrupted and "slow(seconds=20)" in json.dumps(message.content, ensure_ascii=False):
+            interrupted.append(True)
+            time.sleep(0.3)  # into the call's sleep
+            kernel.interrupt()
+
+    execution = kernel.execute("%%qwen --tools slow -o r\ngo", during=interrupt_once_the_call_shows, timeout=30)
+    assert interrupted and execution.status == "error"
+    assert execution.error["ename"] == "QwenInterrupted"
+    assert len(gateway.requests) == 1  # nothing sent after the interrupt
+    check = kernel.execute("print(r.status, ran, [c.error for c in r.tool_calls])")
+    assert check.stdout.strip() == ("interrupted [20] ['interrupted by the user', "
+                                    "'not run: the user stopped the exchange']"), check.outputs
+    shown_text = json.dumps([m.content for m in execution.messages], ensure_ascii=False)
+    assert "slow(seconds=20)" in shown_text
+
+
+@pytest.mark.kernel
+def test_confirm_without_stdin_in_a_kernel_is_one_line(kernel: KernelSession, gateway: Gateway) -> None:
+    execution = kernel.execute("%%qwen --tools slow --confirm\ngo")
+    assert execution.status == "error" and execution.error is None  # one line, no traceback
+    text = "".join(o.get("text", "") for o in execution.outputs if o["output_type"] == "stream")
+    (line,) = [line for line in text.splitlines() if line.strip()]
+    assert line.startswith("UsageError: --confirm asks before each call") and "takes no input" in line
+    assert gateway.requests == []
+
+
+@pytest.mark.kernel
+def test_confirm_asks_before_each_call(kernel: KernelSession, gateway: Gateway) -> None:
+    gateway.script(Reply(tool_calls=[call("slow", seconds=0), call("slow", seconds=0.01)]), Reply(text="ok"))
+    kernel.execute("ran.clear()")
+    answers = iter(["y", "n"])
+    execution = kernel.execute("%%qwen --tools slow --confirm\ngo", stdin=lambda prompt: next(answers))
+    assert execution.status == "ok", execution.outputs
+    assert execution.stdin_prompts == ["→ slow(seconds=0) — run it? [y/N] ", "→ slow(seconds=0.01) — run it? [y/N] "]
+    assert kernel.execute("print(ran)").stdout.strip() == "[0]"
+    assert gateway.requests[1].messages[-1]["content"] == "Error: the user declined to run this call"
