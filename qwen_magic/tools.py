@@ -16,7 +16,7 @@ import re
 import time
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from IPython.core.error import UsageError
@@ -364,11 +364,6 @@ def run_call(call: ToolCall, runner: Callable[[], Any]) -> None:
         call.error = f"{type(error).__name__}: {error}"
     finally:
         call.time = time.monotonic() - started
-
-
-def assistant_message(text: str, calls: list[ToolCall], raw: list[dict[str, Any]]) -> dict[str, Any]:
-    """The assistant's turn that made the calls, as it is sent back."""
-    return {"role": "assistant", "content": text, "tool_calls": raw}
 
 
 def ask_confirmation(call: ToolCall, ask: Callable[[str], str]) -> bool:
