@@ -363,3 +363,17 @@ def test_confirm_asks_before_each_call(kernel: KernelSession, gateway: Gateway) 
     assert execution.stdin_prompts == ["→ slow(seconds=0) — run it? [y/N] ", "→ slow(seconds=0.01) — run it? [y/N] "]
     assert kernel.execute("print(ran)").stdout.strip() == "[0]"
     assert gateway.requests[1].messages[-1]["content"] == "Error: the user declined to run this call"
+
+
+@pytest.mark.parametrize("protocol", ["native", "openai"])
+def test_whole_answers_carry_tool_calls_too(tools_shell, gateway: Gateway, protocol: str) -> None:
+    gateway.script(Reply(tool_calls=[call("get_current_weather", location="杭州")]), Reply(text="晴"))
+    assert run_cell(tools_shell, f"%%qwen --no-stream --protocol {protocol} --tools get_current_weather -o r\n?").success
+    assert [request.stream for request in gateway.requests] == [False, False]
+    assert tools_shell.user_ns["calls"] == ["杭州"] and tools_shell.user_ns["r"].text == "晴"
+
+
+def test_unscripted_the_gateway_calls_each_tool_then_reads_the_results(tools_shell, gateway: Gateway) -> None:
+    assert run_cell(tools_shell, "%%qwen --tools get_current_weather,population -o r\n?").success
+    assert [c.name for c in tools_shell.user_ns["r"].tool_calls] == ["get_current_weather", "population"]
+    assert "read what the tools returned" in tools_shell.user_ns["r"].text

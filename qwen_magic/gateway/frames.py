@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .replies import (
+    canned_tool_calls,
     sample_of,
     _CODE_FOR_STATUS,
     Reply,
@@ -52,7 +53,8 @@ class _Answer:
         cls, reply: Reply | None, *, model: str, messages: list[dict], thinking: bool, json_mode: bool = False,
         parameters: Mapping[str, Any] | None = None, schema: Any = None,
     ) -> _Answer:
-        reply = reply or Reply()
+        if reply is None:
+            reply = Reply(tool_calls=canned_tool_calls(parameters or {}, messages))
         search = _search_options(parameters or {}) if reply.search_results is not None else None
         canned = reply.text is None and reply.chunks is None
         if reply.chunks is not None:

@@ -502,3 +502,24 @@ def sample_of(schema: Any, depth: int = 0) -> Any:
     if kind == "array":
         return [sample_of(schema.get("items") or {}, depth + 1)]
     return {"string": "offline", "integer": 1, "number": 1.5, "boolean": True}.get(str(kind))
+
+
+def canned_tool_calls(parameters: Mapping[str, Any], messages: Iterable[Mapping[str, Any]]) -> list[dict] | None:
+    """The unscripted answer to a request with tools, before any tool has answered: a call of
+    each tool (the first only, unless ``parallel_tool_calls``) with its required arguments
+    made up from their schema, so that an offline notebook shows the whole exchange."""
+    tools = parameters.get("tools")
+    listed = list(messages)
+    if not isinstance(tools, list) or not tools or not listed or listed[-1].get("role") != "user":
+        return None
+    calls = []
+    for tool in tools if parameters.get("parallel_tool_calls") is True else tools[:1]:
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            continue
+        schema = function.get("parameters") if isinstance(function.get("parameters"), Mapping) else {}
+        properties = schema.get("properties") or {}
+        required = [name for name in schema.get("required") or () if name in properties]
+        calls.append({"name": function["name"],
+                      "arguments": {name: sample_of(properties[name]) for name in required}})
+    return calls or None
