@@ -60,6 +60,7 @@ ROUND_LIMIT = (
     "Stopped after {rounds} requests (--max-rounds {rounds}): the model still asked for {names}, "
     "which did not run. Raise --max-rounds to let it go on."
 )
+NEXT_ROUND_REFUSED = "The exchange stopped before its request {number}: {reason}"
 SCHEMA_RETRY = "This answer does not match {schema} ({error}): asking again (try {attempt} of {tries})."
 SHARED_CHAT = (
     "Another kernel is writing chat {chat!r} of this notebook (is it open twice?): this kernel's turns "
@@ -391,12 +392,13 @@ class QwenSession:
         retry = RetryPolicy(settings.max_retries, base_delay=self.retry_base_delay)
         if plan.tools or plan.schema is not None:
             result, error, exchange, view = self._converse(request, plan, options, connection, view, retry, sdk,
+                                                           self.effective_budget(settings),
                                                            lambda: make_view(settings.display, in_kernel=in_kernel,
                                                                              display=display, fmt=plan.fmt,
                                                                              front_end=cell_id is not None,
                                                                              widgets=self.widgets))
         else:
-            result, error = self._send(request, plan, connection, view, retry, sdk)
+            result, error = self._send(request, plan.preflight, connection, view, retry, sdk)
             exchange = None
 
         with _interrupts_held() as held:
@@ -421,23 +423,22 @@ class QwenSession:
             raise error
         return result
 
-    def _send(self, request: ChatRequest, plan: "_Plan", connection: Connection, view: View, retry: RetryPolicy,
-              sdk: Any, state: CallState | None = None) -> tuple[QwenResult, QwenAPIError | None]:
+    def _send(self, request: ChatRequest, preflight: Preflight, connection: Connection, view: View,
+              retry: RetryPolicy, sdk: Any, state: CallState | None = None) -> tuple[QwenResult, QwenAPIError | None]:
         """One request under the rate limits, streamed into ``view``."""
-        input_tokens = count_chat_input(request.messages) if len(request.messages) > len(plan.messages) \
-            else plan.preflight.input_tokens
         try:
-            self._wait_for_rate_limit(plan.preflight, view)
+            self._wait_for_rate_limit(preflight, view)
         except KeyboardInterrupt:
             raise QwenInterrupted("stopped while waiting for the rate limit; nothing was sent.") from None
         # Windows are per catalog entry: an aliased name shares its entry's limits.
-        sent = self.limiter.record(plan.model.name if plan.model else plan.model_name, input_tokens)
-        result, error = self._stream(request, connection, view, retry, plan.preflight, sdk=sdk, state=state)
+        model = preflight.model
+        sent = self.limiter.record(model.name if model else preflight.model_name, preflight.input_tokens)
+        result, error = self._stream(request, connection, view, retry, preflight, sdk=sdk, state=state)
         self.limiter.settle(sent, result.usage.total_tokens)
         return result, error
 
     def _converse(self, request: ChatRequest, plan: "_Plan", options: CellOptions, connection: Connection, view: View,
-                  retry: RetryPolicy, sdk: Any, new_view: Callable[[], View],
+                  retry: RetryPolicy, sdk: Any, budget: float | None, new_view: Callable[[], View],
                   ) -> tuple[QwenResult, QwenAPIError | None, _Exchange, View]:
         """Requests until the model answers in text: its tool calls run and answered, an answer
         that fails --schema asked again (in a view of its own). Return the last round's result
@@ -446,10 +447,11 @@ class QwenSession:
         shown: list[str] = []  # text of earlier rounds, still in the view
         tries = 1 + (options.retries if plan.schema is not None else 0)
         attempt = rounds = 0
+        preflight = plan.preflight
         while True:
             rounds += 1
             state = CallState(answer=list(shown))
-            result, error = self._send(request, plan, connection, view, retry, sdk, state)
+            result, error = self._send(request, preflight, connection, view, retry, sdk, state)
             exchange.usages.append(result.usage)
             text = mend("".join(state.answer[len(shown):]))
             calls = state.merged_tool_calls() if result.status == COMPLETE and plan.tools else []
@@ -463,7 +465,12 @@ class QwenSession:
                     break
                 request = dataclasses.replace(request, messages=request.messages + tuple(exchange.messages[-len(calls) - 1:]))
                 shown = list(state.answer) + (["\n\n"] if text else [])
-                continue
+                preflight, refusal = self._next_round(request, plan, options, exchange, budget)
+                if refusal is None:
+                    continue
+                result.notes.append(refusal)
+                text = ""
+                break
             attempt += 1
             problem = _schema_problem(plan, result) if result.status == COMPLETE else None
             if problem is None or attempt >= tries:
@@ -473,17 +480,36 @@ class QwenSession:
             result.format, result.format_error = plan.fmt, problem
             result.notes.append(SCHEMA_RETRY.format(schema=plan.schema.name, error=problem, attempt=attempt + 1,
                                                     tries=tries))
-            view.finish(result, {})
-            view = new_view()
             request = dataclasses.replace(request, messages=request.messages + (
                 {"role": "assistant", "content": result.text},
                 {"role": "user", "content": RETRY_PROMPT.format(error=problem)},
             ))
+            preflight, refusal = self._next_round(request, plan, options, exchange, budget)
+            if refusal is not None:
+                result.notes[-1] = refusal
+                break
+            view.finish(result, {})
+            view = new_view()
         if exchange.messages:
             exchange.messages.append({"role": "assistant", "content": text})
         result.tool_calls = exchange.calls
         result.usage = _summed(exchange.usages)
         return result, error, exchange, view
+
+    def _next_round(self, request: ChatRequest, plan: "_Plan", options: CellOptions, exchange: _Exchange,
+                    budget: float | None) -> tuple[Preflight, str | None]:
+        """The next request's count and cost, and why it may not be sent (the cell's --max-cost
+        or the budget, counting what the cell has spent already), or None."""
+        preflight = prepare(plan.model_name, plan.model, request.messages, max_tokens=options.max_tokens,
+                            thinking=options.thinking, thinking_budget=options.thinking_budget)
+        spent = sum(call_cost(plan.model, usage) or 0.0 for usage in exchange.usages)
+        try:
+            check_input_limit(preflight)
+            check_cost(preflight, spent=self.ledger.total_cost + spent, budget=budget,
+                       max_cost=None if options.max_cost is None else options.max_cost - spent)
+        except UsageError as refused:
+            return preflight, NEXT_ROUND_REFUSED.format(number=len(exchange.usages) + 1, reason=refused)
+        return preflight, None
 
     def _run_calls(self, calls: list[dict[str, Any]], tools: Mapping[str, Tool], options: CellOptions, view: View,
                    exchange: _Exchange) -> bool:

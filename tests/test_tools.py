@@ -224,6 +224,16 @@ def test_the_round_limit_stops_the_exchange_with_a_clear_line(tools_shell, gatew
     assert "Stopped after 2 requests (--max-rounds 2): the model still asked for get_current_weather" in shown(capsys)
 
 
+def test_max_cost_covers_the_whole_exchange(tools_shell, gateway: Gateway, capsys) -> None:
+    assert run_cell(tools_shell, 'def big() -> str:\n    """Much data."""\n    return "数据" * 10000').success
+    gateway.script(Reply(tool_calls=[call("big")]), Reply(text="never sent"))
+    # The first request's worst case fits; with the tool's long result, the second's does not.
+    assert run_cell(tools_shell, "%%qwen --tools big --max-cost 0.07 -o r\nread it").success
+    assert len(gateway.requests) == 1
+    assert "The exchange stopped before its request 2: Refused, nothing sent" in shown(capsys)
+    assert tools_shell.user_ns["r"].tool_calls[0].result.startswith("数据")
+
+
 def test_the_chat_follows_up_and_a_rerun_replaces_the_whole_exchange(tools_shell, gateway: Gateway) -> None:
     magic = tools_shell.magics_manager.registry["QwenMagic"]
     gateway.script(Reply(tool_calls=[call("get_current_weather", location="杭州")]), Reply(text="晴。"))
