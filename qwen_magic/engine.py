@@ -379,9 +379,12 @@ class QwenSession:
             parameters=plan.parameters(options),
             stream=settings.stream if options.stream is None else options.stream,
         )
-        # A front end that shows widgets sends the cell's id; nbconvert and papermill do not.
-        view = make_view(settings.display, in_kernel=in_kernel, display=display, fmt=plan.fmt,
-                         front_end=cell_id is not None, widgets=self.widgets)
+        def new_view() -> View:
+            # A front end that shows widgets sends the cell's id; nbconvert and papermill do not.
+            return make_view(settings.display, in_kernel=in_kernel, display=display, fmt=plan.fmt,
+                             front_end=cell_id is not None, widgets=self.widgets)
+
+        view = new_view()
         early_notes: list[str] = []
         if options.new:
             plan.chat.reset()
@@ -392,11 +395,7 @@ class QwenSession:
         retry = RetryPolicy(settings.max_retries, base_delay=self.retry_base_delay)
         if plan.tools or plan.schema is not None:
             result, error, exchange, view = self._converse(request, plan, options, connection, view, retry, sdk,
-                                                           self.effective_budget(settings),
-                                                           lambda: make_view(settings.display, in_kernel=in_kernel,
-                                                                             display=display, fmt=plan.fmt,
-                                                                             front_end=cell_id is not None,
-                                                                             widgets=self.widgets))
+                                                           self.effective_budget(settings), new_view)
         else:
             result, error = self._send(request, plan.preflight, connection, view, retry, sdk)
             exchange = None

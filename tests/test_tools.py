@@ -114,6 +114,33 @@ def test_numpy_style_parameters_are_described() -> None:
     assert properties["limit"] == {"type": "number", "description": "At most this many."}
 
 
+def test_results_become_text_and_model_arguments_become_instances() -> None:
+    from qwen_magic.tools import prepare_call, result_text
+
+    assert result_text("as is") == "as is"
+    assert json.loads(result_text({"a": [1, Unit.CELSIUS], "p": Place(city="杭州")})) == {
+        "a": [1, "c"], "p": {"city": "杭州", "country": "CN"}}
+    assert result_text({1, 2}) == "{1, 2}"  # no JSON form: its repr
+    received = []
+    tool = describe("where", lambda place, unit: received.append((place, unit)))
+    tool = type(tool)(tool.name, tool.function, tool.description, tool.parameters, {"place": Place, "unit": Unit})
+    call, runner = prepare_call("c1", "where", '{"place": {"city": "杭州"}, "unit": "f"}', {"where": tool})
+    assert call.error is None and runner is not None
+    runner()
+    assert received == [(Place(city="杭州"), Unit.FAHRENHEIT)]
+
+
+def test_a_stored_exchange_of_the_wrong_shape_is_named() -> None:
+    from qwen_magic.conversation import RecordError
+
+    record = {"prompt": "q", "text": "a", "exchange": [{"role": "tool", "content": "x"}]}
+    with pytest.raises(RecordError, match="'exchange'"):
+        Turn.from_record(record)
+    record["exchange"] = [{"role": "assistant", "content": "", "tool_calls": [{"id": "c", "function": {}}]}]
+    with pytest.raises(RecordError, match="'exchange'"):
+        Turn.from_record(record)
+
+
 @pytest.mark.parametrize(
     ("definition", "message"),
     [
