@@ -34,6 +34,10 @@ class ToolSchemaError(Exception):
 
 # ---- describing a function
 
+# "name: text", "name (type): text" (Google style), or with a full-width colon.
+_PARAMETER_LINE = re.compile(r"(\w+)\s*(?:\([^)]*\))?\s*[:：]\s*(.+)")
+
+
 def _docstring_parts(doc: str | None) -> tuple[str, dict[str, str]]:
     """The first paragraph, and each parameter's description.
 
@@ -53,7 +57,7 @@ def _docstring_parts(doc: str | None) -> tuple[str, dict[str, str]]:
     for index, line in enumerate(lines):
         stripped = line.strip()
         numpy = re.fullmatch(r"(\w+)\s+:\s*[^:]*", stripped)
-        google = re.fullmatch(r"(\w+)\s*(?:\([^)]*\))?\s*[:：]\s*(.+)", stripped)
+        google = _PARAMETER_LINE.fullmatch(stripped)
         if numpy and index + 1 < len(lines) and _indent(lines[index + 1]) > _indent(line):
             numpy_name, numpy_indent = numpy.group(1), _indent(line)
             continue
@@ -63,7 +67,8 @@ def _docstring_parts(doc: str | None) -> tuple[str, dict[str, str]]:
         numpy_name = None
         if google:
             described.setdefault(google.group(1), google.group(2).strip())
-    if described and any(line.strip().startswith(tuple(described)) for line in paragraphs[0].splitlines()[:1]):
+    opening = _PARAMETER_LINE.fullmatch(paragraphs[0].splitlines()[0].strip())
+    if opening and opening.group(1) in described:
         first = ""  # the docstring starts with the parameters: no description of its own
     return first, described
 

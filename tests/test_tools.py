@@ -109,6 +109,16 @@ def test_a_function_becomes_a_tool_definition_from_its_signature_and_docstring()
 
 
 def test_numpy_style_parameters_are_described() -> None:
+    def lookup(city: str) -> str:
+        """city population lookup
+
+        city: the city's name
+        """
+        return city
+
+    tool = describe("lookup", lookup)
+    assert tool.description == "city population lookup"  # a description may begin with a parameter's name
+    assert tool.parameters["properties"]["city"]["description"] == "the city's name"
     properties = describe("numpy_style", numpy_style).parameters["properties"]
     assert properties["city"]["description"] == "The city's name, in full."
     assert properties["limit"] == {"type": "number", "description": "At most this many."}
