@@ -424,3 +424,50 @@ def test_unscripted_the_gateway_calls_each_tool_then_reads_the_results(tools_she
     assert run_cell(tools_shell, "%%qwen --tools get_current_weather,population -o r\n?").success
     assert [c.name for c in tools_shell.user_ns["r"].tool_calls] == ["get_current_weather", "population"]
     assert "read what the tools returned" in tools_shell.user_ns["r"].text
+
+
+# ---- the gateway's tool-call frames, as the service sends them
+
+def _frames(gateway: Gateway, protocol: str) -> list[dict]:
+    """The data of every stream frame of one request with two tools."""
+    import httpx
+
+    tools = [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+             for name in ("a", "b")]
+    messages = [{"role": "user", "content": "go"}]
+    headers = {"Authorization": f"Bearer {TEST_KEY}"}
+    if protocol == "native":
+        url = gateway.base_url + "/services/aigc/text-generation/generation"
+        body = {"model": "qwen-plus", "input": {"messages": messages},
+                "parameters": {"result_format": "message", "incremental_output": True, "tools": tools}}
+        headers["X-DashScope-SSE"] = "enable"
+    else:
+        url = gateway.compatible_base_url + "/chat/completions"
+        body = {"model": "qwen-plus", "messages": messages, "tools": tools, "stream": True}
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=10) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data:")]
+    return [json.loads(line[5:]) for line in lines if line[5:].strip() != "[DONE]"]
+
+
+@pytest.mark.parametrize("protocol", ["native", "openai"])
+def test_the_gateway_streams_tool_calls_in_fragments_with_the_services_quirks(gateway: Gateway,
+                                                                              protocol: str) -> None:
+    gateway.script(Reply(tool_calls=[call("a", city="杭州市西湖区"), {"name": "b", "arguments": {"n": 12345},
+                                                                    "id": "call_b"}], chunk_size=6))
+    frames = _frames(gateway, protocol)
+    if protocol == "native":
+        choices = [frame["output"]["choices"][0] for frame in frames]
+        fragments = [c["message"].get("tool_calls", [None])[0] for c in choices]
+    else:
+        choices = [frame["choices"][0] for frame in frames if frame["choices"]]
+        fragments = [(c["delta"].get("tool_calls") or [None])[0] for c in choices]
+    fragments = [f for f in fragments if f]
+    firsts = [f for f in fragments if f["function"].get("name")]
+    assert [(f["index"], f["function"]["name"]) for f in firsts] == [(0, "a"), (1, "b")]
+    assert firsts[1]["id"] == "call_b" and firsts[0]["id"].startswith("call_")
+    later = [f for f in fragments if f not in firsts]
+    assert later and all(f["id"] == "" and "name" not in f["function"] for f in later)
+    for index, expected in ((0, {"city": "杭州市西湖区"}), (1, {"n": 12345})):
+        joined = "".join(f["function"]["arguments"] for f in fragments if f["index"] == index)
+        assert json.loads(joined) == expected
+    assert [c["finish_reason"] for c in choices if c["finish_reason"] not in (None, "null")] == ["tool_calls"]
