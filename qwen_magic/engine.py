@@ -44,7 +44,7 @@ from .result import COMPLETE, FAILED, INTERRUPTED, QwenResult
 from .schema import RETRY_PROMPT, AnswerSchema, schema_from
 from .store import QUICK_LOCK_WAIT, Owner, Store, StoreError, default_store_path, describe
 from .tokens import count_chat_input, count_text
-from .tools import Tool, ToolCall, ask_confirmation, prepare_call, run_call, tools_from
+from .tools import Tool, ToolCall, ask_confirmation, calls_tokens, prepare_call, run_call, tools_from, tools_tokens
 from .view import LiveWidgets, View, make_view
 
 
@@ -500,7 +500,8 @@ class QwenSession:
         """The next request's count and cost, and why it may not be sent (the cell's --max-cost
         or the budget, counting what the cell has spent already), or None."""
         preflight = prepare(plan.model_name, plan.model, request.messages, max_tokens=options.max_tokens,
-                            thinking=options.thinking, thinking_budget=options.thinking_budget)
+                            thinking=options.thinking, thinking_budget=options.thinking_budget,
+                            extra_tokens=tools_tokens(plan.tools) + calls_tokens(request.messages))
         spent = sum(call_cost(plan.model, usage) or 0.0 for usage in exchange.usages)
         try:
             check_input_limit(preflight)
@@ -581,7 +582,9 @@ class QwenSession:
             request_system = "\n\n".join(filter(None, [system, schema.system_line()]))
         request_system = with_json_hint(request_system, prompt) if fmt == "json" else request_system
         user_content = question(prompt, options.images)
-        extra = model.extra_input_tokens(options.thinking) if model else 0
+        # The tools' definitions are input too (the server puts them in the prompt).
+        tool_tokens = tools_tokens(tools)
+        extra = (model.extra_input_tokens(options.thinking) if model else 0) + tool_tokens
         window = fit_window(
             [] if options.no_history or options.new else chat.context_for(cell_id),
             fixed_tokens=count_chat_input(messages_for(request_system, [], user_content), extra_tokens=extra),
@@ -592,7 +595,7 @@ class QwenSession:
         )
         messages = messages_for(request_system, window.turns, user_content)
         preflight = prepare(model_name, model, messages, max_tokens=options.max_tokens, thinking=options.thinking,
-                            thinking_budget=options.thinking_budget)
+                            thinking_budget=options.thinking_budget, extra_tokens=tool_tokens)
         return _Plan(prompt, fmt, model_name, model, chat, system, window, messages, preflight, tools, schema, strict)
 
     def _settle(

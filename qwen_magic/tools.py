@@ -238,6 +238,23 @@ def tools_from(names: tuple[str, ...], namespace: Mapping[str, Any]) -> dict[str
     return found
 
 
+def tools_tokens(tools: Mapping[str, Tool]) -> int:
+    """Input tokens of the tools' definitions, at least: the server writes them into the prompt."""
+    from .tokens import count_text
+
+    if not tools:
+        return 0
+    return count_text(json.dumps([tool.definition() for tool in tools.values()], ensure_ascii=False))
+
+
+def calls_tokens(messages: Any) -> int:
+    """Input tokens of the calls the assistant's messages carry (their content is counted apart)."""
+    from .tokens import count_text
+
+    calls = [message["tool_calls"] for message in messages if message.get("tool_calls")]
+    return count_text(json.dumps(calls, ensure_ascii=False)) if calls else 0
+
+
 # ---- running calls
 
 @dataclass

@@ -261,6 +261,13 @@ def test_the_round_limit_stops_the_exchange_with_a_clear_line(tools_shell, gatew
     assert "Stopped after 2 requests (--max-rounds 2): the model still asked for get_current_weather" in shown(capsys)
 
 
+def test_the_tools_definitions_are_counted_before_sending(tools_shell, gateway: Gateway) -> None:
+    plain = run_cell(tools_shell, "%%qwen --dry-run\n天气？").result.preflight.input_tokens
+    with_tools = run_cell(tools_shell, "%%qwen --dry-run --tools get_current_weather\n天气？").result.preflight.input_tokens
+    assert with_tools >= plain + 30  # the definition's JSON: name, description, schema
+    assert gateway.requests == []
+
+
 def test_max_cost_covers_the_whole_exchange(tools_shell, gateway: Gateway, capsys) -> None:
     assert run_cell(tools_shell, 'def big() -> str:\n    """Much data."""\n    return "数据" * 10000').success
     gateway.script(Reply(tool_calls=[call("big")]), Reply(text="never sent"))
