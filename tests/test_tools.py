@@ -266,6 +266,10 @@ def test_the_tools_definitions_are_counted_before_sending(tools_shell, gateway: 
     with_tools = run_cell(tools_shell, "%%qwen --dry-run --tools get_current_weather\n天气？").result.preflight.input_tokens
     assert with_tools >= plain + 30  # the definition's JSON: name, description, schema
     assert gateway.requests == []
+    # As the gateway bills it, like the service: the count is the server's.
+    gateway.script(Reply(text="晴"))
+    assert run_cell(tools_shell, "%%qwen --tools get_current_weather -o r\n天气？").success
+    assert tools_shell.user_ns["r"].usage.input_tokens == with_tools
 
 
 def test_max_cost_covers_the_whole_exchange(tools_shell, gateway: Gateway, capsys) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .replies import (
+    tools_input_tokens,
     canned_tool_calls,
     sample_of,
     _CODE_FOR_STATUS,
@@ -87,7 +88,8 @@ class _Answer:
             reasoning=reasoning,
             pieces=pieces,
             usage=_final_usage(messages, text + "".join(p.text for p in calls), reasoning, reply, model=model,
-                               thinking=thinking, search=search),
+                               thinking=thinking, search=search,
+                               extra_input=tools_input_tokens(parameters or {}, messages)),
             sources=reply.search_results if search is not None and search.get("enable_source") is True else None,
         )
 

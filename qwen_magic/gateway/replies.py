@@ -427,11 +427,15 @@ def _final_usage(
     model: str,
     thinking: bool,
     search: Mapping[str, Any] | None,
+    extra_input: int = 0,
 ) -> dict:
-    """Billing figures in native names; a scripted override wins key by key."""
+    """Billing figures in native names; a scripted override wins key by key.
+
+    ``extra_input``: input beyond the messages' text (the tools, the calls sent back).
+    """
     reasoning_tokens = count_text(reasoning)
     cached, written = reply.cached_tokens, reply.cache_creation_tokens
-    input_tokens = count_chat_input(messages, extra_tokens=_template_extra_tokens(model, thinking))
+    input_tokens = count_chat_input(messages, extra_tokens=_template_extra_tokens(model, thinking) + extra_input)
     usage: dict[str, Any] = {
         # What was read from or written to the cache is part of the input.
         "input_tokens": max(input_tokens, cached + written),
@@ -523,3 +527,11 @@ def canned_tool_calls(parameters: Mapping[str, Any], messages: Iterable[Mapping[
         calls.append({"name": function["name"],
                       "arguments": {name: sample_of(properties[name]) for name in required}})
     return calls or None
+
+
+def tools_input_tokens(parameters: Mapping[str, Any], messages: Iterable[Mapping[str, Any]]) -> int:
+    """What the tools' definitions and the calls sent back add to the billed input."""
+    tools = parameters.get("tools")
+    calls = [message["tool_calls"] for message in messages if isinstance(message, Mapping) and message.get("tool_calls")]
+    total = count_text(json.dumps(tools, ensure_ascii=False)) if tools else 0
+    return total + (count_text(json.dumps(calls, ensure_ascii=False)) if calls else 0)
