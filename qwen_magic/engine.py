@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from IPython.core.error import UsageError
 
@@ -41,11 +41,14 @@ from .preflight import DryRun, Preflight, check_cost, check_input_limit, prepare
 from .prompt import fill
 from .pricing import UNKNOWN_PRICE_HINT, call_cost
 from .result import COMPLETE, FAILED, INTERRUPTED, QwenResult
-from .schema import RETRY_PROMPT, AnswerSchema, schema_from
 from .store import QUICK_LOCK_WAIT, Owner, Store, StoreError, default_store_path, describe
 from .tokens import count_chat_input, count_text
-from .tools import Tool, ToolCall, ask_confirmation, calls_tokens, prepare_call, run_call, tools_from, tools_tokens
 from .view import LiveWidgets, View, make_view
+
+if TYPE_CHECKING:  # pragma: no cover
+    # Imported when a cell asks for them: a plain cell never loads them.
+    from .schema import AnswerSchema
+    from .tools import Tool, ToolCall
 
 
 STORE_REPLACED = (
@@ -481,7 +484,7 @@ class QwenSession:
                                                     tries=tries))
             request = dataclasses.replace(request, messages=request.messages + (
                 {"role": "assistant", "content": result.text},
-                {"role": "user", "content": RETRY_PROMPT.format(error=problem)},
+                {"role": "user", "content": schema_retry_prompt(problem)},
             ))
             preflight, refusal = self._next_round(request, plan, options, exchange, budget)
             if refusal is not None:
@@ -499,6 +502,8 @@ class QwenSession:
                     budget: float | None) -> tuple[Preflight, str | None]:
         """The next request's count and cost, and why it may not be sent (the cell's --max-cost
         or the budget, counting what the cell has spent already), or None."""
+        from .tools import calls_tokens, tools_tokens
+
         preflight = prepare(plan.model_name, plan.model, request.messages, max_tokens=options.max_tokens,
                             thinking=options.thinking, thinking_budget=options.thinking_budget,
                             extra_tokens=tools_tokens(plan.tools) + calls_tokens(request.messages))
@@ -515,6 +520,8 @@ class QwenSession:
                    exchange: _Exchange) -> bool:
         """Run the round's calls in order, each shown as it starts and ends; every call gets its
         tool message (those not run say why). False if ■ stopped them."""
+        from .tools import prepare_call, run_call
+
         pending = [prepare_call(call["id"], call["function"]["name"], call["function"]["arguments"], tools)
                    for call in calls]
         stopped = False
@@ -557,8 +564,18 @@ class QwenSession:
         # output or history can carry: they are sent as U+FFFD, as the answer's would be.
         prompt = mend(prompt)
         # Both named from the notebook, and refused before anything is sent.
-        tools = tools_from(options.tools, namespace or {}) if options.tools else {}
-        schema = schema_from(options.schema, namespace or {}) if options.schema else None
+        tools: dict[str, Tool] = {}
+        schema: AnswerSchema | None = None
+        tool_tokens = 0
+        if options.tools:
+            from .tools import tools_from, tools_tokens
+
+            tools = tools_from(options.tools, namespace or {})
+            tool_tokens = tools_tokens(tools)
+        if options.schema:
+            from .schema import schema_from
+
+            schema = schema_from(options.schema, namespace or {})
         fmt = "json" if schema is not None else options.format or "markdown"
         model_name = options.model or settings.model
         catalog = self.catalog(settings)
@@ -583,7 +600,6 @@ class QwenSession:
         request_system = with_json_hint(request_system, prompt) if fmt == "json" else request_system
         user_content = question(prompt, options.images)
         # The tools' definitions are input too (the server puts them in the prompt).
-        tool_tokens = tools_tokens(tools)
         extra = (model.extra_input_tokens(options.thinking) if model else 0) + tool_tokens
         window = fit_window(
             [] if options.no_history or options.new else chat.context_for(cell_id),
@@ -767,6 +783,12 @@ class QwenSession:
         self._stores.clear()
 
 
+def schema_retry_prompt(problem: str) -> str:
+    from .schema import RETRY_PROMPT
+
+    return RETRY_PROMPT.format(error=problem)
+
+
 def _summed(usages: list[Usage]) -> Usage:
     """The usage of several requests, figure by figure."""
     if len(usages) == 1:
@@ -796,6 +818,8 @@ def _stdin_available(in_kernel: bool) -> bool:
 def _confirmed(call: ToolCall) -> bool:
     """y/n before a call runs; no way to ask counts as no."""
     from IPython.core.error import StdinNotImplementedError
+
+    from .tools import ask_confirmation
 
     try:
         return ask_confirmation(call, input)
