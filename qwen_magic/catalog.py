@@ -54,6 +54,9 @@ class ModelInfo:
     tpm: int | None = None
     source: str = ""
     as_of: str = ""
+    # Structured output: True where the model takes response_format json_schema (strict);
+    # elsewhere --schema asks for json_object with the schema in the system prompt.
+    json_schema: bool = False
 
     @property
     def priced(self) -> bool:
@@ -86,6 +89,9 @@ def _model_from(name: str, data: Mapping[str, Any], base: ModelInfo | None, wher
         if key in values and values[key] is not None:
             if not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 0:
                 raise CatalogError(f"{where}: {name}.{key} must be a whole number >= 0, not {values[key]!r}")
+    for key in ("vision", "retired", "json_schema"):
+        if key in values and not isinstance(values[key], bool):
+            raise CatalogError(f"{where}: {name}.{key} must be true or false, not {values[key]!r}")
     if values.get("thinking", "none") not in THINKING_MODES:
         raise CatalogError(f"{where}: {name}.thinking must be one of {THINKING_MODES}")
     if "tiers" in data:

@@ -254,10 +254,34 @@ class CallState:
     # The answer as it came, a piece per frame: the stream appends, the views read (a list's
     # append and its slices are safe across threads).
     answer: list[str] = field(default_factory=list)
+    # Tool calls the answer makes, merged from their streamed fragments by index.
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def usage(self) -> Usage:
         return Usage.from_sdk(self.raw_usage)
+
+    def add_tool_calls(self, fragments: Any) -> None:
+        """Merge streamed tool-call fragments: the name and id come in a call's first fragment
+        (later ones may carry an empty id), the arguments in pieces, all keyed by ``index``."""
+        for position, fragment in enumerate(fragments):
+            index = fragment.index if fragment.index is not None else position
+            call = self.tool_calls.setdefault(
+                index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+            if fragment.id:
+                call["id"] = fragment.id
+            function = fragment.function
+            if function.name:
+                call["function"]["name"] = function.name
+            if function.arguments:
+                call["function"]["arguments"] += function.arguments
+
+    def merged_tool_calls(self) -> list[dict[str, Any]]:
+        """The calls in order, each with an id (a server that sent none gets one made up)."""
+        calls = [self.tool_calls[index] for index in sorted(self.tool_calls)]
+        for number, call in enumerate(calls):
+            call["id"] = call["id"] or f"call_{number}"
+        return calls
 
     @property
     def search_results(self) -> list[dict[str, Any]]:
@@ -482,6 +506,8 @@ class QwenClient:
                             continue
                         choice = choices[0]
                         delta = choice.delta
+                        if delta.tool_calls:
+                            state.add_tool_calls(delta.tool_calls)
                         thought, text = delta.reasoning_content, delta.content
                         if thought and (thought_mender.held or not _encodable(thought)):
                             thought = thought_mender(thought)
@@ -509,6 +535,8 @@ class QwenClient:
                             text = delta.content
                             if text:
                                 keep(text)
+                            elif delta.tool_calls:  # a call after some text
+                                state.add_tool_calls(delta.tool_calls)
                             elif delta.reasoning_content:
                                 thought = delta.reasoning_content
                                 if thought_mender.held or not _encodable(thought):
@@ -538,6 +566,7 @@ class QwenClient:
             sleep(delay)
             state.request_id = None
             state.raw_search_info = None  # the next try brings its own
+            state.tool_calls.clear()
 
     @staticmethod
     def _create(client: "dashscope.Client", request: ChatRequest, *, stream: bool) -> Any:
@@ -557,6 +586,8 @@ class QwenClient:
             state.finish_reason = choice.finish_reason or "stop"
             if choice.message.reasoning_content:
                 yield ReasoningDelta(mend(choice.message.reasoning_content))
+            if choice.message.tool_calls:
+                state.add_tool_calls(choice.message.tool_calls)
             if choice.message.content:
                 state.answer.append(mend(choice.message.content))
                 yield ANSWER_STARTED

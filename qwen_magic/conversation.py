@@ -7,6 +7,7 @@ terminal), turns append.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -26,6 +27,9 @@ class Turn:
     result: QwenResult
     cell_id: str | None = None
     system: str | None = None
+    # With --tools: what followed the question, as sent (the assistant's calls, the tool
+    # results, and the assistant's last message, which holds the answer).
+    exchange: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def gives_context(self) -> bool:
@@ -36,6 +40,8 @@ class Turn:
 
     def messages(self) -> list[dict[str, Any]]:
         """What later requests carry: the question and the answer (never the reasoning)."""
+        if self.exchange:
+            return [{"role": "user", "content": self.prompt}, *self.exchange]
         return [
             {"role": "user", "content": self.prompt},
             {"role": "assistant", "content": self.result.text},
@@ -43,7 +49,7 @@ class Turn:
 
     def tokens(self) -> int:
         """Input tokens this turn adds to a later request (counts are cached per message)."""
-        return sum(count_message(m["role"], m["content"]) for m in self.messages())
+        return sum(count_message(m["role"], _counted_text(m)) for m in self.messages())
 
     def to_record(self) -> dict[str, Any]:
         """Plain JSON: what the history file and the notebook's output metadata keep."""
@@ -53,6 +59,7 @@ class Turn:
             "cell_id": self.cell_id,
             "system": self.system,
             **self.result.metadata(),
+            **({"exchange": self.exchange} if self.exchange else {}),
         }
 
     @classmethod
@@ -81,7 +88,43 @@ class Turn:
             result=result,
             cell_id=_field(record, "cell_id", None, _is_optional_text, "text"),
             system=_field(record, "system", None, _is_optional_text, "text"),
+            exchange=list(_field(record, "exchange", [], _is_exchange, "a list of assistant and tool messages")),
         )
+
+
+def _counted_text(message: Mapping[str, Any]) -> str:
+    """A message's text for counting: its content, and the calls it makes as they are sent."""
+    content = message.get("content") or ""
+    calls = message.get("tool_calls")
+    return f"{content}{json.dumps(calls, ensure_ascii=False)}" if calls else content
+
+
+def _is_exchange(value: Any) -> bool:
+    """Assistant messages (text, calls) and tool messages, each in the shape a request carries;
+    the last one the assistant's answer."""
+    if not isinstance(value, list):
+        return False
+    for message in value:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            return False
+        if message.get("role") == "tool":
+            if not isinstance(message.get("tool_call_id"), str):
+                return False
+        elif message.get("role") == "assistant":
+            calls = message.get("tool_calls", [])
+            if not isinstance(calls, list) or not all(_is_call(call) for call in calls):
+                return False
+        else:
+            return False
+    return not value or (value[-1].get("role") == "assistant" and not value[-1].get("tool_calls"))
+
+
+def _is_call(call: Any) -> bool:
+    if not isinstance(call, dict):
+        return False
+    function = call.get("function")
+    return (isinstance(call.get("id"), str) and isinstance(function, dict)
+            and isinstance(function.get("name"), str) and isinstance(function.get("arguments"), str))
 
 
 class RecordError(ValueError):

@@ -7,14 +7,16 @@ client, the session's key, the chats, the ledger) lives in one ``QwenSession`` p
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sqlite3
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from IPython.core.error import UsageError
 
@@ -44,11 +46,26 @@ from .store import QUICK_LOCK_WAIT, Owner, Store, StoreError, default_store_path
 from .tokens import count_chat_input, count_text
 from .view import LiveWidgets, View, make_view
 
+if TYPE_CHECKING:  # pragma: no cover
+    # Imported when a cell asks for them: a plain cell never loads them.
+    from .schema import AnswerSchema
+    from .tools import Tool, ToolCall
+
 
 STORE_REPLACED = (
     "The history file {path} was deleted or replaced while this kernel ran: a new one was started, "
     "and each chat is written to it whole with its next turn."
 )
+NO_STDIN = (
+    "--confirm asks before each call, but this front end takes no input (nbconvert, papermill or "
+    "a piped run); run the cell in Jupyter or IPython, or leave --confirm out."
+)
+ROUND_LIMIT = (
+    "Stopped after {rounds} requests (--max-rounds {rounds}): the model still asked for {names}, "
+    "which did not run. Raise --max-rounds to let it go on."
+)
+NEXT_ROUND_REFUSED = "The exchange stopped before its request {number}: {reason}"
+SCHEMA_RETRY = "This answer does not match {schema} ({error}): asking again (try {attempt} of {tries})."
 SHARED_CHAT = (
     "Another kernel is writing chat {chat!r} of this notebook (is it open twice?): this kernel's turns "
     "are kept as {name!r}, and %qwen resume '{name}' brings them back."
@@ -194,6 +211,28 @@ class _Plan:
     messages: list[dict[str, Any]]
     preflight: Preflight
     notes: list[str] = field(default_factory=list)  # values summarised, context shortened
+    tools: dict[str, Tool] = field(default_factory=dict)
+    schema: AnswerSchema | None = None
+    strict: bool = False  # --schema sent as json_schema (the model supports it)
+
+    def parameters(self, options: CellOptions) -> dict[str, Any]:
+        """The request's parameters: the options', the tools, the answer's format."""
+        parameters = options.parameters()
+        if self.tools:
+            parameters["tools"] = [tool.definition() for tool in self.tools.values()]
+            parameters["parallel_tool_calls"] = True
+        if self.schema is not None:
+            parameters["response_format"] = self.schema.response_format(self.strict)
+        return parameters
+
+
+@dataclass
+class _Exchange:
+    """What the rounds of one cell added up to: the calls run and the messages they made."""
+
+    calls: list[ToolCall] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    usages: list[Usage] = field(default_factory=list)
 
 
 class QwenSession:
@@ -338,16 +377,21 @@ class QwenSession:
         sdk = self.client.sdk_client(connection)  # resolved once: the key check and the call
         if connection.protocol == "native" and not sdk.config.api_key:
             raise UsageError(NO_KEY_HELP)
+        if options.confirm and not _stdin_available(in_kernel):
+            raise UsageError(NO_STDIN)
 
         request = ChatRequest(
             model=plan.model_name,
             messages=tuple(plan.messages),
-            parameters=options.parameters(),
+            parameters=plan.parameters(options),
             stream=settings.stream if options.stream is None else options.stream,
         )
-        # A front end that shows widgets sends the cell's id; nbconvert and papermill do not.
-        view = make_view(settings.display, in_kernel=in_kernel, display=display, fmt=plan.fmt,
-                         front_end=cell_id is not None, widgets=self.widgets)
+        def new_view() -> View:
+            # A front end that shows widgets sends the cell's id; nbconvert and papermill do not.
+            return make_view(settings.display, in_kernel=in_kernel, display=display, fmt=plan.fmt,
+                             front_end=cell_id is not None, widgets=self.widgets)
+
+        view = new_view()
         early_notes: list[str] = []
         if options.new:
             plan.chat.reset()
@@ -355,18 +399,17 @@ class QwenSession:
                                        wait=QUICK_LOCK_WAIT)
         if not options.no_history:
             plan.chat.system = plan.system
-        try:
-            self._wait_for_rate_limit(plan.preflight, view)
-        except KeyboardInterrupt:
-            raise QwenInterrupted("stopped while waiting for the rate limit; nothing was sent.") from None
-        # Windows are per catalog entry: an aliased name shares its entry's limits.
-        sent = self.limiter.record(plan.model.name if plan.model else plan.model_name, plan.preflight.input_tokens)
         retry = RetryPolicy(settings.max_retries, base_delay=self.retry_base_delay)
-        result, error = self._stream(request, connection, view, retry, plan.preflight, sdk=sdk)
-        self.limiter.settle(sent, result.usage.total_tokens)
+        if plan.tools or plan.schema is not None:
+            result, error, exchange, view = self._converse(request, plan, options, connection, view, retry, sdk,
+                                                           self.effective_budget(settings), new_view)
+        else:
+            result, error = self._send(request, plan.preflight, connection, view, retry, sdk)
+            exchange = None
 
         with _interrupts_held() as held:
-            record, save = self._settle(plan, result, options, settings, cell_id=cell_id, cell_label=cell_label)
+            record, save = self._settle(plan, result, options, settings, cell_id=cell_id, cell_label=cell_label,
+                                        exchange=exchange)
             view.finish(result, record)  # the whole answer first: the history may have to wait
             notes = list(dict.fromkeys(early_notes + self.persist(settings, save, wait=QUICK_LOCK_WAIT)))
             if notes:
@@ -386,6 +429,125 @@ class QwenSession:
             raise error
         return result
 
+    def _send(self, request: ChatRequest, preflight: Preflight, connection: Connection, view: View,
+              retry: RetryPolicy, sdk: Any, state: CallState | None = None) -> tuple[QwenResult, QwenAPIError | None]:
+        """One request under the rate limits, streamed into ``view``."""
+        try:
+            self._wait_for_rate_limit(preflight, view)
+        except KeyboardInterrupt:
+            raise QwenInterrupted("stopped while waiting for the rate limit; nothing was sent.") from None
+        # Windows are per catalog entry: an aliased name shares its entry's limits.
+        model = preflight.model
+        sent = self.limiter.record(model.name if model else preflight.model_name, preflight.input_tokens)
+        result, error = self._stream(request, connection, view, retry, preflight, sdk=sdk, state=state)
+        self.limiter.settle(sent, result.usage.total_tokens)
+        return result, error
+
+    def _converse(self, request: ChatRequest, plan: "_Plan", options: CellOptions, connection: Connection, view: View,
+                  retry: RetryPolicy, sdk: Any, budget: float | None, new_view: Callable[[], View],
+                  ) -> tuple[QwenResult, QwenAPIError | None, _Exchange, View]:
+        """Requests until the model answers in text: its tool calls run and answered, an answer
+        that fails --schema asked again (in a view of its own). Return the last round's result
+        with the usage of all of them, what the exchange holds, and the view the answer is in."""
+        exchange = _Exchange()
+        shown: list[str] = []  # text of earlier rounds, still in the view
+        tries = 1 + (options.retries if plan.schema is not None else 0)
+        attempt = rounds = 0
+        preflight = plan.preflight
+        while True:
+            rounds += 1
+            state = CallState(answer=list(shown))
+            result, error = self._send(request, preflight, connection, view, retry, sdk, state)
+            exchange.usages.append(result.usage)
+            text = mend("".join(state.answer[len(shown):]))
+            calls = state.merged_tool_calls() if result.status == COMPLETE and plan.tools else []
+            if calls and rounds >= options.max_rounds:
+                names = ", ".join(dict.fromkeys(call["function"]["name"] for call in calls))
+                result.notes.append(ROUND_LIMIT.format(rounds=rounds, names=names))
+            elif calls:
+                exchange.messages.append({"role": "assistant", "content": text, "tool_calls": calls})
+                if not self._run_calls(calls, plan.tools, options, view, exchange):
+                    result.status, text = INTERRUPTED, ""
+                    break
+                request = dataclasses.replace(request, messages=request.messages + tuple(exchange.messages[-len(calls) - 1:]))
+                shown = list(state.answer) + (["\n\n"] if text else [])
+                preflight, refusal = self._next_round(request, plan, options, exchange, budget)
+                if refusal is None:
+                    continue
+                result.notes.append(refusal)
+                text = ""
+                break
+            attempt += 1
+            problem = _schema_problem(plan, result) if result.status == COMPLETE else None
+            if problem is None or attempt >= tries:
+                break
+            # The failed answer stays shown as it came; the next one gets a view of its own.
+            result.cost = call_cost(plan.model, result.usage)
+            result.format, result.format_error = plan.fmt, problem
+            result.notes.append(SCHEMA_RETRY.format(schema=plan.schema.name, error=problem, attempt=attempt + 1,
+                                                    tries=tries))
+            request = dataclasses.replace(request, messages=request.messages + (
+                {"role": "assistant", "content": result.text},
+                {"role": "user", "content": schema_retry_prompt(problem)},
+            ))
+            preflight, refusal = self._next_round(request, plan, options, exchange, budget)
+            if refusal is not None:
+                result.notes[-1] = refusal
+                break
+            view.finish(result, {})
+            view = new_view()
+        if exchange.messages:
+            exchange.messages.append({"role": "assistant", "content": text})
+        result.tool_calls = exchange.calls
+        result.usage = _summed(exchange.usages)
+        return result, error, exchange, view
+
+    def _next_round(self, request: ChatRequest, plan: "_Plan", options: CellOptions, exchange: _Exchange,
+                    budget: float | None) -> tuple[Preflight, str | None]:
+        """The next request's count and cost, and why it may not be sent (the cell's --max-cost
+        or the budget, counting what the cell has spent already), or None."""
+        from .tools import calls_tokens, tools_tokens
+
+        preflight = prepare(plan.model_name, plan.model, request.messages, max_tokens=options.max_tokens,
+                            thinking=options.thinking, thinking_budget=options.thinking_budget,
+                            extra_tokens=tools_tokens(plan.tools) + calls_tokens(request.messages))
+        spent = sum(call_cost(plan.model, usage) or 0.0 for usage in exchange.usages)
+        try:
+            check_input_limit(preflight)
+            check_cost(preflight, spent=self.ledger.total_cost + spent, budget=budget,
+                       max_cost=None if options.max_cost is None else options.max_cost - spent)
+        except UsageError as refused:
+            return preflight, NEXT_ROUND_REFUSED.format(number=len(exchange.usages) + 1, reason=refused)
+        return preflight, None
+
+    def _run_calls(self, calls: list[dict[str, Any]], tools: Mapping[str, Tool], options: CellOptions, view: View,
+                   exchange: _Exchange) -> bool:
+        """Run the round's calls in order, each shown as it starts and ends; every call gets its
+        tool message (those not run say why). False if ■ stopped them."""
+        from .tools import prepare_call, run_call
+
+        pending = [prepare_call(call["id"], call["function"]["name"], call["function"]["arguments"], tools)
+                   for call in calls]
+        stopped = False
+        for call, runner in pending:
+            exchange.calls.append(call)
+            if stopped:
+                call.error = "not run: the user stopped the exchange"
+                continue
+            try:
+                view.notice(call.shown())
+                if runner is not None and options.confirm and not _confirmed(call):
+                    call.error = "the user declined to run this call"
+                elif runner is not None:
+                    run_call(call, runner)
+                view.notice(call.outcome())
+            except KeyboardInterrupt:
+                stopped = True
+                if call.result is None and call.error is None:
+                    call.error = "interrupted by the user"
+        exchange.messages.extend(call.message() for call, _ in pending)
+        return not stopped
+
     def _plan(
         self,
         prompt: str,
@@ -404,7 +566,20 @@ class QwenSession:
         notes: list[str] = []
         if options.interpolate and namespace is not None:
             prompt = fill(prompt, namespace, value_tokens=settings.max_value_tokens, notes=notes)
-        fmt = options.format or ("code" if options.fix else "markdown")
+        # Both named from the notebook, and refused before anything is sent.
+        tools: dict[str, Tool] = {}
+        schema: AnswerSchema | None = None
+        tool_tokens = 0
+        if options.tools:
+            from .tools import tools_from, tools_tokens
+
+            tools = tools_from(options.tools, namespace or {})
+            tool_tokens = tools_tokens(tools)
+        if options.schema:
+            from .schema import schema_from
+
+            schema = schema_from(options.schema, namespace or {})
+        fmt = "json" if schema is not None else options.format or ("code" if options.fix else "markdown")
         model_name = options.model or settings.model
         catalog = self.catalog(settings)
         model = catalog.get(settings.model_aliases.get(model_name, model_name))
@@ -430,9 +605,16 @@ class QwenSession:
         system = (options.system or (attached.system if attached else None)
                   or (None if options.new else chat.system) or settings.system)
         system = mend(system) if system else system
-        request_system = with_json_hint(system, prompt) if fmt == "json" else system
+        strict = schema is not None and model is not None and model.json_schema
+        if schema is not None and model is not None and model.thinking == "only":
+            raise UsageError(f"{model_name} always thinks, and thinking has no JSON mode: --schema needs another model.")
+        request_system = system
+        if schema is not None and not strict:  # json_object: the schema is said in the prompt
+            request_system = "\n\n".join(filter(None, [system, schema.system_line()]))
+        request_system = with_json_hint(request_system, prompt) if fmt == "json" else request_system
         user_content = question(prompt, options.images)
-        extra = model.extra_input_tokens(options.thinking) if model else 0
+        # The tools' definitions are input too (the server puts them in the prompt).
+        extra = (model.extra_input_tokens(options.thinking) if model else 0) + tool_tokens
         window = fit_window(
             [] if options.no_history or options.new else chat.context_for(cell_id),
             fixed_tokens=count_chat_input(messages_for(request_system, [], user_content), extra_tokens=extra),
@@ -443,8 +625,9 @@ class QwenSession:
         )
         messages = messages_for(request_system, window.turns, user_content)
         preflight = prepare(model_name, model, messages, max_tokens=options.max_tokens, thinking=options.thinking,
-                            thinking_budget=options.thinking_budget)
-        return _Plan(prompt, fmt, model_name, model, chat, system, window, messages, preflight, notes)
+                            thinking_budget=options.thinking_budget, extra_tokens=tool_tokens)
+        return _Plan(prompt, fmt, model_name, model, chat, system, window, messages, preflight, notes=notes,
+                     tools=tools, schema=schema, strict=strict)
 
     def _settle(
         self,
@@ -455,6 +638,7 @@ class QwenSession:
         *,
         cell_id: str | None,
         cell_label: str,
+        exchange: _Exchange | None = None,
     ) -> tuple[dict[str, Any], Callable[[Store], None]]:
         """The answer's format, cost, notes, ledger entry and turn, in memory.
 
@@ -467,7 +651,14 @@ class QwenSession:
             result.value, result.code, result.format_error = parsed.value, parsed.code, parsed.error
             if plan.fmt == "code" and parsed.code is None:
                 result.notes.append("The answer has no code block: no cell was added.")
-        result.cost = call_cost(plan.model, result.usage)
+            if plan.schema is not None and parsed.error is None:
+                result.value, result.format_error = plan.schema.validate(parsed.value)
+                if result.format_error:
+                    result.format_error = f"the answer does not match {plan.schema.name}: {result.format_error}"
+        # Each request is billed at its own tier: a cell of several requests costs their sum.
+        rounds = exchange.usages if exchange and len(exchange.usages) > 1 else [result.usage]
+        costs = [call_cost(plan.model, usage) for usage in rounds]
+        result.cost = None if None in costs else sum(costs)
         if result.cost is None:
             result.notes.append(UNKNOWN_PRICE_HINT.format(model=plan.model_name))
         if plan.window.note():
@@ -477,7 +668,8 @@ class QwenSession:
         self.ledger.add(cell=cell_label, chat=chat_name, model=plan.model_name, usage=result.usage,
                         cost=result.cost, status=result.status, elapsed=result.elapsed)
         result.session_cost = self.ledger.total_cost
-        turn = Turn(prompt=plan.prompt, result=result, cell_id=cell_id, system=plan.system)
+        turn = Turn(prompt=plan.prompt, result=result, cell_id=cell_id, system=plan.system,
+                    exchange=exchange.messages if exchange else [])
         result.chat = chat_name
         # The chat's first write in this kernel claims its stored copy: turns left by an earlier
         # kernel (not resumed) are set aside under another name, not mixed in.
@@ -532,9 +724,10 @@ class QwenSession:
         preflight: Preflight,
         *,
         sdk: Any = None,
+        state: CallState | None = None,
     ) -> tuple[QwenResult, QwenAPIError | None]:
         """Drive the view from the stream; an interrupt or a failure keeps the partial text."""
-        state = CallState()
+        state = state if state is not None else CallState()
         reasoning: list[str] = []
         started = time.monotonic()
         first_text_after: float | None = None
@@ -604,3 +797,47 @@ class QwenSession:
                 pass
             store.close()
         self._stores.clear()
+
+
+def schema_retry_prompt(problem: str) -> str:
+    from .schema import RETRY_PROMPT
+
+    return RETRY_PROMPT.format(error=problem)
+
+
+def _summed(usages: list[Usage]) -> Usage:
+    """The usage of several requests, figure by figure."""
+    if len(usages) == 1:
+        return usages[0]
+    return Usage(**{name: sum(getattr(usage, name) for usage in usages) for name in Usage.__dataclass_fields__})
+
+
+def _schema_problem(plan: _Plan, result: QwenResult) -> str | None:
+    """Why the answer does not fit --schema (not JSON, or the first failing field), or None."""
+    parsed = parse_answer("json", result.text)
+    if parsed.error is not None:
+        return parsed.error
+    assert plan.schema is not None
+    return plan.schema.validate(parsed.value)[1]
+
+
+def _stdin_available(in_kernel: bool) -> bool:
+    """Whether input() can ask the user: the front end allows it, or a terminal is there."""
+    if in_kernel:
+        from IPython import get_ipython
+
+        kernel = getattr(get_ipython(), "kernel", None)
+        return bool(getattr(kernel, "_allow_stdin", False))
+    return sys.stdin is not None and not sys.stdin.closed and sys.stdin.isatty()
+
+
+def _confirmed(call: ToolCall) -> bool:
+    """y/n before a call runs; no way to ask counts as no."""
+    from IPython.core.error import StdinNotImplementedError
+
+    from .tools import ask_confirmation
+
+    try:
+        return ask_confirmation(call, input)
+    except (StdinNotImplementedError, EOFError, OSError):
+        return False

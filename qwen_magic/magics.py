@@ -209,11 +209,18 @@ class QwenMagic(Magics):
             %%qwen --dry-run --max-cost 0.05
             (shows the messages, tokens and cost range; sends nothing)
 
+            %%qwen --tools get_current_weather -o r
+            杭州和上海现在的天气如何？
+
+            %%qwen --schema Invoice -o inv
+            Extract the invoice: {text}
+
         Every cell continues the notebook's chat (-c NAME for another, -n to start it
         afresh, --no-history for a one-off); re-running a cell replaces its turn. Under
         the answer, a footer gives the model, the tokens (the server's figures), the cost
         in yuan, the chat and turn, the session's total and the time. ``-o VAR`` keeps a
-        result object (.text, .value for JSON, .code, .usage, .cost, .request_id).
+        result object (.text, .value for JSON, .code, .usage, .cost, .request_id;
+        .tool_calls with --tools, .value an instance of the class with --schema).
 
         As a line magic: %qwen help | models | usage | budget | count | chats | history |
         reset | undo | export | resume | repair | config | login | fix.

@@ -106,6 +106,20 @@ _CELL_ARGUMENTS = (
         dest="files",
         help="A text file sent before the question (repeatable); a large CSV or JSONL is summarised.",
     ),
+    # ---- tools and structured answers
+    argument(
+        "--tools",
+        action="append",
+        metavar="NAME[,NAME]",
+        help="Notebook functions the model may call (repeatable, or comma-separated).",
+    ),
+    argument("--max-rounds", type=int, metavar="N", dest="max_rounds", default=5,
+             help="With --tools: most requests in one cell's exchange of calls (default 5)."),
+    argument("--confirm", action="store_true", help="With --tools: ask y/n before each call runs."),
+    argument("--schema", metavar="NAME",
+             help="Answer as this Pydantic model, TypedDict, dataclass or JSON Schema dict; .value is the instance."),
+    argument("--retries", type=int, metavar="N", default=1,
+             help="With --schema: ask again this many times when the answer does not validate (default 1)."),
 )
 
 
@@ -159,6 +173,11 @@ class CellOptions:
     fix: bool = False
     cells: int | tuple[int, int] | None = None  # the last N cells, or In [A] to In [B]
     files: tuple[str, ...] = ()
+    tools: tuple[str, ...] = ()
+    max_rounds: int = 5
+    confirm: bool = False
+    schema: str | None = None
+    retries: int = 1
 
     @classmethod
     def from_namespace(cls, namespace: argparse.Namespace) -> "CellOptions":
@@ -190,6 +209,11 @@ class CellOptions:
             fix=namespace.fix,
             cells=None if namespace.cells is None else parse_cells(_strip_quotes(namespace.cells) or ""),
             files=tuple(_strip_quotes(f) or "" for f in (namespace.files or ())),
+            tools=tuple(name.strip() for given in (namespace.tools or ()) for name in given.split(",") if name.strip()),
+            max_rounds=namespace.max_rounds,
+            confirm=namespace.confirm,
+            schema=_strip_quotes(namespace.schema),
+            retries=namespace.retries,
         )
         options.validate()
         return options
@@ -234,6 +258,27 @@ class CellOptions:
             raise UsageError(f"-o/--out needs a variable name (not a Python keyword), not {_shown(self.out)}.")
         if any(not path.strip() for path in self.files):
             raise UsageError("--file needs a path, e.g. --file notes.md.")
+        self._validate_tools_and_schema()
+
+    def _validate_tools_and_schema(self) -> None:
+        for name in self.tools:
+            if not name.isidentifier():
+                raise UsageError(f"--tools needs names of the notebook's functions, not {_shown(name)}.")
+        if len(set(self.tools)) != len(self.tools):
+            raise UsageError("--tools names a function twice; name each once.")
+        if not 1 <= self.max_rounds <= 50:
+            raise UsageError(f"--max-rounds must be from 1 to 50 requests, not {_shown(self.max_rounds)}.")
+        if self.confirm and not self.tools:
+            raise UsageError("--confirm asks before each tool call: it needs --tools.")
+        if self.schema is not None and not self.schema.isidentifier():
+            raise UsageError(f"--schema needs the name of a class or dict in the notebook, not {_shown(self.schema)}.")
+        if not 0 <= self.retries <= 5:
+            raise UsageError(f"--retries must be from 0 to 5, not {_shown(self.retries)}.")
+        if self.schema is not None and self.format not in (None, "json"):
+            raise UsageError(f"--schema answers in JSON: -f {self.format} cannot apply; leave -f out.")
+        if self.thinking and (self.schema is not None or self.format == "json"):
+            given = "--schema" if self.schema is not None else "-f json"
+            raise UsageError(f"--thinking and {given} do not mix: DashScope has no JSON mode while thinking; drop one.")
 
     def parameters(self) -> dict[str, Any]:
         """The request parameters that were given, as the SDK names them."""

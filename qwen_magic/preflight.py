@@ -46,14 +46,16 @@ def prepare(
     max_tokens: int | None,
     thinking: bool,
     thinking_budget: int | None = None,
+    extra_tokens: int = 0,
 ) -> Preflight:
     """Count the request's input tokens (chat template included) and estimate its cost.
 
     The worst case is the longest answer, plus, when the model thinks, the longest thinking:
     ``--max-tokens`` bounds the answer alone, and the thinking is billed as output too.
+    ``extra_tokens``: input beyond the messages (the tools' definitions).
     """
     thinking = thinking or (model is not None and model.thinking == "only")
-    extra = model.extra_input_tokens(thinking) if model else 0
+    extra = (model.extra_input_tokens(thinking) if model else 0) + extra_tokens
     input_tokens = count_chat_input(messages, extra_tokens=extra)
     longest = model.max_output if model and model.max_output else DEFAULT_WORST_OUTPUT
     max_answer = max_tokens or longest

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING, Any
 
 from .client import Usage
@@ -46,6 +46,7 @@ class QwenResult:
     value: Any = None  # -f json: the parsed answer
     code: str | None = None  # -f code: the answer's code block
     format_error: str | None = None  # -f json / code: why the answer did not fit the format
+    tool_calls: list[Any] = field(default_factory=list)  # --tools: the calls run (tools.ToolCall)
 
     @property
     def streaming_seconds(self) -> float:
@@ -92,6 +93,8 @@ class QwenResult:
             parts.append(f"failed: {self.error}" if self.error else "failed")
         elif self.finish_reason == "length":
             parts.append("cut at --max-tokens")
+        if self.tool_calls:
+            parts.append("1 tool call" if len(self.tool_calls) == 1 else f"{len(self.tool_calls)} tool calls")
         if self.format_error:
             parts.append(self.format_error)
         return " · ".join(parts)
@@ -114,7 +117,16 @@ class QwenResult:
     def _parsed(self) -> "Parsed":
         from .formats import Parsed
 
-        return Parsed(self.value, self.code, self.format_error)
+        value = self.value  # --schema: an instance, shown as its JSON
+        if hasattr(value, "model_dump"):
+            value = value.model_dump(mode="json")
+        elif is_dataclass(value) and not isinstance(value, type):
+            value = asdict(value)
+        return Parsed(value, self.code, self.format_error)
+
+    def calls_markdown(self) -> str:
+        """The tool calls made, one line each with a preview of what came back."""
+        return "".join(f"- `{call.shown()}`\n  {call.outcome().strip()}\n" for call in self.tool_calls)
 
     def body_markdown(self) -> str:
         """Thinking, the answer in its format, and the sources, as Markdown."""
@@ -123,6 +135,8 @@ class QwenResult:
         body = answer_markdown(self.format, self.text, self._parsed())
         if self.reasoning:
             body = reasoning_markdown(self.reasoning) + body
+        if self.tool_calls:
+            body = f"{self.calls_markdown()}\n{body}"
         sources = sources_markdown(self.search_results)
         return f"{body}\n\n{sources}" if sources else body
 
@@ -140,6 +154,8 @@ class QwenResult:
         if rendered_answer is None:
             rendered_answer = answer_html(self.format, self.text, self._parsed())
         thinking = reasoning_html(self.reasoning, opened=False, tokens=self.usage.reasoning_tokens) if self.reasoning else ""
+        if self.tool_calls:
+            thinking = f'<div class="qwen-tool-calls" style="{QUIET_STYLE}">{render_markdown(self.calls_markdown())}</div>' + thinking
         sources = sources_markdown(self.search_results)
         return (thinking, rendered_answer,
                 f'<div class="qwen-sources">{render_markdown(sources)}</div>' if sources else "")
@@ -169,8 +185,8 @@ class QwenResult:
 
 
 # What the metadata keeps: not the session's running total, the notes (the footer shows
-# them) or the parsed value (the text holds it).
-_RECORDED_FIELDS = tuple(f.name for f in fields(QwenResult) if f.name not in ("session_cost", "notes", "value"))
+# them), the parsed value (the text holds it) or the tool calls (the turn's exchange does).
+_RECORDED_FIELDS = tuple(f.name for f in fields(QwenResult) if f.name not in ("session_cost", "notes", "value", "tool_calls"))
 
 
 def _footer_markdown(footer_lines: list[str]) -> str:

@@ -72,7 +72,8 @@ def test_metadata_keeps_every_field_but_the_transient_ones_and_copies_what_can_c
     sources = [{"title": "Hangzhou", "url": "https://example.com"}]
     result = make(search_results=sources, notes=["a note"], value={"parsed": True}, session_cost=0.5)
     data = result.metadata()
-    assert set(data) == {f.name for f in fields(QwenResult)} - {"session_cost", "notes", "value"}
+    # The tool calls are kept as the turn's exchange (the messages sent), not twice.
+    assert set(data) == {f.name for f in fields(QwenResult)} - {"session_cost", "notes", "value", "tool_calls"}
     assert data["search_results"] == sources and data["search_results"] is not sources
     data["search_results"][0]["title"] = "changed"
     assert sources[0]["title"] == "Hangzhou"

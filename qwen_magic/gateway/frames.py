@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import time
@@ -10,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .replies import (
+    tools_input_tokens,
+    canned_tool_calls,
+    sample_of,
     _CODE_FOR_STATUS,
     Reply,
     _Failure,
@@ -27,6 +31,8 @@ from .replies import (
 class _Piece:
     reasoning: bool
     text: str
+    # A tool call's fragment: (index, id, name) in its first fragment, (index, "", None) after.
+    call: tuple[int, str, str | None] | None = None
 
 
 @dataclass
@@ -46,21 +52,30 @@ class _Answer:
     @classmethod
     def compose(
         cls, reply: Reply | None, *, model: str, messages: list[dict], thinking: bool, json_mode: bool = False,
-        parameters: Mapping[str, Any] | None = None,
+        parameters: Mapping[str, Any] | None = None, schema: Any = None,
     ) -> _Answer:
-        reply = reply or Reply()
+        if reply is None:
+            reply = Reply(tool_calls=canned_tool_calls(parameters or {}, messages))
         search = _search_options(parameters or {}) if reply.search_results is not None else None
         canned = reply.text is None and reply.chunks is None
         if reply.chunks is not None:
             answer_pieces = list(reply.chunks)
         else:
             text = default_answer(model, messages, json_mode=json_mode) if reply.text is None else reply.text
+            if reply.text is None and schema is not None and not reply.tool_calls:
+                text = json.dumps(sample_of(schema), ensure_ascii=False)
+            elif reply.text is None and reply.tool_calls:
+                text = ""  # a turn of calls alone, as the service sends them
             answer_pieces = _split(text, reply.chunk_size)
         reasoning = reply.reasoning
         if not reasoning and thinking and canned:
             reasoning = default_reasoning(model, messages)
         pieces = [_Piece(True, part) for part in _split(reasoning, reply.chunk_size)]
         pieces += [_Piece(False, part) for part in answer_pieces]
+        calls = _tool_call_pieces(reply)
+        if calls:
+            pieces = [piece for piece in pieces if piece.text or piece.reasoning] + calls
+            reply = dataclasses.replace(reply, finish_reason="tool_calls") if reply.finish_reason == "stop" else reply
         if not pieces or pieces[-1].reasoning:
             # The finish_reason rides on an answer frame, even an empty one.
             pieces.append(_Piece(False, ""))
@@ -72,7 +87,9 @@ class _Answer:
             text=text,
             reasoning=reasoning,
             pieces=pieces,
-            usage=_final_usage(messages, text, reasoning, reply, model=model, thinking=thinking, search=search),
+            usage=_final_usage(messages, text + "".join(p.text for p in calls), reasoning, reply, model=model,
+                               thinking=thinking, search=search,
+                               extra_input=tools_input_tokens(parameters or {}, messages)),
             sources=reply.search_results if search is not None and search.get("enable_source") is True else None,
         )
 
@@ -84,6 +101,18 @@ class _Answer:
             total.append(total[-1] + len(piece.text))
             reasoning.append(reasoning[-1] + (len(piece.text) if piece.reasoning else 0))
         return total, reasoning
+
+    @property
+    def whole_tool_calls(self) -> list[dict[str, Any]]:
+        """The calls whole, as a non-streamed answer carries them."""
+        calls: dict[int, dict[str, Any]] = {}
+        for piece in self.pieces:
+            if piece.call is not None:
+                index, call_id, name = piece.call
+                call = calls.setdefault(index, {"index": index, "id": call_id, "type": "function",
+                                                "function": {"name": name, "arguments": ""}})
+                call["function"]["arguments"] += piece.text
+        return list(calls.values())
 
     def usage_after(self, sent: int) -> dict[str, Any]:
         """Running usage once ``sent`` frames are out: output grows with the text sent."""
@@ -165,12 +194,18 @@ class _NativeEncoder:
     def frame(self, index: int) -> bytes:
         answer = self._answer
         piece = answer.pieces[index]
+        last = index == len(answer.pieces) - 1
+        if piece.call is not None:
+            message = {"content": self._content(""), "role": "assistant", "tool_calls": [_call_fragment(piece)]}
+            finish_reason = answer.reply.finish_reason if last else "null"
+            return self._event("result", 200, self._payload(message, finish_reason, answer.usage_after(index + 1),
+                                                            first=index == 0))
         if self._incremental:
             text = "" if piece.reasoning else piece.text
             reasoning = piece.text if piece.reasoning else ""
         else:
             sent = answer.pieces[: index + 1]
-            text = "".join(p.text for p in sent if not p.reasoning)
+            text = "".join(p.text for p in sent if not p.reasoning and p.call is None)
             reasoning = "".join(p.text for p in sent if p.reasoning)
         last = index == len(answer.pieces) - 1
         finish_reason = answer.reply.finish_reason if last else "null"
@@ -187,6 +222,8 @@ class _NativeEncoder:
     def whole(self) -> dict[str, Any]:
         answer = self._answer
         message = self._message(answer.text, answer.reasoning)
+        if answer.whole_tool_calls:
+            message["tool_calls"] = answer.whole_tool_calls
         return self._payload(message, answer.reply.finish_reason, answer.usage_after(len(answer.pieces)))
 
 
@@ -224,8 +261,10 @@ class _CompatibleEncoder:
 
     def frame(self, index: int) -> bytes:
         piece = self._answer.pieces[index]
-        if piece.reasoning:
-            delta: dict[str, Any] = {"content": None, "reasoning_content": piece.text}
+        if piece.call is not None:
+            delta: dict[str, Any] = {"content": None, "tool_calls": [_call_fragment(piece)]}
+        elif piece.reasoning:
+            delta = {"content": None, "reasoning_content": piece.text}
         else:
             delta = {"content": piece.text}
         if index == 0:
@@ -248,6 +287,8 @@ class _CompatibleEncoder:
         message: dict[str, Any] = {"role": "assistant", "content": answer.text}
         if answer.reasoning:
             message["reasoning_content"] = answer.reasoning
+        if answer.whole_tool_calls:
+            message["tool_calls"] = answer.whole_tool_calls
         return {
             "id": f"chatcmpl-{answer.request_id}",
             "object": "chat.completion",
@@ -257,3 +298,29 @@ class _CompatibleEncoder:
             "usage": _compatible_usage(answer.usage),
             "system_fingerprint": None,
         }
+
+
+# --------------------------------------------------------------------------- tool calls
+
+
+def _tool_call_pieces(reply: Reply) -> list[_Piece]:
+    """A reply's tool calls as stream fragments: id and name first, then the arguments in pieces."""
+    pieces = []
+    for index, call in enumerate(reply.tool_calls or ()):
+        arguments = call.get("arguments", {})
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        call_id = call.get("id") or f"call_{_new_request_id().replace('-', '')[:24]}"
+        parts = _split(text, reply.chunk_size) or [""]
+        pieces.append(_Piece(False, parts[0], (index, call_id, call["name"])))
+        pieces += [_Piece(False, part, (index, "", None)) for part in parts[1:]]
+    return pieces
+
+
+def _call_fragment(piece: _Piece) -> dict[str, Any]:
+    """One fragment as the service streams it: later fragments carry an empty id and no name."""
+    assert piece.call is not None
+    index, call_id, name = piece.call
+    function: dict[str, Any] = {"arguments": piece.text}
+    if name is not None:
+        function = {"name": name, **function}
+    return {"index": index, "id": call_id, "type": "function", "function": function}

@@ -180,6 +180,11 @@ class Reply:
     content_type: str = "text/html"
     raw_frames: list[str] | None = None
     ascii_json: bool = False
+    # Tool calls the answer makes, after its text: each {"name", "arguments" (a dict, or the
+    # text as sent, which may be broken), "id" (made up if absent)}. Streamed as the service
+    # does: the id and name in a call's first fragment, later fragments with an empty id and
+    # the arguments in pieces of ``chunk_size``; the finish reason is then "tool_calls".
+    tool_calls: list[dict] | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -193,6 +198,9 @@ class Reply:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must not be negative")
+        for call in self.tool_calls or ():
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                raise TypeError("each tool call needs a name")
         if not 100 <= self.status <= 599:
             raise ValueError(f"status {self.status} is not an HTTP status")
 
@@ -336,6 +344,9 @@ def default_answer(model: str, messages: Iterable[Mapping[str, Any]], *, json_mo
     object in JSON mode, and a code block when the prompt asks for code.
     """
     said = _last_user_text(messages)
+    results = _tool_results(messages)
+    if results is not None and not json_mode:
+        return f"The offline gateway answering as {model} read what the tools returned: {_echo(results)}"
     if json_mode:
         return json.dumps(
             {"answer": "offline gateway: no model ran", "model": model, "you_said": _echo(said)},
@@ -416,11 +427,15 @@ def _final_usage(
     model: str,
     thinking: bool,
     search: Mapping[str, Any] | None,
+    extra_input: int = 0,
 ) -> dict:
-    """Billing figures in native names; a scripted override wins key by key."""
+    """Billing figures in native names; a scripted override wins key by key.
+
+    ``extra_input``: input beyond the messages' text (the tools, the calls sent back).
+    """
     reasoning_tokens = count_text(reasoning)
     cached, written = reply.cached_tokens, reply.cache_creation_tokens
-    input_tokens = count_chat_input(messages, extra_tokens=_template_extra_tokens(model, thinking))
+    input_tokens = count_chat_input(messages, extra_tokens=_template_extra_tokens(model, thinking) + extra_input)
     usage: dict[str, Any] = {
         # What was read from or written to the cache is part of the input.
         "input_tokens": max(input_tokens, cached + written),
@@ -438,3 +453,85 @@ def _final_usage(
     ordered = {key: usage.pop(key) for key in ("input_tokens", "output_tokens", "total_tokens")}
     ordered.update(usage)
     return ordered
+
+
+# --------------------------------------------------------------------------- tools and JSON
+
+
+def _tool_results(messages: Iterable[Mapping[str, Any]]) -> str | None:
+    """The tool results that end the conversation (the model's turn to answer), or None."""
+    results = []
+    for message in reversed(list(messages)):
+        if not isinstance(message, Mapping) or message.get("role") != "tool":
+            break
+        results.append(_text_of(message.get("content")))
+    return "; ".join(reversed(results)) if results else None
+
+
+def tool_message_problem(messages: Iterable[Mapping[str, Any]]) -> str | None:
+    """Why the service would refuse the messages' tool turns (400), or None.
+
+    A tool message must answer a call of the assistant message before it (other tool
+    messages may come between), by the call's id.
+    """
+    open_calls: set[str] | None = None
+    for message in messages:
+        if not isinstance(message, Mapping):
+            continue
+        role = message.get("role")
+        if role == "tool":
+            if open_calls is None:
+                return 'messages with role "tool" must be a response to a preceding message with "tool_calls"'
+            if message.get("tool_call_id") not in open_calls:
+                return f'the tool message\'s tool_call_id {message.get("tool_call_id")!r} answers no call of the assistant message before it'
+            continue
+        calls = message.get("tool_calls") if role == "assistant" else None
+        open_calls = {call.get("id") for call in calls if isinstance(call, Mapping)} if calls else None
+    return None
+
+
+def sample_of(schema: Any, depth: int = 0) -> Any:
+    """A value that matches a JSON Schema (its common keywords): the offline json_schema answer."""
+    if not isinstance(schema, Mapping) or depth > 10:
+        return None
+    if "enum" in schema and schema["enum"]:
+        return schema["enum"][0]
+    if "anyOf" in schema and schema["anyOf"]:
+        return sample_of(schema["anyOf"][0], depth + 1)
+    kind = schema.get("type")
+    kind = kind[0] if isinstance(kind, list) and kind else kind
+    if kind == "object" or "properties" in schema:
+        properties = schema.get("properties") or {}
+        return {name: sample_of(child, depth + 1) for name, child in properties.items()}
+    if kind == "array":
+        return [sample_of(schema.get("items") or {}, depth + 1)]
+    return {"string": "offline", "integer": 1, "number": 1.5, "boolean": True}.get(str(kind))
+
+
+def canned_tool_calls(parameters: Mapping[str, Any], messages: Iterable[Mapping[str, Any]]) -> list[dict] | None:
+    """The unscripted answer to a request with tools, before any tool has answered: a call of
+    each tool (the first only, unless ``parallel_tool_calls``) with its required arguments
+    made up from their schema, so that an offline notebook shows the whole exchange."""
+    tools = parameters.get("tools")
+    listed = list(messages)
+    if not isinstance(tools, list) or not tools or not listed or listed[-1].get("role") != "user":
+        return None
+    calls = []
+    for tool in tools if parameters.get("parallel_tool_calls") is True else tools[:1]:
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            continue
+        schema = function.get("parameters") if isinstance(function.get("parameters"), Mapping) else {}
+        properties = schema.get("properties") or {}
+        required = [name for name in schema.get("required") or () if name in properties]
+        calls.append({"name": function["name"],
+                      "arguments": {name: sample_of(properties[name]) for name in required}})
+    return calls or None
+
+
+def tools_input_tokens(parameters: Mapping[str, Any], messages: Iterable[Mapping[str, Any]]) -> int:
+    """What the tools' definitions and the calls sent back add to the billed input."""
+    tools = parameters.get("tools")
+    calls = [message["tool_calls"] for message in messages if isinstance(message, Mapping) and message.get("tool_calls")]
+    total = count_text(json.dumps(tools, ensure_ascii=False)) if tools else 0
+    return total + (count_text(json.dumps(calls, ensure_ascii=False)) if calls else 0)

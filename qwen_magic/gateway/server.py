@@ -36,6 +36,7 @@ from .replies import (
     _Failure,
     _failure,
     _new_request_id,
+    tool_message_problem,
 )
 
 # --------------------------------------------------------------------------- shared state
@@ -294,13 +295,17 @@ class _Handler(BaseHTTPRequestHandler):
         if failure:
             return self._reject("native", failure)
         parameters = record.parameters
+        failure = _tools_problem(record)
+        if failure:
+            return self._reject("native", failure)
         answer = _Answer.compose(
             self.server.registry.next_reply(),
             model=str(record.model),
             messages=record.messages,
             thinking=parameters.get("enable_thinking") is True,
-            json_mode=(parameters.get("response_format") or {}).get("type") == "json_object",
+            json_mode=_json_mode(parameters),
             parameters=parameters,
+            schema=_answer_schema(parameters),
         )
         encoder = _NativeEncoder(
             answer,
@@ -314,13 +319,17 @@ class _Handler(BaseHTTPRequestHandler):
         if failure:
             return self._reject("openai", failure)
         body = record.body or {}
+        failure = _tools_problem(record)
+        if failure:
+            return self._reject("openai", failure)
         answer = _Answer.compose(
             self.server.registry.next_reply(),
             model=str(record.model),
             messages=record.messages,
             thinking=body.get("enable_thinking") is True,
-            json_mode=(body.get("response_format") or {}).get("type") == "json_object",
+            json_mode=_json_mode(body),
             parameters=record.parameters,
+            schema=_answer_schema(body),
         )
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -425,6 +434,27 @@ class _Handler(BaseHTTPRequestHandler):
         everything = "all=1" in (urlsplit(self.path).query or "")
         recorded = registry.all_requests() if everything else registry.chat_requests()
         self._send_json(200, {"requests": [request.to_dict() for request in recorded]})
+
+
+def _json_mode(parameters: Mapping[str, Any]) -> bool:
+    """Whether the request asks for JSON (json_object, or a json_schema)."""
+    response_format = parameters.get("response_format")
+    return isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
+
+
+def _answer_schema(parameters: Mapping[str, Any]) -> Any:
+    """The JSON Schema a json_schema request asks the answer to match, or None."""
+    response_format = parameters.get("response_format")
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return None
+    described = response_format.get("json_schema")
+    return described.get("schema", {}) if isinstance(described, dict) else {}
+
+
+def _tools_problem(record: RecordedRequest) -> _Failure | None:
+    """The service's 400 for a tool message that answers no call before it."""
+    problem = tool_message_problem(record.messages)
+    return _failure("InvalidParameter", _new_request_id(), message=problem) if problem else None
 
 
 # path -> (protocol, method, is a chat request, handler method)
