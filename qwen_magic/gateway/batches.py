@@ -165,11 +165,12 @@ class BatchService:
             self.stage_seconds = 1.0
             self._line_replies: dict[str, Reply] = {}
             self._capacity_refusals = 0
+            self._capacity_after = 0
 
     def configure(self, *, stage_seconds: float | None = None, lines: Mapping[str, Reply] | None = None,
-                  capacity_refusals: int | None = None) -> None:
+                  capacity_refusals: int | None = None, capacity_after: int = 0) -> None:
         """Set how long each stage lasts, the replies of given ``custom_id``s, and how many batch
-        creations to refuse for capacity (429) before accepting again."""
+        creations to refuse for capacity (429), after accepting ``capacity_after`` more."""
         with self._lock:
             if stage_seconds is not None:
                 if not (stage_seconds >= 0 and math.isfinite(stage_seconds)):
@@ -184,6 +185,7 @@ class BatchService:
                 if capacity_refusals < 0:
                     raise ValueError("capacity_refusals must not be negative")
                 self._capacity_refusals = capacity_refusals
+                self._capacity_after = max(0, capacity_after)
 
     # ---- the endpoints
 
@@ -277,9 +279,13 @@ class BatchService:
             return refuse("InvalidParameter", "metadata must be an object.")
         with self._lock:
             source = self._files.get(input_file_id)
-            refusing = self._capacity_refusals > 0
-            if refusing:
-                self._capacity_refusals -= 1
+            refusing = False
+            if source is not None and self._capacity_refusals > 0:
+                if self._capacity_after > 0:
+                    self._capacity_after -= 1
+                else:
+                    refusing = True
+                    self._capacity_refusals -= 1
         if source is None:
             return handler._reject("openai", _no_such("file", input_file_id))
         if refusing:

@@ -432,7 +432,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _control_batches(self, record: RecordedRequest) -> None:
         body = record.body or {}
         try:
-            unknown = sorted(set(body) - {"stage_seconds", "lines", "capacity_refusals"})
+            unknown = sorted(set(body) - {"stage_seconds", "lines", "capacity_refusals", "capacity_after"})
             if unknown:
                 raise ValueError(f"unknown batch setting(s): {', '.join(unknown)}")
             lines = body.get("lines")
@@ -442,6 +442,7 @@ class _Handler(BaseHTTPRequestHandler):
                 stage_seconds=body.get("stage_seconds"),
                 lines={key: Reply.from_dict(value) for key, value in lines.items()} if lines else None,
                 capacity_refusals=body.get("capacity_refusals"),
+                capacity_after=body.get("capacity_after") or 0,
             )
         except (TypeError, ValueError) as exc:
             return self._send_json(400, {"ok": False, "error": str(exc)})
@@ -645,11 +646,13 @@ class Gateway:
         stage_seconds: float | None = None,
         lines: Mapping[str, Reply] | None = None,
         capacity_refusals: int | None = None,
+        capacity_after: int = 0,
     ) -> None:
         """Script the Batch API: seconds per stage (validating, in_progress, finalizing; 1 s unless
         set), the reply of given ``custom_id``s (an error reply fails that line), and how many batch
-        creations to refuse with 429 for capacity."""
-        self._batches.configure(stage_seconds=stage_seconds, lines=lines, capacity_refusals=capacity_refusals)
+        creations to refuse with 429 for capacity (after accepting ``capacity_after`` more)."""
+        self._batches.configure(stage_seconds=stage_seconds, lines=lines, capacity_refusals=capacity_refusals,
+                                capacity_after=capacity_after)
 
     @property
     def requests(self) -> list[RecordedRequest]:
