@@ -23,6 +23,8 @@ from .tables import Table
 from .tokens import count_text
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .client import Connection
+    from .jobs.batch import BatchJob
     from .magics import QwenMagic
 
 T = TypeVar("T")
@@ -431,7 +433,7 @@ def _jobs(magics: "QwenMagic", args: list[str]) -> Table | Message:
         job = _job_named(magics, args[1])
         if job.terminal:
             raise UsageError(JOB_ALREADY_FINISHED.format(job=job.id, status=job.status))
-        batch.cancel(_jobs_connection(magics), job, _store(magics))
+        _reading(batch.cancel, _jobs_connection(magics), job, _store(magics))
         return Message(JOB_CANCELLING.format(job=job.id, batches=len(job.parts)))
     if args[0] == "wait" and len(args) <= 2:
         job = _job_named(magics, args[1]) if len(args) == 2 else _running_job(magics)
@@ -439,11 +441,11 @@ def _jobs(magics: "QwenMagic", args: list[str]) -> Table | Message:
     raise UsageError(JOBS_USAGE)
 
 
-def _jobs_connection(magics: "QwenMagic") -> Any:
+def _jobs_connection(magics: "QwenMagic") -> "Connection":
     return magics.session.connection(magics.settings())
 
 
-def _job_named(magics: "QwenMagic", name: str) -> Any:
+def _job_named(magics: "QwenMagic", name: str) -> "BatchJob":
     from .jobs import batch
 
     job = _reading(batch.load_job, _store(magics), name)
@@ -452,7 +454,7 @@ def _job_named(magics: "QwenMagic", name: str) -> Any:
     return job
 
 
-def _running_job(magics: "QwenMagic") -> Any:
+def _running_job(magics: "QwenMagic") -> "BatchJob":
     from .jobs import batch
 
     rows = _reading(_store(magics).batch_jobs, magics.session.notebook)
@@ -462,7 +464,7 @@ def _running_job(magics: "QwenMagic") -> Any:
     return running[0]
 
 
-def _wait_for_job(magics: "QwenMagic", job: Any) -> Message:
+def _wait_for_job(magics: "QwenMagic", job: "BatchJob") -> Message:
     """Block with a progress line until the job finishes; ■ stops waiting, not the job."""
     import sys
 
@@ -470,18 +472,19 @@ def _wait_for_job(magics: "QwenMagic", job: Any) -> Message:
 
     connection, store = _jobs_connection(magics), _store(magics)
 
-    def show(current: Any) -> None:
+    def show(current: "BatchJob") -> None:
         sys.stdout.write("\r" + current.progress())
         sys.stdout.flush()
 
     show(job)
     try:
-        batch.wait(connection, job, store, on_change=show)
+        _reading(lambda: batch.wait(connection, job, store, on_change=show))
     except KeyboardInterrupt:
         sys.stdout.write("\n")
-        return Message(JOB_WAIT_STOPPED.format(job=job.id, progress=job.progress().split(": ", 1)[1]))
+        return Message(JOB_WAIT_STOPPED.format(job=job.id, progress=job.state()))
     sys.stdout.write("\n")
-    batch.collect(connection, job, store, catalog=magics.session.catalog(magics.settings()))
+    catalog = magics.session.catalog(magics.settings())
+    _reading(lambda: batch.collect(connection, job, store, catalog=catalog))
     return Message(JOB_FINISHED.format(job=job.id, status=job.status, completed=job.completed, failed=job.failed,
                                        cost=format_yuan(job.cost)))
 

@@ -344,3 +344,30 @@ def test_qwen_jobs_mistakes_are_one_line(shell, capsys):
     assert "No batch job" in refusal(shell, capsys, "%qwen jobs wait job-unknown")
     empty = shell.run_line_magic("qwen", "jobs")
     assert empty.rows == () and empty.notes == ("No batch jobs yet.",)
+
+
+def test_an_interrupt_stops_the_waiting_not_the_job(shell, gw, capsys, monkeypatch):
+    import os
+    import signal
+
+    monkeypatch.setattr(batch, "DEFAULT_POLL", FAST)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # ■ in a kernel: KeyboardInterrupt
+    gw.configure_batches(stage_seconds=30)
+    magics = _magics(shell)
+    shell.run_line_magic("qwen", "jobs")
+    job = submit(connection=magics.session.connection(magics.settings()), store=magics.session.store(magics.settings()),
+                 lines=rows(3), notebook=magics.session.notebook)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        started = time.monotonic()
+        said = shell.run_line_magic("qwen", "jobs wait")
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - started < 2
+    assert said == (f"Stopped waiting: job {job.id} goes on at DashScope (validating, 0/3 done). "
+                    f"%qwen jobs wait {job.id} picks it up again.")
+    assert f"\r{job.id}: validating, 0/3 done" in shown(capsys)
+    batch_id = job.batch_ids[0]
+    assert not any(r.path.endswith(f"{batch_id}/cancel") for r in gw.all_requests)

@@ -169,10 +169,14 @@ class BatchJob:
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
+    def state(self) -> str:
+        """Where the job is: ``in_progress, 40/100 done, 2 failed``."""
+        said = f"{self.status}, {self.completed + self.failed:,}/{self.rows:,} done"
+        return said + (f", {self.failed:,} failed" if self.failed else "")
+
     def progress(self) -> str:
-        """One line: where the job is (``job-…: in_progress, 40/100 done, 2 failed``)."""
-        line = f"{self.id}: {self.status}, {self.completed + self.failed:,}/{self.rows:,} done"
-        return line + (f", {self.failed:,} failed" if self.failed else "")
+        """One line: the job and where it is (``job-…: in_progress, 40/100 done, 2 failed``)."""
+        return f"{self.id}: {self.state()}"
 
     def _settle_status(self) -> None:
         """The job's status from its batches': the least advanced while any runs."""
