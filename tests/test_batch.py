@@ -371,3 +371,39 @@ def test_an_interrupt_stops_the_waiting_not_the_job(shell, gw, capsys, monkeypat
     assert f"\r{job.id}: validating, 0/3 done" in shown(capsys)
     batch_id = job.batch_ids[0]
     assert not any(r.path.endswith(f"{batch_id}/cancel") for r in gw.all_requests)
+
+
+def test_a_model_the_gateway_does_not_batch_is_a_404_line_with_advice(gw, connection, store):
+    # The catalog may be told a model is batched when the service does not batch it (yet).
+    catalog = builtin_catalog().with_overrides({"qwen-turbo-0206": {"batch_regions": ["cn-beijing"]}}, "test")
+    with pytest.raises(QwenAPIError) as refused:
+        submit(connection, store, rows(1, model="qwen-turbo-0206"), catalog=catalog)
+    assert refused.value.status == 404 and refused.value.code == "model_not_found"
+    assert "not offered in the Batch API of this region" in str(refused.value)
+    assert store.batch_jobs() == []
+
+
+def test_an_older_history_file_gains_the_jobs_table_and_keeps_its_turns(tmp_path):
+    import sqlite3
+
+    from qwen_magic import store as store_module
+
+    ours = next(i for i, script in enumerate(store_module.MIGRATIONS) if "CREATE TABLE batch_jobs" in script)
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    for script in store_module.MIGRATIONS[:ours]:
+        db.executescript(script)
+    db.execute(f"PRAGMA user_version = {ours}")
+    db.execute("INSERT INTO turns (notebook, chat, position, cell_id, record, updated_at) "
+               "VALUES ('nb', 'default', 1, NULL, '{}', 0)")
+    db.commit()
+    db.close()
+    upgraded = Store(path)
+    try:
+        assert upgraded.turns("nb", "default") == [{}] and upgraded.batch_jobs() == []
+        job = batch.BatchJob(id="job-1", notebook="nb", cell_key="c", template_digest="", model="qwen-plus",
+                             rows=1, window="24h", parts=[batch.BatchPart("batch_1", "file-1", 1)])
+        upgraded.save_batch_job(job.to_row())
+        assert batch.load_job(upgraded, "batch_1") == job
+    finally:
+        upgraded.close()

@@ -76,9 +76,10 @@ DUPLICATE_KEY = "Two rows share the key {key!r}; every row of a batch job needs 
 LINE_TOO_LARGE = "Row {key!r} makes a request of {size:,} bytes; a batch request may be at most 6 MB."
 NOT_FINISHED = "Job {job} is still {status}; its results can be read once it has finished (%qwen jobs wait {job})."
 
-# What to do about a failure of a Batch API call, when the status says more than the code.
-_ADVICE_ON_CREATE = {
-    404: "This model is not offered in the Batch API of this region: pick another with -m, or run without --batch.",
+# What to do about a failure to create a batch, by code or, failing that, by HTTP status.
+_ADVICE_ON_CREATE: dict[str | int, str] = {
+    "model_not_found": ("This model is not offered in the Batch API of this region: pick another with -m, "
+                        "or run without --batch."),
     429: "DashScope's Batch API is at capacity: try again in a few minutes.",
 }
 _ADVICE_BY_CODE = {
@@ -278,7 +279,7 @@ class BatchClient:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, *, raw: bool = False, advice: Mapping[int, str] | None = None,
+    def _call(self, method: str, path: str, *, raw: bool = False, advice: Mapping[str | int, str] | None = None,
               **arguments: Any) -> Any:
         """One request; any failure is a ``BatchAPIError`` line with the key masked."""
         import httpx
@@ -305,7 +306,8 @@ class BatchClient:
                                 f"(HTTP {response.status_code})", request_id=request_id) from None
         return answer
 
-    def _failure(self, response: "httpx.Response", request_id: str | None, advice: Mapping[int, str]) -> BatchAPIError:
+    def _failure(self, response: "httpx.Response", request_id: str | None,
+                 advice: Mapping[str | int, str]) -> BatchAPIError:
         status = response.status_code
         try:
             answer = response.json()
@@ -322,7 +324,7 @@ class BatchClient:
         code = str(error.get("code") or f"HTTP{status}")
         message = redact(str(error.get("message") or "no message"), self._key)
         return BatchAPIError(code, message, request_id=answer.get("request_id") or request_id, status=status,
-                             advice=advice.get(status))
+                             advice=advice.get(code) or advice.get(status))
 
 
 _clients: dict[tuple[str, str | None, float | None], BatchClient] = {}
