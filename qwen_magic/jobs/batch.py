@@ -7,9 +7,8 @@ back to rows by ``custom_id`` (the service keeps no order). Over 50,000 rows or 
 is split into several batches. Every job is recorded in the history store before anything is
 submitted, so running its cell again attaches to it, also after a kernel restart.
 
-The transport is httpx, which dashscope 2.x already depends on (dashscope itself has no batch
-client): seven plain JSON and multipart calls need no second SDK. Failures become one
-``QwenAPIError`` line, and the API key never appears in any of them.
+The HTTP side is in ``batch_api`` (httpx, which dashscope 2.x already depends on). Failures
+become one ``QwenAPIError`` line, and the API key never appears in any of them.
 
 The API the cell magic uses::
 
@@ -32,21 +31,19 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
-from urllib.parse import urlsplit
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from IPython.core.error import UsageError
 
 from ..catalog import Catalog, load_catalog
-from ..client import NO_KEY_HELP, Connection, QwenAPIError, Secret, Usage, _resolved_config, _shortened, \
-    dashscope_root_for, redact
+from ..client import Connection, QwenAPIError, Usage, _shortened
 from ..pricing import batch_line_cost
 from ..store import Store
+from .batch_api import ENDPOINT, BatchAPIError, BatchClient, batch_client
 
-if TYPE_CHECKING:  # pragma: no cover
-    import httpx
-
-ENDPOINT = "/v1/chat/completions"
+__all__ = ["BatchAPIError", "BatchJob", "BatchLine", "BatchOutcome", "BatchPart", "JobRefresher", "PollPolicy",
+           "batch_client", "cancel", "check_model", "collect", "find_job", "load_job", "refresh", "submit_job",
+           "wait"]
 DEFAULT_WINDOW = "24h"
 # The service's limits on one input file (DashScope's Batch File API).
 MAX_LINES = 50_000
@@ -75,29 +72,6 @@ NO_ROWS = "A batch job needs at least one row."
 DUPLICATE_KEY = "Two rows share the key {key!r}; every row of a batch job needs a key of its own."
 LINE_TOO_LARGE = "Row {key!r} makes a request of {size:,} bytes; a batch request may be at most 6 MB."
 NOT_FINISHED = "Job {job} is still {status}; its results can be read once it has finished (%qwen jobs wait {job})."
-
-# What to do about a failure to create a batch, by code or, failing that, by HTTP status.
-_ADVICE_ON_CREATE: dict[str | int, str] = {
-    "model_not_found": ("This model is not offered in the Batch API of this region: pick another with -m, "
-                        "or run without --batch."),
-    429: "DashScope's Batch API is at capacity: try again in a few minutes.",
-}
-_ADVICE_BY_CODE = {
-    "mismatched_model": "One batch takes one model: run one job per model.",
-    "duplicate_custom_id": "Every row of a batch job needs a key of its own.",
-}
-
-
-class BatchAPIError(QwenAPIError):
-    """A failed Batch API call: one line, with advice that fits batches."""
-
-    def __init__(self, code: str, message: str, *, advice: str | None = None, **details: Any) -> None:
-        super().__init__(code, message, **details)
-        better = advice or _ADVICE_BY_CODE.get(code)
-        if better:
-            self.advice = better
-            self.args = (self.line(),)
-
 
 # --------------------------------------------------------------------------- data
 
@@ -232,137 +206,6 @@ class BatchOutcome:
     finish_reason: str | None = None
     error_code: str | None = None
     error_message: str | None = None
-
-
-# --------------------------------------------------------------------------- transport
-
-
-class BatchClient:
-    """The Files and Batches endpoints of one compatible-mode root, with one key."""
-
-    def __init__(self, base_url: str, api_key: Secret | None, *, timeout: float | None = None) -> None:
-        import httpx
-
-        self.base_url = base_url.rstrip("/")
-        self._key = api_key
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        seconds = timeout or 60.0
-        self._http = httpx.Client(base_url=self.base_url, headers=headers,
-                                  timeout=httpx.Timeout(seconds, connect=min(seconds, 10.0)))
-
-    def upload(self, content: bytes, filename: str) -> str:
-        """Upload a JSONL file for a batch; return its file id."""
-        answer = self._call("POST", "/files", files={"file": (filename, content, "application/jsonl")},
-                            data={"purpose": "batch"})
-        return str(answer["id"])
-
-    def create(self, input_file_id: str, window: str, metadata: Mapping[str, str]) -> dict[str, Any]:
-        return self._call("POST", "/batches", advice=_ADVICE_ON_CREATE, json={
-            "input_file_id": input_file_id, "endpoint": ENDPOINT, "completion_window": window,
-            "metadata": dict(metadata)})
-
-    def retrieve(self, batch_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/batches/{batch_id}")
-
-    def list(self, *, after: str | None = None, limit: int = 20) -> dict[str, Any]:
-        params: dict[str, Any] = {"limit": limit}
-        if after:
-            params["after"] = after
-        return self._call("GET", "/batches", params=params)
-
-    def cancel(self, batch_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/batches/{batch_id}/cancel")
-
-    def content(self, file_id: str) -> bytes:
-        return self._call("GET", f"/files/{file_id}/content", raw=True)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def _call(self, method: str, path: str, *, raw: bool = False, advice: Mapping[str | int, str] | None = None,
-              **arguments: Any) -> Any:
-        """One request; any failure is a ``BatchAPIError`` line with the key masked."""
-        import httpx
-
-        where = _shortened(self.base_url, 60)
-        try:
-            response = self._http.request(method, path, **arguments)
-        except httpx.TimeoutException:
-            raise BatchAPIError("Timeout", f"no answer from {where} in time") from None
-        except httpx.HTTPError as error:
-            reason = redact(str(error) or type(error).__name__, self._key)
-            raise BatchAPIError("ConnectionError", f"cannot reach {where} ({reason})") from None
-        request_id = response.headers.get("x-request-id")
-        if response.status_code >= 400:
-            raise self._failure(response, request_id, advice or {}) from None
-        if raw:
-            return response.content
-        try:
-            answer = response.json()
-        except ValueError:
-            answer = None
-        if not isinstance(answer, dict):
-            raise BatchAPIError("NotDashScope", f"the server at {where} did not answer with DashScope's JSON "
-                                f"(HTTP {response.status_code})", request_id=request_id) from None
-        return answer
-
-    def _failure(self, response: "httpx.Response", request_id: str | None,
-                 advice: Mapping[str | int, str]) -> BatchAPIError:
-        status = response.status_code
-        try:
-            answer = response.json()
-        except ValueError:
-            answer = None
-        if not isinstance(answer, dict):
-            said = response.text[:300].lower()
-            if "<html" in said or "<!doctype" in said:
-                return BatchAPIError("NotDashScope", f"the server at {_shortened(self.base_url, 60)} answered with "
-                                     f"an HTML page (HTTP {status}), not DashScope's API", status=status)
-            return BatchAPIError(f"HTTP{status}", redact(response.text or "no message", self._key),
-                                 request_id=request_id, status=status, advice=advice.get(status))
-        error = answer.get("error") if isinstance(answer.get("error"), dict) else answer
-        code = str(error.get("code") or f"HTTP{status}")
-        message = redact(str(error.get("message") or "no message"), self._key)
-        return BatchAPIError(code, message, request_id=answer.get("request_id") or request_id, status=status,
-                             advice=advice.get(code) or advice.get(status))
-
-
-_clients: dict[tuple[str, str | None, float | None], BatchClient] = {}
-_clients_lock = threading.Lock()
-
-
-def batch_client(connection: Connection) -> tuple[BatchClient, str]:
-    """The Batch API client of this connection (reused), and its region (``cn-beijing``...).
-
-    The root is the compatible mode's on the configured host (``…/compatible-mode/v1``), found
-    as the chat's is; no key is a ``UsageError`` that says how to set one.
-    """
-    try:
-        config = _resolved_config(dataclasses.replace(connection, protocol="openai"))
-    except ValueError as error:
-        raise UsageError(f"dashscope's configuration cannot be used: {error}") from None
-    if not config.api_key:
-        raise UsageError(NO_KEY_HELP)
-    root = dashscope_root_for(config.protocol_base_url, "openai")
-    identity = (root, str(config.api_key), config.timeout)
-    with _clients_lock:
-        client = _clients.get(identity)
-        if client is None:
-            client = _clients[identity] = BatchClient(root, config.api_key, timeout=config.timeout)
-    return client, region_of(root, config.region)
-
-
-def region_of(base_url: str, configured: str | None) -> str:
-    """The region a base URL serves: from DashScope's host names, else the configured region."""
-    host = (urlsplit(base_url).hostname or "").lower()
-    if host.startswith("dashscope-intl."):
-        return "ap-southeast-1"
-    if host == "dashscope.aliyuncs.com":
-        return "cn-beijing"
-    found = re.fullmatch(r"[^.]+\.([a-z0-9-]+)\.maas\.aliyuncs\.com", host)  # workspace hosts
-    if found:
-        return found.group(1)
-    return configured or "cn-beijing"
 
 
 # --------------------------------------------------------------------------- checks
