@@ -44,6 +44,7 @@ from .batch_api import ENDPOINT, BatchAPIError, BatchClient, batch_client
 __all__ = ["BatchAPIError", "BatchJob", "BatchLine", "BatchOutcome", "BatchPart", "JobRefresher", "PollPolicy",
            "batch_client", "cancel", "check_model", "collect", "find_job", "load_job", "refresh", "submit_job",
            "wait"]
+
 DEFAULT_WINDOW = "24h"
 # The service's limits on one input file (DashScope's Batch File API).
 MAX_LINES = 50_000
