@@ -52,6 +52,9 @@ class ModelInfo:
     free_quota_days: int | None = None
     qpm: int | None = None
     tpm: int | None = None
+    # The regions whose Batch API serves the model (dashscope's region names: cn-beijing,
+    # ap-southeast-1); empty: not offered in batch.
+    batch_regions: tuple[str, ...] = ()
     source: str = ""
     as_of: str = ""
     # Structured output: True where the model takes response_format json_schema (strict);
@@ -92,6 +95,11 @@ def _model_from(name: str, data: Mapping[str, Any], base: ModelInfo | None, wher
     for key in ("vision", "retired", "json_schema"):
         if key in values and not isinstance(values[key], bool):
             raise CatalogError(f"{where}: {name}.{key} must be true or false, not {values[key]!r}")
+    if "batch_regions" in values:
+        regions = values["batch_regions"]
+        if not isinstance(regions, (list, tuple)) or not all(isinstance(r, str) and r for r in regions):
+            raise CatalogError(f"{where}: {name}.batch_regions must be a list of region names, e.g. [\"cn-beijing\"]")
+        values["batch_regions"] = tuple(regions)
     if values.get("thinking", "none") not in THINKING_MODES:
         raise CatalogError(f"{where}: {name}.thinking must be one of {THINKING_MODES}")
     if "tiers" in data:

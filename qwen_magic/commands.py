@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import math
 import shlex
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -22,6 +23,8 @@ from .tables import Table
 from .tokens import count_text
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .client import Connection
+    from .jobs.batch import BatchJob
     from .magics import QwenMagic
 
 T = TypeVar("T")
@@ -40,6 +43,7 @@ HELP = Table(
         ("%qwen export [CHAT] PATH", "write a chat as Markdown (.md) or JSON (.json)"),
         ("%qwen resume [CHAT] [--from NB.ipynb]", "bring back a chat from the history file, or from a saved notebook"),
         ("%qwen repair", "move a damaged history file aside (kept, dated) and start a fresh one with what can be read"),
+        ("%qwen jobs [cancel ID | wait [ID]]", "batch jobs (--batch): list them, cancel one, or wait for one to finish"),
         ("%qwen budget [YUAN|off]", "show, set or remove the session's budget"),
         ("%qwen count TEXT", "tokens of TEXT, and of a one-message request, with its cost"),
         ("%qwen config", "the effective settings, the key masked"),
@@ -408,6 +412,118 @@ def _count_command(magics: "QwenMagic", args: list[str]) -> Table:
     )
 
 
+# ---- %qwen jobs: batch jobs (DashScope's Batch API)
+
+JOBS_USAGE = "Use %qwen jobs, %qwen jobs cancel ID or %qwen jobs wait [ID] (ID: a job or batch id from %qwen jobs)."
+NO_SUCH_JOB = "No batch job {job!r} in the history file; %qwen jobs lists them."
+NO_RUNNING_JOB = "No batch job of this notebook is running; %qwen jobs lists them all."
+JOB_ALREADY_FINISHED = "Job {job} has already finished ({status}); nothing to cancel."
+JOB_CANCELLING = ("Cancelling job {job} ({batches} batch(es)): the rows finished so far are kept and billed at the "
+                  "batch price; %qwen jobs shows when it is cancelled.")
+JOB_WAIT_STOPPED = ("Stopped waiting: job {job} goes on at DashScope ({progress}). "
+                    "%qwen jobs wait {job} picks it up again.")
+JOB_FINISHED = "Job {job} {status}: {completed:,} row(s) answered, {failed:,} failed, {cost} at the batch price."
+JOB_REFRESH_FAILED = "The status shown is the last one recorded: asking DashScope failed ({error})"
+
+
+def _jobs(magics: "QwenMagic", args: list[str]) -> Table | Message:
+    from .jobs import batch
+
+    if not args:
+        return _jobs_table(magics)
+    if args[0] == "cancel" and len(args) == 2:
+        job = _job_named(magics, args[1])
+        if job.terminal:
+            raise UsageError(JOB_ALREADY_FINISHED.format(job=job.id, status=job.status))
+        _reading(batch.cancel, _jobs_connection(magics), job, _store(magics))
+        return Message(JOB_CANCELLING.format(job=job.id, batches=len(job.parts)))
+    if args[0] == "wait" and len(args) <= 2:
+        job = _job_named(magics, args[1]) if len(args) == 2 else _running_job(magics)
+        return _wait_for_job(magics, job)
+    raise UsageError(JOBS_USAGE)
+
+
+def _jobs_connection(magics: "QwenMagic") -> "Connection":
+    return magics.session.connection(magics.settings())
+
+
+def _job_named(magics: "QwenMagic", name: str) -> "BatchJob":
+    from .jobs import batch
+
+    job = _reading(batch.load_job, _store(magics), name)
+    if job is None:
+        raise UsageError(NO_SUCH_JOB.format(job=shortened(name)))
+    return job
+
+
+def _running_job(magics: "QwenMagic") -> "BatchJob":
+    from .jobs import batch
+
+    rows = _reading(_store(magics).batch_jobs, magics.session.notebook)
+    running = [batch.BatchJob.from_row(row) for row in rows if row["status"] not in batch.TERMINAL]
+    if not running:
+        raise UsageError(NO_RUNNING_JOB)
+    return running[0]
+
+
+def _wait_for_job(magics: "QwenMagic", job: "BatchJob") -> Message:
+    """Block with a progress line until the job finishes; ■ stops waiting, not the job."""
+    import sys
+
+    from .jobs import batch
+
+    connection, store = _jobs_connection(magics), _store(magics)
+
+    def show(current: "BatchJob") -> None:
+        sys.stdout.write("\r" + current.progress())
+        sys.stdout.flush()
+
+    show(job)
+    try:
+        _reading(lambda: batch.wait(connection, job, store, on_change=show))
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        return Message(JOB_WAIT_STOPPED.format(job=job.id, progress=job.state()))
+    sys.stdout.write("\n")
+    catalog = magics.session.catalog(magics.settings())
+    _reading(lambda: batch.collect(connection, job, store, catalog=catalog))
+    return Message(JOB_FINISHED.format(job=job.id, status=job.status, completed=job.completed, failed=job.failed,
+                                       cost=format_yuan(job.cost)))
+
+
+def _jobs_table(magics: "QwenMagic") -> Table:
+    from .client import QwenAPIError
+    from .jobs import batch
+
+    store = _store(magics)
+    jobs = [batch.BatchJob.from_row(row) for row in _reading(store.batch_jobs)]
+    notes: list[str] = []
+    running = [job for job in jobs if not job.terminal]
+    if running:
+        try:
+            connection = _jobs_connection(magics)
+            for job in running:
+                batch.refresh(connection, job, store)
+        except (QwenAPIError, UsageError, StoreError) as error:
+            notes.append(f"{JOB_REFRESH_FAILED.format(error=str(error).rstrip('.'))}.")
+    rows = tuple(
+        (
+            job.id,
+            f"{job.notebook} · {shortened(job.cell_key, 24)}",
+            f"{job.rows:,}",
+            job.status,
+            f"{job.completed:,} done, {job.failed:,} failed",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(job.submitted_at)),
+            format_yuan(job.cost) if job.cost is not None else "—",
+        )
+        for job in jobs
+    )
+    if not rows:
+        notes.append("No batch jobs yet.")
+    return Table("Batch jobs (newest first)", rows,
+                 ("job", "notebook · cell", "rows", "status", "counts", "submitted", "cost"), tuple(notes))
+
+
 COMMANDS: dict[str, Callable[["QwenMagic", list[str]], Any]] = {
     "models": _models,
     "usage": _usage,
@@ -423,6 +539,7 @@ COMMANDS: dict[str, Callable[["QwenMagic", list[str]], Any]] = {
     "config": _config,
     "login": _login,
     "repair": _repair,
+    "jobs": _jobs,
 }
 
 

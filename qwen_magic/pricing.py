@@ -96,3 +96,16 @@ UNKNOWN_PRICE_HINT = (
     "cost unknown: add the model's price with "
     "%config QwenMagic.models = {{'{model}': {{'input': YUAN_PER_1M, 'output': YUAN_PER_1M}}}}"
 )
+
+
+# --- DashScope Batch: half the real-time price for each successful line; failed lines are free,
+# and there is no context-cache discount in batch.
+BATCH_RATE = 0.5
+
+
+def batch_line_cost(model: ModelInfo | None, usage: Usage) -> float | None:
+    """Yuan for one successful line of a batch job: the real-time price of its usage, halved."""
+    plain = Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                  reasoning_tokens=usage.reasoning_tokens)
+    cost = call_cost(model, plain)
+    return None if cost is None else cost * BATCH_RATE

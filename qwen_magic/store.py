@@ -62,6 +62,28 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (notebook, chat)
     );
     """,
+    # 3: batch jobs (DashScope's Batch API): one row per job of a cell, whatever the number of
+    # batches it was split into, so that running the cell again attaches to it instead of
+    # submitting twice, also after a kernel restart. ``record`` keeps the batches' details.
+    """
+    CREATE TABLE batch_jobs (
+        id TEXT PRIMARY KEY,
+        notebook TEXT NOT NULL,
+        cell_key TEXT NOT NULL,
+        template_digest TEXT NOT NULL,
+        model TEXT NOT NULL,
+        rows INTEGER NOT NULL,
+        batch_ids TEXT NOT NULL,
+        status TEXT NOT NULL,
+        completed INTEGER NOT NULL,
+        failed INTEGER NOT NULL,
+        submitted_at REAL NOT NULL,
+        cost REAL,
+        finished_at REAL,
+        record TEXT NOT NULL
+    );
+    CREATE INDEX batch_jobs_cell ON batch_jobs (notebook, cell_key, submitted_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # Seconds a read or a command's write waits for another program's write to end.
@@ -366,6 +388,73 @@ class Store:
             "SELECT model, COUNT(*), SUM(input_tokens), SUM(output_tokens), COALESCE(SUM(cost), 0), "
             "SUM(cost IS NULL) FROM calls GROUP BY model ORDER BY model"
         ).fetchall()
+
+    # ---- batch jobs (qwen_magic.jobs.batch writes them; %qwen jobs lists them)
+
+    _JOB_COLUMNS = ("id", "notebook", "cell_key", "template_digest", "model", "rows", "batch_ids", "status",
+                    "completed", "failed", "submitted_at", "cost", "finished_at", "record")
+
+    @_guarded
+    def save_batch_job(self, job: dict[str, Any]) -> None:
+        """Insert or update a job, given as a dict with the table's columns (``batch_ids`` a list,
+        ``record`` a dict)."""
+        values = dict(job)
+        values["batch_ids"] = json.dumps(list(values["batch_ids"]))
+        values["record"] = json.dumps(values.get("record") or {}, ensure_ascii=False)
+        columns = self._JOB_COLUMNS
+        updates = ", ".join(f"{name} = excluded.{name}" for name in columns if name != "id")
+        with self.transaction():
+            self._db.execute(
+                f"INSERT INTO batch_jobs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+                f"ON CONFLICT (id) DO UPDATE SET {updates}",
+                tuple(values.get(name) for name in columns),
+            )
+
+    @_guarded
+    def batch_job(self, job_id: str) -> dict[str, Any] | None:
+        """The job with this id, or whose batches include this batch id; None if none."""
+        row = self._db.execute(f"SELECT {', '.join(self._JOB_COLUMNS)} FROM batch_jobs WHERE id = ?",
+                               (job_id,)).fetchone()
+        if row is None:
+            qualified = ", ".join(f"batch_jobs.{name}" for name in self._JOB_COLUMNS)
+            row = self._db.execute(
+                f"SELECT {qualified} FROM batch_jobs, json_each(batch_jobs.batch_ids) "
+                "WHERE json_each.value = ? ORDER BY batch_jobs.submitted_at DESC LIMIT 1", (job_id,)).fetchone()
+        return None if row is None else self._job_from(row)
+
+    @_guarded
+    def batch_job_for_cell(self, notebook: str, cell_key: str, template_digest: str | None = None) -> dict[str, Any] | None:
+        """The latest job of a cell (of this template, when given): what a re-run attaches to."""
+        query = f"SELECT {', '.join(self._JOB_COLUMNS)} FROM batch_jobs WHERE notebook = ? AND cell_key = ?"
+        parameters: tuple[Any, ...] = (notebook, cell_key)
+        if template_digest is not None:
+            query += " AND template_digest = ?"
+            parameters += (template_digest,)
+        row = self._db.execute(query + " ORDER BY submitted_at DESC LIMIT 1", parameters).fetchone()
+        return None if row is None else self._job_from(row)
+
+    @_guarded
+    def batch_jobs(self, notebook: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Jobs, newest first (of one notebook, when given)."""
+        query = f"SELECT {', '.join(self._JOB_COLUMNS)} FROM batch_jobs"
+        parameters: tuple[Any, ...] = ()
+        if notebook is not None:
+            query += " WHERE notebook = ?"
+            parameters = (notebook,)
+        rows = self._db.execute(query + " ORDER BY submitted_at DESC LIMIT ?", (*parameters, limit)).fetchall()
+        return [self._job_from(row) for row in rows]
+
+    @_guarded
+    def delete_batch_job(self, job_id: str) -> None:
+        """Forget a job (one whose submission failed before any batch was created)."""
+        with self.transaction():
+            self._db.execute("DELETE FROM batch_jobs WHERE id = ?", (job_id,))
+
+    def _job_from(self, row: tuple[Any, ...]) -> dict[str, Any]:
+        job = dict(zip(self._JOB_COLUMNS, row))
+        job["batch_ids"] = json.loads(job["batch_ids"])
+        job["record"] = json.loads(job["record"])
+        return job
 
     def close(self) -> None:
         self._db.close()

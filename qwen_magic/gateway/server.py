@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from ..tokens import count_chat_input, count_text
+from .batches import BatchService, is_batch_path
 from .frames import _Answer, _compact, _CompatibleEncoder, _NativeEncoder
 from .replies import (
     _CHAT_COMPLETIONS,
@@ -146,6 +147,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch()
 
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
     def _pause(self, seconds: float) -> bool:
         """Sleep, but wake at once when the gateway stops; False means stop now."""
         if seconds <= 0:
@@ -216,6 +220,10 @@ class _Handler(BaseHTTPRequestHandler):
                 parsed = True
             except ValueError:
                 body, parsed = None, False
+            if is_batch_path(path):  # files and batches: multipart uploads, ids in the path
+                record = RecordedRequest(self.command, path, headers, body if isinstance(body, dict) else None, "openai")
+                self.server.registry.record(record, chat=False)
+                return self.server.gateway._batches.handle(self, record, raw)
             route = _ROUTES.get(path)
             protocol = route[0] if route else _protocol_of(path)
             record = RecordedRequest(self.command, path, headers, body if isinstance(body, dict) else None, protocol)
@@ -427,6 +435,26 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _control_reset(self, record: RecordedRequest) -> None:
         self.server.registry.reset()
+        self.server.gateway._batches.reset()
+        self._send_json(200, {"ok": True})
+
+    def _control_batches(self, record: RecordedRequest) -> None:
+        body = record.body or {}
+        try:
+            unknown = sorted(set(body) - {"stage_seconds", "lines", "capacity_refusals", "capacity_after"})
+            if unknown:
+                raise ValueError(f"unknown batch setting(s): {', '.join(unknown)}")
+            lines = body.get("lines")
+            if lines is not None and not isinstance(lines, dict):
+                raise ValueError('"lines" must map custom_id to a reply object')
+            self.server.gateway.configure_batches(
+                stage_seconds=body.get("stage_seconds"),
+                lines={key: Reply.from_dict(value) for key, value in lines.items()} if lines else None,
+                capacity_refusals=body.get("capacity_refusals"),
+                capacity_after=body.get("capacity_after") or 0,
+            )
+        except (TypeError, ValueError) as exc:
+            return self._send_json(400, {"ok": False, "error": str(exc)})
         self._send_json(200, {"ok": True})
 
     def _control_requests(self, record: RecordedRequest) -> None:
@@ -468,6 +496,7 @@ _ROUTES: dict[str, tuple[str, str, bool, str]] = {
     CONTROL_PREFIX + "/script": ("control", "POST", False, "_control_script"),
     CONTROL_PREFIX + "/reset": ("control", "POST", False, "_control_reset"),
     CONTROL_PREFIX + "/requests": ("control", "GET", False, "_control_requests"),
+    CONTROL_PREFIX + "/batches": ("control", "POST", False, "_control_batches"),
 }
 
 
@@ -560,6 +589,7 @@ class Gateway:
         # require_key=False serves like a self-hosted vLLM or Ollama, which take no key.
         self.require_key = require_key
         self._registry = _Registry()
+        self._batches = BatchService()
         self._stopping = threading.Event()
         self._log = log
         self._server = _Server((_loopback_host(host), port), self)
@@ -636,8 +666,23 @@ class Gateway:
         self._registry.script(replies, times)
 
     def reset(self) -> None:
-        """Forget scripted replies and recorded requests."""
+        """Forget scripted replies and recorded requests (and the Batch API's files, batches and settings)."""
         self._registry.reset()
+        self._batches.reset()
+
+    def configure_batches(
+        self,
+        *,
+        stage_seconds: float | None = None,
+        lines: Mapping[str, Reply] | None = None,
+        capacity_refusals: int | None = None,
+        capacity_after: int = 0,
+    ) -> None:
+        """Script the Batch API: seconds per stage (validating, in_progress, finalizing; 1 s unless
+        set), the reply of given ``custom_id``s (an error reply fails that line), and how many batch
+        creations to refuse with 429 for capacity (after accepting ``capacity_after`` more)."""
+        self._batches.configure(stage_seconds=stage_seconds, lines=lines, capacity_refusals=capacity_refusals,
+                                capacity_after=capacity_after)
 
     @property
     def requests(self) -> list[RecordedRequest]:

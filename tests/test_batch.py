@@ -1,0 +1,409 @@
+"""Batch jobs: the client (qwen_magic.jobs.batch) against the gateway's Batch API over real
+HTTP, the job records in the history file, and %qwen jobs in a real IPython shell."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import dashscope  # noqa: F401  (imported before the gateway thread warms the tokenizer up, which imports it too)
+import pytest
+from IPython.core.error import UsageError
+
+from qwen_magic.catalog import builtin_catalog
+from qwen_magic.client import Connection, QwenAPIError, Usage
+from qwen_magic.gateway import INVALID_API_KEY, Gateway, Reply, default_answer
+from qwen_magic.jobs import batch
+from qwen_magic.jobs.batch import BatchLine, PollPolicy
+from qwen_magic.pricing import batch_line_cost, call_cost
+from qwen_magic.store import Store
+
+from .conftest import TEST_KEY, run_cell, shown
+
+FAST = PollPolicy(first=0.02, most=0.1)
+
+
+@pytest.fixture
+def gw(gateway):
+    gateway.configure_batches(stage_seconds=0.1)
+    return gateway
+
+
+@pytest.fixture
+def connection(gw, isolated_env) -> Connection:
+    return Connection(api_key=TEST_KEY, base_url=gw.base_url)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    opened = Store(tmp_path / "jobs.sqlite3")
+    yield opened
+    opened.close()
+
+
+def rows(count: int, model: str = "qwen-plus", start: int = 0) -> list[BatchLine]:
+    return [BatchLine(str(key), model, ({"role": "user", "content": f"Review {key}: fine."},), {"temperature": 0.2})
+            for key in range(start, start + count)]
+
+
+def uploads(gw) -> list:
+    return [r for r in gw.all_requests if r.method == "POST" and r.path.endswith("/files")]
+
+
+def submit(connection, store, lines, **options):
+    options.setdefault("notebook", "reviews.ipynb")
+    options.setdefault("cell_key", "cell-1")
+    return batch.submit_job(connection, lines, store=store, **options)
+
+
+def test_a_job_is_submitted_polled_to_completion_and_collected(gw, connection, store):
+    lines = rows(5)
+    job = submit(connection, store, lines, template_digest="t1")
+    assert job.status == "validating" and len(job.parts) == 1 and job.rows == 5
+    sent = gw.all_requests
+    assert [r.path for r in sent if r.method == "POST"] == [
+        "/compatible-mode/v1/files", "/compatible-mode/v1/batches"]
+    created = next(r for r in sent if r.path.endswith("/batches"))
+    assert created.body["endpoint"] == "/v1/chat/completions" and created.body["completion_window"] == "24h"
+    seen: list[str] = []
+    batch.wait(connection, job, store, poll=FAST, on_change=lambda j: seen.append(j.status))
+    assert job.status == "completed" and seen[-1] == "completed" and ("in_progress" in seen or "finalizing" in seen)
+    outcomes = batch.collect(connection, job, store)
+    assert sorted(outcomes, key=int) == [line.custom_id for line in lines]
+    plus = builtin_catalog().get("qwen-plus")
+    for line in lines:
+        outcome = outcomes[line.custom_id]
+        assert outcome.ok and outcome.request_id and outcome.finish_reason == "stop"
+        assert outcome.text == default_answer("qwen-plus", list(line.messages))
+        assert outcome.usage.input_tokens > 0 and outcome.usage.output_tokens > 0
+        assert outcome.cost == pytest.approx(call_cost(plus, outcome.usage) / 2)
+    assert job.cost == pytest.approx(sum(o.cost for o in outcomes.values()))
+    stored = store.batch_job(job.id)
+    assert (stored["status"], stored["completed"], stored["failed"], stored["rows"]) == ("completed", 5, 0, 5)
+    assert stored["cost"] == pytest.approx(job.cost) and stored["finished_at"] >= stored["submitted_at"]
+    assert stored["template_digest"] == "t1" and stored["batch_ids"] == job.batch_ids
+
+
+def test_each_line_goes_out_as_the_service_expects(gw, connection, store):
+    submit(connection, store, rows(2))
+    # The gateway keeps the uploaded file; read it back through the client's own transport.
+    client, region = batch.batch_client(connection)
+    assert region == "cn-beijing" and client.base_url == gw.compatible_base_url
+    job = batch.find_job(store, "reviews.ipynb", "cell-1")
+    content = client.content(job.parts[0].input_file_id).decode()
+    import json
+
+    first = json.loads(content.splitlines()[0])
+    assert first == {"custom_id": "0", "method": "POST", "url": "/v1/chat/completions",
+                     "body": {"model": "qwen-plus", "messages": [{"role": "user", "content": "Review 0: fine."}],
+                              "temperature": 0.2}}
+
+
+def test_output_in_any_order_is_matched_by_custom_id(gw, connection, store):
+    gw.configure_batches(lines={str(key): Reply(text=f"answer for row {key}") for key in range(30)})
+    job = submit(connection, store, rows(30))
+    batch.wait(connection, job, store, poll=FAST)
+    client, _ = batch.batch_client(connection)
+    written = client.content(job.parts[0].output_file_id).decode().splitlines()
+    order = [batch.parse_line(text).custom_id for text in written]
+    assert sorted(order, key=int) == [str(key) for key in range(30)]
+    assert order != [str(key) for key in range(30)]  # the gateway wrote them out of order
+    outcomes = batch.collect(connection, job, store)
+    assert {key: outcome.text for key, outcome in outcomes.items()} == {
+        str(key): f"answer for row {key}" for key in range(30)}
+
+
+def test_failed_lines_carry_their_error_and_cost_nothing(gw, connection, store):
+    gw.configure_batches(lines={"1": Reply(error_code="DataInspectionFailed"),
+                                "3": Reply(status=500)})
+    job = submit(connection, store, rows(4))
+    batch.wait(connection, job, store, poll=FAST)
+    assert (job.completed, job.failed) == (2, 2)
+    outcomes = batch.collect(connection, job, store)
+    assert not outcomes["1"].ok and outcomes["1"].error_code == "DataInspectionFailed"
+    assert outcomes["1"].error_message and outcomes["1"].request_id and outcomes["1"].cost == 0
+    assert outcomes["3"].error_code == "InternalError" and outcomes["3"].text is None
+    assert outcomes["0"].ok and outcomes["2"].ok
+    assert job.cost == pytest.approx(outcomes["0"].cost + outcomes["2"].cost) and job.cost > 0
+
+
+def test_cancel_keeps_the_finished_lines(gw, connection, store):
+    gw.configure_batches(stage_seconds=0.5)
+    job = submit(connection, store, rows(20))
+    deadline = time.monotonic() + 5
+    while job.completed == 0 and time.monotonic() < deadline:
+        batch.refresh(connection, job, store)
+        time.sleep(0.05)
+    batch.cancel(connection, job, store)
+    assert job.status == "cancelling" and store.batch_job(job.id)["status"] == "cancelling"
+    finished = job.completed
+    assert 0 < finished < 20
+    batch.wait(connection, job, store, poll=FAST)
+    assert job.status == "cancelled" and job.completed == finished
+    outcomes = batch.collect(connection, job, store)
+    assert len(outcomes) == finished and all(outcome.ok for outcome in outcomes.values())
+
+
+def test_a_job_over_the_line_limit_is_split_into_several_batches(gw, connection, store):
+    job = submit(connection, store, rows(7), max_lines=3)
+    assert [part.rows for part in job.parts] == [3, 3, 1] and len(uploads(gw)) == 3
+    assert len(set(job.batch_ids)) == 3
+    batch.wait(connection, job, store, poll=FAST)
+    assert job.status == "completed" and job.completed == 7
+    assert sorted(batch.collect(connection, job, store), key=int) == [str(key) for key in range(7)]
+    assert store.batch_job(job.batch_ids[2])["id"] == job.id  # found by any of its batch ids
+
+
+def test_split_by_size_keeps_every_line_whole():
+    encoded = [line.encoded() for line in rows(10)]
+    files = batch.split(encoded, max_bytes=len(encoded[0]) * 4)
+    assert [len(f) for f in files] == [4, 4, 2] and [l for f in files for l in f] == encoded
+    assert batch.split([], max_lines=2) == []
+
+
+@pytest.mark.parametrize(
+    ("lines", "said"),
+    [
+        (rows(2, model="qwen-turbo-0206"), "does not serve qwen-turbo-0206 in Beijing"),
+        (rows(2) + rows(1, model="qwen-max", start=2), "One batch job takes one model"),
+        (rows(1, model="my-own-model"), "batch_regions"),
+        (rows(1) + rows(1), "share the key '0'"),
+        ([], "at least one row"),
+    ],
+)
+def test_refused_before_any_upload(gw, connection, store, lines, said):
+    with pytest.raises(UsageError) as refused:
+        submit(connection, store, lines)
+    message = str(refused.value)
+    assert said in message and "\n" not in message and TEST_KEY not in message
+    assert uploads(gw) == [] and store.batch_jobs() == []
+
+
+def test_a_region_without_the_model_in_batch_refuses_it_before_sending(isolated_env, store):
+    singapore = Connection(api_key=TEST_KEY, base_url="https://dashscope-intl.aliyuncs.com/api/v1")
+    with pytest.raises(UsageError, match="does not serve qwen3-max in Singapore; there it serves qwen-flash, "
+                                         "qwen-max, qwen-plus, qwen-turbo"):
+        submit(singapore, store, rows(1, model="qwen3-max"))
+    with pytest.raises(UsageError, match="completion window"):
+        submit(singapore, store, rows(1), window="12h")
+    assert batch.window_hours("14d") == 336 and batch.window_hours("48h") == 48
+
+
+def test_rerunning_after_a_restart_attaches_to_the_same_job(gw, connection, tmp_path):
+    path = tmp_path / "history.sqlite3"
+    first = Store(path)
+    job = submit(connection, first, rows(3), template_digest="t1")
+    first.close()  # the kernel goes away
+
+    again = Store(path)  # a new kernel on the same history file
+    try:
+        found = batch.find_job(again, "reviews.ipynb", "cell-1", "t1")
+        assert found is not None and found.id == job.id and found.batch_ids == job.batch_ids
+        assert batch.find_job(again, "reviews.ipynb", "cell-1", "another template") is None
+        assert batch.find_job(again, "other.ipynb", "cell-1") is None
+        batch.wait(connection, found, again, poll=FAST)
+        assert found.status == "completed" and len(batch.collect(connection, found, again)) == 3
+        assert len(uploads(gw)) == 1  # attached: nothing was submitted twice
+    finally:
+        again.close()
+
+
+def test_capacity_refusal_is_one_line_and_leaves_no_job(gw, connection, store):
+    gw.configure_batches(capacity_refusals=1)
+    with pytest.raises(QwenAPIError) as refused:
+        submit(connection, store, rows(2))
+    line = str(refused.value)
+    assert refused.value.status == 429 and "capacity" in line and "\n" not in line and TEST_KEY not in line
+    assert store.batch_jobs() == []  # nothing runs: the next run submits afresh
+
+
+def test_a_later_batch_refused_cancels_those_already_created(gw, connection, store):
+    gw.configure_batches(stage_seconds=5, capacity_refusals=1, capacity_after=1)
+    with pytest.raises(QwenAPIError):
+        submit(connection, store, rows(4), max_lines=2)
+    [row] = store.batch_jobs()
+    job = batch.BatchJob.from_row(row)
+    assert len(job.parts) == 1 and job.status == "cancelling"
+    cancels = [r for r in gw.all_requests if r.path.endswith("/cancel")]
+    assert [r.path for r in cancels] == [f"/compatible-mode/v1/batches/{job.batch_ids[0]}/cancel"]
+
+
+def test_a_wrong_key_is_one_line_that_never_shows_the_key(gw, isolated_env, store):
+    wrong = Connection(api_key=INVALID_API_KEY, base_url=gw.base_url)
+    with pytest.raises(QwenAPIError) as refused:
+        submit(wrong, store, rows(1))
+    assert refused.value.code == "invalid_api_key" and "region" in str(refused.value)
+    with pytest.raises(UsageError, match="No DashScope API key"):
+        submit(Connection(base_url=gw.base_url), store, rows(1))
+
+
+def test_the_key_is_in_no_error_record_or_file(isolated_env, store, tmp_path):
+    with Gateway() as own:
+        connection = Connection(api_key=TEST_KEY, base_url=own.base_url)
+        job = submit(connection, store, rows(2))
+    # The server went away mid-job.
+    with pytest.raises(QwenAPIError) as failed:
+        batch.refresh(connection, job, store)
+    assert failed.value.code == "ConnectionError" and TEST_KEY not in str(failed.value)
+    assert TEST_KEY not in repr(job) and TEST_KEY not in repr(store.batch_job(job.id))
+    for path in tmp_path.glob("jobs.sqlite3*"):
+        assert TEST_KEY.encode() not in path.read_bytes()
+
+
+def test_batch_price_is_half_the_real_time_price_without_cache_discount():
+    plus = builtin_catalog().get("qwen-plus")
+    usage = Usage(input_tokens=1000, output_tokens=500)
+    assert batch_line_cost(plus, usage) == pytest.approx(call_cost(plus, usage) / 2)
+    cached = Usage(input_tokens=1000, output_tokens=500, cached_tokens=800)
+    assert batch_line_cost(plus, cached) == batch_line_cost(plus, usage)
+    assert batch_line_cost(None, usage) is None
+
+
+def test_a_background_refresher_reports_changes_and_completion(gw, connection, store, tmp_path):
+    job = submit(connection, store, rows(4))
+    changes: list[str] = []
+    done = threading.Event()
+    refresher = batch.JobRefresher(connection, job, store.path, poll=FAST,
+                                   on_change=lambda j: changes.append(j.status), on_done=lambda j: done.set())
+    refresher.start()
+    assert done.wait(5) and refresher.error is None
+    stages = ["validating", "in_progress", "finalizing", "completed"]
+    assert changes[-1] == "completed" and changes == sorted(changes, key=stages.index)
+    refresher.stop()
+    assert not refresher.running and store.batch_job(job.id)["status"] == "completed"
+
+
+def test_a_refresher_stops_when_asked(gw, connection, store):
+    gw.configure_batches(stage_seconds=30)
+    job = submit(connection, store, rows(1))
+    refresher = batch.JobRefresher(connection, job, None, poll=FAST).start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    refresher.stop()
+    assert not refresher.running and time.monotonic() - started < 1 and job.status == "validating"
+
+
+def test_poll_intervals_grow_to_at_most_a_minute():
+    intervals = batch.PollPolicy().intervals()
+    seen = [next(intervals) for _ in range(20)]
+    assert seen[0] == 2.0 and seen == sorted(seen) and seen[-1] == 60.0
+
+
+# --------------------------------------------------------------------------- %qwen jobs
+
+
+def _magics(shell):
+    return shell.magics_manager.registry["QwenMagic"]
+
+
+def test_qwen_jobs_lists_cancels_and_waits_in_the_shell(shell, gw, capsys, monkeypatch):
+    monkeypatch.setattr(batch, "DEFAULT_POLL", FAST)
+    gw.configure_batches(stage_seconds=0.5)
+    magics = _magics(shell)
+    assert shell.run_line_magic("qwen", "jobs").rows == ()  # the magic sets the session's notebook key
+    store = magics.session.store(magics.settings())
+    connection = magics.session.connection(magics.settings())
+    job = submit(connection, store, rows(20), notebook=magics.session.notebook, cell_key="cell-abc")
+    other = submit(connection, store, rows(2), notebook=magics.session.notebook, cell_key="cell-def")
+
+    table = shell.run_line_magic("qwen", "jobs")
+    assert table.header == ("job", "notebook · cell", "rows", "status", "counts", "submitted", "cost")
+    listed = {row[0]: row for row in table.rows}
+    assert set(listed) == {job.id, other.id}
+    assert listed[job.id][1] == f"{magics.session.notebook} · cell-abc" and listed[job.id][2] == "20"
+    assert listed[job.id][3] in ("validating", "in_progress")
+
+    time.sleep(0.6)  # into in_progress: some rows finish before the cancel
+    said = shell.run_line_magic("qwen", f"jobs cancel {job.id}")
+    assert said.startswith(f"Cancelling job {job.id} (1 batch(es))")
+    assert store.batch_job(job.id)["status"] == "cancelling"
+    with pytest.raises(UsageError, match="No batch job 'job-nope'"):
+        shell.run_line_magic("qwen", "jobs cancel job-nope")
+
+    finished = shell.run_line_magic("qwen", f"jobs wait {other.batch_ids[0]}")
+    assert finished.startswith(f"Job {other.id} completed: 2 row(s) answered, 0 failed, ¥0.")
+    waited = shell.run_line_magic("qwen", "jobs wait")  # the notebook's running job: the cancelled one
+    assert waited.startswith(f"Job {job.id} cancelled:")
+    with pytest.raises(UsageError, match="already finished"):
+        shell.run_line_magic("qwen", f"jobs cancel {job.id}")
+    with pytest.raises(UsageError, match="No batch job of this notebook is running"):
+        shell.run_line_magic("qwen", "jobs wait")
+
+    outcome = run_cell(shell, "%qwen jobs")
+    text = shown(capsys)
+    assert outcome.success and "Batch jobs (newest first)" in text and "cancelled" in text
+    assert f"{other.id}" in text and "2 done, 0 failed" in text
+    assert TEST_KEY not in text
+
+
+def test_qwen_jobs_mistakes_are_one_line(shell, capsys):
+    from .conftest import refusal
+
+    assert "%qwen jobs cancel ID" in refusal(shell, capsys, "%qwen jobs stop now")
+    assert "No batch job" in refusal(shell, capsys, "%qwen jobs wait job-unknown")
+    empty = shell.run_line_magic("qwen", "jobs")
+    assert empty.rows == () and empty.notes == ("No batch jobs yet.",)
+
+
+def test_an_interrupt_stops_the_waiting_not_the_job(shell, gw, capsys, monkeypatch):
+    import os
+    import signal
+
+    monkeypatch.setattr(batch, "DEFAULT_POLL", FAST)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # ■ in a kernel: KeyboardInterrupt
+    gw.configure_batches(stage_seconds=30)
+    magics = _magics(shell)
+    shell.run_line_magic("qwen", "jobs")
+    job = submit(connection=magics.session.connection(magics.settings()), store=magics.session.store(magics.settings()),
+                 lines=rows(3), notebook=magics.session.notebook)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        started = time.monotonic()
+        said = shell.run_line_magic("qwen", "jobs wait")
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - started < 2
+    assert said == (f"Stopped waiting: job {job.id} goes on at DashScope (validating, 0/3 done). "
+                    f"%qwen jobs wait {job.id} picks it up again.")
+    assert f"\r{job.id}: validating, 0/3 done" in shown(capsys)
+    batch_id = job.batch_ids[0]
+    assert not any(r.path.endswith(f"{batch_id}/cancel") for r in gw.all_requests)
+
+
+def test_a_model_the_gateway_does_not_batch_is_a_404_line_with_advice(gw, connection, store):
+    # The catalog may be told a model is batched when the service does not batch it (yet).
+    catalog = builtin_catalog().with_overrides({"qwen-turbo-0206": {"batch_regions": ["cn-beijing"]}}, "test")
+    with pytest.raises(QwenAPIError) as refused:
+        submit(connection, store, rows(1, model="qwen-turbo-0206"), catalog=catalog)
+    assert refused.value.status == 404 and refused.value.code == "model_not_found"
+    assert "not offered in the Batch API of this region" in str(refused.value)
+    assert store.batch_jobs() == []
+
+
+def test_an_older_history_file_gains_the_jobs_table_and_keeps_its_turns(tmp_path):
+    import sqlite3
+
+    from qwen_magic import store as store_module
+
+    ours = next(i for i, script in enumerate(store_module.MIGRATIONS) if "CREATE TABLE batch_jobs" in script)
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    for script in store_module.MIGRATIONS[:ours]:
+        db.executescript(script)
+    db.execute(f"PRAGMA user_version = {ours}")
+    db.execute("INSERT INTO turns (notebook, chat, position, cell_id, record, updated_at) "
+               "VALUES ('nb', 'default', 1, NULL, '{}', 0)")
+    db.commit()
+    db.close()
+    upgraded = Store(path)
+    try:
+        assert upgraded.turns("nb", "default") == [{}] and upgraded.batch_jobs() == []
+        job = batch.BatchJob(id="job-1", notebook="nb", cell_key="c", template_digest="", model="qwen-plus",
+                             rows=1, window="24h", parts=[batch.BatchPart("batch_1", "file-1", 1)])
+        upgraded.save_batch_job(job.to_row())
+        assert batch.load_job(upgraded, "batch_1") == job
+    finally:
+        upgraded.close()
