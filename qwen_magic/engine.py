@@ -454,48 +454,60 @@ class QwenSession:
         tries = 1 + (options.retries if plan.schema is not None else 0)
         attempt = rounds = 0
         preflight = plan.preflight
-        while True:
-            rounds += 1
-            state = CallState(answer=list(shown))
-            result, error = self._send(request, preflight, connection, view, retry, sdk, state)
-            exchange.usages.append(result.usage)
-            text = mend("".join(state.answer[len(shown):]))
-            calls = state.merged_tool_calls() if result.status == COMPLETE and plan.tools else []
-            if calls and rounds >= options.max_rounds:
-                names = ", ".join(dict.fromkeys(call["function"]["name"] for call in calls))
-                result.notes.append(ROUND_LIMIT.format(rounds=rounds, names=names))
-            elif calls:
-                exchange.messages.append({"role": "assistant", "content": text, "tool_calls": calls})
-                if not self._run_calls(calls, plan.tools, options, view, exchange):
-                    result.status, text = INTERRUPTED, ""
+        result: QwenResult | None = None
+        error: QwenAPIError | None = None
+        text = ""
+        try:
+            while True:
+                rounds += 1
+                state = CallState(answer=list(shown))
+                result, error = self._send(request, preflight, connection, view, retry, sdk, state)
+                exchange.usages.append(result.usage)
+                text = mend("".join(state.answer[len(shown):]))
+                calls = state.merged_tool_calls() if result.status == COMPLETE and plan.tools else []
+                if calls and rounds >= options.max_rounds:
+                    names = ", ".join(dict.fromkeys(call["function"]["name"] for call in calls))
+                    result.notes.append(ROUND_LIMIT.format(rounds=rounds, names=names))
+                elif calls:
+                    exchange.messages.append({"role": "assistant", "content": text, "tool_calls": calls})
+                    if not self._run_calls(calls, plan.tools, options, view, exchange):
+                        result.status, text = INTERRUPTED, ""
+                        break
+                    request = dataclasses.replace(request, messages=request.messages + tuple(exchange.messages[-len(calls) - 1:]))
+                    shown = list(state.answer) + (["\n\n"] if text else [])
+                    preflight, refusal = self._next_round(request, plan, options, exchange, budget)
+                    if refusal is None:
+                        continue
+                    result.notes.append(refusal)
+                    text = ""
                     break
-                request = dataclasses.replace(request, messages=request.messages + tuple(exchange.messages[-len(calls) - 1:]))
-                shown = list(state.answer) + (["\n\n"] if text else [])
+                attempt += 1
+                problem = _schema_problem(plan, result) if result.status == COMPLETE else None
+                if problem is None or attempt >= tries:
+                    break
+                # The failed answer stays shown as it came; the next one gets a view of its own.
+                result.cost = call_cost(plan.model, result.usage)
+                result.format, result.format_error = plan.fmt, problem
+                result.notes.append(SCHEMA_RETRY.format(schema=plan.schema.name, error=problem, attempt=attempt + 1,
+                                                        tries=tries))
+                request = dataclasses.replace(request, messages=request.messages + (
+                    {"role": "assistant", "content": result.text},
+                    {"role": "user", "content": schema_retry_prompt(problem)},
+                ))
                 preflight, refusal = self._next_round(request, plan, options, exchange, budget)
-                if refusal is None:
-                    continue
-                result.notes.append(refusal)
-                text = ""
-                break
-            attempt += 1
-            problem = _schema_problem(plan, result) if result.status == COMPLETE else None
-            if problem is None or attempt >= tries:
-                break
-            # The failed answer stays shown as it came; the next one gets a view of its own.
-            result.cost = call_cost(plan.model, result.usage)
-            result.format, result.format_error = plan.fmt, problem
-            result.notes.append(SCHEMA_RETRY.format(schema=plan.schema.name, error=problem, attempt=attempt + 1,
-                                                    tries=tries))
-            request = dataclasses.replace(request, messages=request.messages + (
-                {"role": "assistant", "content": result.text},
-                {"role": "user", "content": schema_retry_prompt(problem)},
-            ))
-            preflight, refusal = self._next_round(request, plan, options, exchange, budget)
-            if refusal is not None:
-                result.notes[-1] = refusal
-                break
-            view.finish(result, {})
-            view = new_view()
+                if refusal is not None:
+                    result.notes[-1] = refusal
+                    break
+                view.finish(result, {})
+                view = new_view()
+        except KeyboardInterrupt:
+            # ■ between two steps (the next round's count, a view made, the rate limit's wait):
+            # what the earlier rounds showed and ran is kept, as in an interrupted stream.
+            if result is None:
+                raise
+            result.status, error = INTERRUPTED, None
+            if exchange.messages and exchange.messages[-1]["role"] == "tool":
+                text = ""  # the round's text went with its calls
         if exchange.messages:
             exchange.messages.append({"role": "assistant", "content": text})
         result.tool_calls = exchange.calls

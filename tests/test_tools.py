@@ -482,3 +482,34 @@ def test_the_gateway_streams_tool_calls_in_fragments_with_the_services_quirks(ga
         joined = "".join(f["function"]["arguments"] for f in fragments if f["index"] == index)
         assert json.loads(joined) == expected
     assert [c["finish_reason"] for c in choices if c["finish_reason"] not in (None, "null")] == ["tool_calls"]
+
+
+def test_an_interrupt_between_rounds_keeps_what_ran(tools_shell, gateway: Gateway, capsys) -> None:
+    # One request a minute: the second round waits for the rate limit, and ■ lands in that wait,
+    # outside any stream or call.
+    tools_shell.run_line_magic("config", "QwenMagic.models = {'qwen-plus': {'qpm': 1}}")
+    gateway.script(Reply(text="Let me look. ", tool_calls=[call("get_current_weather", location="杭州")]),
+                   Reply(text="never sent"))
+    import _thread
+    import threading
+
+    def interrupt_once_the_call_ran() -> None:
+        deadline = time.monotonic() + 20
+        while not tools_shell.user_ns["calls"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the second round is now waiting for the minute's window
+        _thread.interrupt_main()
+
+    interrupter = threading.Thread(target=interrupt_once_the_call_ran, daemon=True)
+    interrupter.start()
+    outcome = run_cell(tools_shell, "%%qwen --tools get_current_weather -o r\n杭州天气？")
+    interrupter.join()
+    said = shown(capsys)
+    assert not outcome.success and "Traceback" not in said
+    assert "interrupted; its partial text is kept" in said
+    assert len(gateway.requests) == 1  # the second round was never sent
+    result = tools_shell.user_ns["r"]
+    assert result.status == "interrupted"
+    assert [(c.name, c.result, c.error) for c in result.tool_calls] == [("get_current_weather", "杭州: 晴, 20°C", None)]
+    assert tools_shell.user_ns["calls"] == ["杭州"]
+    assert "Let me look." in result.text
