@@ -1,7 +1,8 @@
 """``{name}`` in a cell, filled from the notebook's variables without evaluating code.
 
 Only plain references are filled: a name, then attributes and constant indexes, as in
-``{df.shape}``, ``{rows[0]}`` or ``{config['model']}``, with an optional ``!r``/``!s``
+``{df.shape}``, ``{rows[0]}``, ``{config['model']}`` or ``{row[city]}`` (a bare key, as
+``str.format`` reads it), with an optional ``!r``/``!s``
 conversion and a format spec (``{price:.2f}``). No expression is evaluated and nothing in
 braces is called, but the objects' own methods do run, as they would in an f-string: each
 attribute access (``__getattr__``, properties), each index (``__getitem__``), then the
@@ -101,6 +102,8 @@ def _described(error: BaseException, limit: int = 200) -> str:
 def _constant(node: ast.AST, written: str) -> Any:
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, str)):
         return node.value
+    if isinstance(node, ast.Name):  # {row[city]}: a key written bare, as str.format reads it
+        return node.id
     if (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant)
             and type(node.operand.value) is int):
         return -node.operand.value
