@@ -89,6 +89,7 @@ class Settings:
     store_path: str | None = None
     stream: bool = True
     model_aliases: Mapping[str, str] = field(default_factory=dict)
+    concurrency: int = 8  # --map: requests in flight
 
 
 class _Ticker:

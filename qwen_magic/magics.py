@@ -79,6 +79,16 @@ class QwenMagic(Magics):
         ),
     ).tag(config=True)
 
+    concurrency = Int(8, help="--map: most requests in flight at once (--concurrency N for one cell).").tag(config=True)
+
+    @validate("concurrency")
+    def _valid_concurrency(self, proposal: dict[str, Any]) -> int:
+        from .options import MAX_CONCURRENCY
+
+        if not 1 <= proposal["value"] <= MAX_CONCURRENCY:
+            raise TraitError(f"QwenMagic.concurrency must be from 1 to {MAX_CONCURRENCY}.")
+        return proposal["value"]
+
     @validate("model")
     def _valid_model(self, proposal: dict[str, Any]) -> str:
         value = proposal["value"].strip()
@@ -156,6 +166,7 @@ class QwenMagic(Magics):
             store_path=self.store_path,
             stream=self.stream,
             model_aliases=dict(self.model_aliases),
+            concurrency=self.concurrency,
         )
 
     @cell_arguments
@@ -208,6 +219,8 @@ class QwenMagic(Magics):
 
             return run_command(self, line)
         options = CellOptions.from_namespace(parse_cell_line(self.qwen, line))
+        if options.map is not None:
+            return self._map(cell, options)
         try:
             result = self.session.ask(
                 cell,
@@ -235,6 +248,25 @@ class QwenMagic(Magics):
             from .engine import QwenFormatError
 
             raise QwenFormatError(result.format_error, kept_in=options.out)
+        return None
+
+    def _map(self, cell: str, options: CellOptions) -> Any:
+        """``--map NAME``: one request per row of the collection; the work is in jobs."""
+        from .jobs.job import run_map
+
+        try:
+            result = run_map(self.session, cell, options, self.settings(), namespace=self.shell.user_ns,
+                             cell_label=f"In [{self._prompt_number()}]",
+                             in_kernel=getattr(self.shell, "kernel", None) is not None, display=_display)
+        except BaseException as error:
+            partial = getattr(error, "result", None)
+            if options.out and partial is not None:  # an interrupted or stopped job keeps its rows
+                self.shell.user_ns[options.out] = partial
+            raise
+        if options.dry_run:
+            return result
+        if options.out:
+            self.shell.user_ns[options.out] = result
         return None
 
     def notebook_key(self) -> str:

@@ -19,6 +19,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 FORMATS = ("markdown", "text", "code", "json")
 # The largest token count a request parameter may carry (DashScope reads them as int32).
 MAX_TOKENS_PARAMETER = 2**31 - 1
+# --map: the most requests in flight a job may ask for.
+MAX_CONCURRENCY = 256
 
 _CELL_ARGUMENTS = (
     argument("-m", "--model", help="Model to ask (default: QwenMagic.model), e.g. qwen-max."),
@@ -87,6 +89,16 @@ _CELL_ARGUMENTS = (
         metavar="YUAN",
         help="Refuse this call if its worst case (with the longest answer) could cost more.",
     ),
+    # ---- jobs over rows (--map)
+    argument(
+        "--map",
+        metavar="NAME",
+        dest="map",
+        help="Ask once per element of the notebook's collection NAME (list, dict, pandas Series or "
+        "DataFrame): {item} is the element, {index} its position or key.",
+    ),
+    argument("--concurrency", type=int, metavar="N", help="--map: most requests in flight (default: QwenMagic.concurrency)."),
+    argument("--fresh", action="store_true", help="--map: ask every row again, not only those without a result."),
 )
 
 
@@ -136,6 +148,10 @@ class CellOptions:
     images: tuple[str, ...] = ()
     protocol: str | None = None
     base_url: str | None = None
+    # jobs over rows (--map)
+    map: str | None = None
+    concurrency: int | None = None
+    fresh: bool = False
 
     @classmethod
     def from_namespace(cls, namespace: argparse.Namespace) -> "CellOptions":
@@ -163,8 +179,12 @@ class CellOptions:
             images=tuple(_strip_quotes(i) or "" for i in (namespace.images or ())),
             protocol=namespace.protocol,
             base_url=_strip_quotes(namespace.base_url),
+            map=namespace.map,
+            concurrency=namespace.concurrency,
+            fresh=namespace.fresh,
         )
         options.validate()
+        options.validate_job()
         return options
 
     def validate(self) -> None:
@@ -205,6 +225,28 @@ class CellOptions:
                 raise UsageError(f"--base-url {_shown(self.base_url)}: {problem}.")
         if self.out is not None and (not self.out.isidentifier() or keyword.iskeyword(self.out)):
             raise UsageError(f"-o/--out needs a variable name (not a Python keyword), not {_shown(self.out)}.")
+
+    def validate_job(self) -> None:
+        """--map's own options, and the cell options that mean nothing for independent rows."""
+        if self.map is None:
+            for given, name in ((self.concurrency is not None, "--concurrency"), (self.fresh, "--fresh")):
+                if given:
+                    raise UsageError(f"{name} is for jobs over rows: add --map NAME.")
+            return
+        if not self.map.isidentifier() or keyword.iskeyword(self.map):
+            raise UsageError(f"--map needs the name of a notebook variable, not {_shown(self.map)}.")
+        if self.concurrency is not None and not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise UsageError(f"--concurrency must be from 1 to {MAX_CONCURRENCY} requests, not {self.concurrency}.")
+        refused = (
+            (self.chat != "default", "-c/--chat", "each row is a one-off question, in no chat"),
+            (self.new, "-n/--new", "each row is a one-off question, in no chat"),
+            (self.max_history is not None, "--max-history", "each row is a one-off question, with no history"),
+            (self.format == "code", "-f code", "it puts one answer's code in a new cell; use -f text or -f json"),
+            (not self.interpolate, "--no-interp", "each row's {item} must be filled in"),
+        )
+        for given, name, why in refused:
+            if given:
+                raise UsageError(f"{name} cannot be used with --map: {why}.")
 
     def parameters(self) -> dict[str, Any]:
         """The request parameters that were given, as the SDK names them."""
