@@ -15,6 +15,7 @@ are left exactly as written.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from typing import Any, Mapping
 
@@ -61,6 +62,19 @@ def fill(text: str, namespace: Mapping[str, Any]) -> str:
 
 def _resolve(expr: str, namespace: Mapping[str, Any], written: str) -> Any:
     """Walk name.attr[index] by hand: attributes and constant keys only, no calls."""
+    name, steps = _steps(expr, written)
+    value = namespace[name]
+    for kind, key in steps:
+        try:
+            value = getattr(value, key) if kind == "attr" else value[key]
+        except Exception as error:  # a property or __getitem__ of the user's object may raise anything
+            raise UsageError(f"{written}: {_described(error)}") from None
+    return value
+
+
+@functools.lru_cache(maxsize=1024)
+def _steps(expr: str, written: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """The reference's name and its steps, outermost last (parsed once: a job fills it per row)."""
     try:
         tree = ast.parse(expr, mode="eval").body
     except SyntaxError:
@@ -79,13 +93,7 @@ def _resolve(expr: str, namespace: Mapping[str, Any], written: str) -> Any:
             node = node.value
         else:
             raise UsageError(f"{written}: only names, attributes and constant indexes are filled in.")
-    value = namespace[node.id]
-    for kind, key in reversed(steps):
-        try:
-            value = getattr(value, key) if kind == "attr" else value[key]
-        except Exception as error:  # a property or __getitem__ of the user's object may raise anything
-            raise UsageError(f"{written}: {_described(error)}") from None
-    return value
+    return node.id, tuple(reversed(steps))
 
 
 def _described(error: BaseException, limit: int = 200) -> str:

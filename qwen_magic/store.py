@@ -401,6 +401,12 @@ class Store:
         return {row: json.loads(record) for row, record in found}
 
     @_guarded
+    def job_row_digests(self, job: str, status: str = "complete") -> set[str]:
+        """Which rows of ``job`` have ``status`` (their records are not read)."""
+        found = self._db.execute("SELECT row FROM job_rows WHERE job = ? AND status = ?", (job, status))
+        return {row for (row,) in found}
+
+    @_guarded
     def delete_job_rows(self, job: str) -> None:
         with self.transaction():
             self._db.execute("DELETE FROM job_rows WHERE job = ?", (job,))

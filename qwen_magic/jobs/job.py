@@ -23,7 +23,7 @@ from ..store import QUICK_LOCK_WAIT, StoreError, describe
 from .plan import JobDryRun, JobPlan, check_job_cost, plan_job
 from .progress import JobSummary, Progress, ProgressView, TerminalProgress
 from .results import NOT_RUN, MapResult, RowResult
-from .resume import done_rows, forget_job, job_key, record_rows
+from .resume import done_rows, forget_job, job_key, record_rows, stored_rows
 from .rows import Row, build_rows, check_template, collection_of
 from .runner import Runner, RowCall
 
@@ -108,7 +108,7 @@ def run_map(
     notes: list[str] = []
     done = _stored_rows(session, settings, job, fresh=options.fresh and not options.dry_run, notes=notes)
     if options.fresh:
-        done = {}
+        done = set()
     plan = plan_job(model_name, model, rows, done, max_tokens=options.max_tokens, thinking=options.thinking,
                     thinking_budget=options.thinking_budget)
     if options.dry_run:
@@ -132,19 +132,33 @@ def run_map(
 
 
 def _stored_rows(session: "QwenSession", settings: "Settings", job: str, *, fresh: bool,
-                 notes: list[str]) -> dict[str, dict[str, Any]]:
+                 notes: list[str]) -> set[str]:
     """The rows of this job with a result in the history (none if it cannot be read: a note says so)."""
     try:
         store = session.store(settings)
         with store.waiting_at_most(QUICK_LOCK_WAIT):
             if fresh:
                 forget_job(store, job)
-                return {}
+                return set()
             return done_rows(store, job)
     except (StoreError, sqlite3.Error) as error:
-        reason = describe(error, session.store_path(settings)) if isinstance(error, sqlite3.Error) else error
-        notes.append(f"History not read: {reason} Every row is sent.")
+        notes.append(f"History not read: {_reason(session, settings, error)} Every row is sent.")
+        return set()
+
+
+def _stored_records(session: "QwenSession", settings: "Settings", job: str, notes: list[str]) -> dict[str, Any]:
+    """The records of the rows resumed, read once the new rows are under way."""
+    try:
+        store = session.store(settings)
+        with store.waiting_at_most(QUICK_LOCK_WAIT):
+            return stored_rows(store, job)
+    except (StoreError, sqlite3.Error) as error:
+        notes.append(f"History not read: {_reason(session, settings, error)} The rows done before are not in the result.")
         return {}
+
+
+def _reason(session: "QwenSession", settings: "Settings", error: Exception) -> Any:
+    return describe(error, session.store_path(settings)) if isinstance(error, sqlite3.Error) else error
 
 
 def _run(session: "QwenSession", settings: "Settings", runner: Runner, plan: JobPlan, job: str,
@@ -197,7 +211,8 @@ def _run(session: "QwenSession", settings: "Settings", runner: Runner, plan: Job
         while not runner.results.empty():
             take(runner.results.get_nowait())
         write()
-        result = _result(plan, results, runner, input_index, elapsed=time.monotonic() - started)
+        records = _stored_records(session, settings, job, notes) if plan.resumed else {}
+        result = _result(plan, results, records, runner, input_index, elapsed=time.monotonic() - started)
         in_flight = sum(1 for row in plan.todo if row.position not in results) if interrupted else 0
         if interrupted:
             abandoned = (f"{in_flight:,} requests in flight were left to finish unread: they may be billed"
@@ -216,12 +231,12 @@ def _run(session: "QwenSession", settings: "Settings", runner: Runner, plan: Job
     return result
 
 
-def _result(plan: JobPlan, results: dict[int, RowResult], runner: Runner, input_index: Any, *,
-            elapsed: float) -> MapResult:
+def _result(plan: JobPlan, results: dict[int, RowResult], records: dict[str, Any], runner: Runner,
+            input_index: Any, *, elapsed: float) -> MapResult:
     fmt = runner.call.fmt
     rows: list[RowResult] = []
     for row in plan.rows:
-        stored = plan.done.get(row.digest)
+        stored = records.get(row.digest) if row.digest in plan.done else None
         if stored is not None:
             rows.append(_resumed(row, stored, fmt))
         else:
@@ -240,8 +255,11 @@ def _resumed(row: Row, record: dict[str, Any], fmt: str) -> RowResult:
 
 def _account(session: "QwenSession", settings: "Settings", result: MapResult, *, cell_label: str,
              interrupted: bool) -> None:
-    """The job as one line of the session's ledger and of the history's calls."""
+    """The job as one line of the session's ledger and of the history's calls (none if it sent nothing)."""
     ran = [row for row in result.rows if not row.resumed and row.status != NOT_RUN]
+    if not result.requests:
+        result.session_cost = session.ledger.total_cost
+        return
     totals = dict.fromkeys(Usage.__dataclass_fields__, 0)
     for row in ran:
         for field_name in totals:

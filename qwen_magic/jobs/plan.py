@@ -31,7 +31,7 @@ class JobPlan:
     model: ModelInfo | None
     rows: list[Row]
     todo: list[Row]
-    done: dict[str, dict[str, Any]]  # stored results of earlier runs, by row digest
+    done: set[str]  # digests of the rows with a result from an earlier run
     tokens: list[int] = field(default_factory=list)  # input tokens of each row to send
     input_cost: float | None = 0.0
     worst_cost: float | None = 0.0
@@ -51,7 +51,7 @@ class JobPlan:
         return len(self.rows) - len(self.todo)
 
 
-def plan_job(model_name: str, model: ModelInfo | None, rows: list[Row], done: dict[str, dict[str, Any]], *,
+def plan_job(model_name: str, model: ModelInfo | None, rows: list[Row], done: set[str], *,
              max_tokens: int | None, thinking: bool, thinking_budget: int | None) -> JobPlan:
     """Count every row still to send, and its cost range."""
     todo = [row for row in rows if row.digest not in done]

@@ -45,8 +45,13 @@ def record_row(store: Store, job: str, digest: str, result: RowResult) -> None:
     record_rows(store, job, [(digest, result)])
 
 
-def done_rows(store: Store, job: str) -> dict[str, dict[str, Any]]:
-    """The job's rows that have a result, by row digest (failed rows are sent again)."""
+def done_rows(store: Store, job: str) -> set[str]:
+    """The digests of the job's rows that have a result (failed rows are sent again)."""
+    return store.job_row_digests(job, COMPLETE)
+
+
+def stored_rows(store: Store, job: str) -> dict[str, dict[str, Any]]:
+    """The job's rows that have a result: their records, by row digest."""
     return store.job_rows(job, COMPLETE)
 
 

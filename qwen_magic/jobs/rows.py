@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import ChainMap
 from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass
 from typing import Any
@@ -93,8 +92,9 @@ def build_rows(
 ) -> list[Row]:
     """Every row's request, filled from its element and the notebook's variables."""
     rows = []
+    names = dict(namespace)  # copied once; each row sets its own item and index
     for position, (key, item) in enumerate(collection.pairs):
-        names = ChainMap({"item": item, "index": key}, namespace)
+        names["item"], names["index"] = item, key
         try:
             prompt = mend(fill(template, names))
             row_images = tuple(fill(image, names) for image in images)
@@ -108,8 +108,13 @@ def build_rows(
 
 def digest_of(messages: Iterable[Mapping[str, Any]]) -> str:
     """The row's identity in the history: what it asks, byte for byte."""
-    text = json.dumps(list(messages), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    digest = hashlib.blake2b(digest_size=16)
+    for message in messages:
+        content = message["content"]
+        if not isinstance(content, str):  # images and text parts
+            content = json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        digest.update(f"{message['role']}\x00{content}\x1e".encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
 
 
 def _shown_key(key: Any) -> str:
