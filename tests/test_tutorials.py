@@ -140,8 +140,12 @@ def test_tutorial_runs_top_to_bottom(path: Path, gateway: Gateway, tmp_path: Pat
         elif _is_cell_magic(cell):  # --dry-run
             assert "Dry run: nothing was sent." in _shown(cell), where
 
-    # Every announced refusal sent nothing: one request per %%qwen cell that asks.
-    assert len(gateway.requests) == sum(_sends(cell) for cell in code_cells)
+    # Every announced refusal sent nothing: one request per %%qwen cell that asks, and a job over
+    # rows (--map, qwen_magic.map) the requests its summary counts.
+    jobs = [o.metadata["qwen_magic"] for cell in code_cells for o in cell.outputs
+            if o.output_type == "display_data" and o.metadata.get("qwen_magic", {}).get("kind") == "map"]
+    asked = sum(_sends(cell) and "--map" not in _first_line(cell) for cell in code_cells)
+    assert len(gateway.requests) == asked + sum(job["requests"] for job in jobs)
     assert all(request.api_key == TEST_KEY for request in gateway.requests)
 
     for cell in code_cells:
