@@ -17,7 +17,7 @@ from __future__ import annotations
 import ast
 import functools
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from IPython.core.error import UsageError
 
@@ -33,37 +33,74 @@ _PLACEHOLDER = re.compile(
 
 def fill(text: str, namespace: Mapping[str, Any]) -> str:
     """The prompt with every reference to an existing variable replaced by its value."""
+    return _PLACEHOLDER.sub(lambda match: _replacement(match, namespace), text)
 
-    def replace(match: re.Match[str]) -> str:
+
+def filler(text: str, namespace: Mapping[str, Any], varying: tuple[str, ...]) -> Callable[[Mapping[str, Any]], str]:
+    """``fill`` for many values of the names in ``varying`` (a job's ``item`` and ``index``).
+
+    The references to other names are filled once, now, and those to ``varying`` names are
+    parsed once; the returned function fills them from the mapping it is given, as ``fill``
+    with both would.
+    """
+    parts: list[Any] = []
+    last = 0
+    for match in _PLACEHOLDER.finditer(text):
+        parts.append(text[last:match.start()])
+        last = match.end()
         expr = match.group("expr")
-        if expr is None:  # {{ ... }}: written on purpose, kept as is
-            return match.group(0)
-        root = re.match(r"[A-Za-z_][A-Za-z0-9_]*", expr).group(0)  # type: ignore[union-attr]
-        if root not in namespace:
-            return match.group(0)
-        written = match.group(0)
-        value = _resolve(expr, namespace, written)
-        conversion = match.group("conversion")
-        spec = match.group("spec") or ""
-        try:
-            if conversion == "r":
-                value = repr(value)
-            elif conversion == "a":
-                value = ascii(value)
-            text = format(value, spec) if spec else str(value)
-            if not isinstance(text, str):
-                raise TypeError(f"it gave a {type(text).__name__}, not a str")
-            return text
-        except Exception as error:  # the value's own __format__/__str__/__repr__ failed
-            raise UsageError(f"{written}: cannot format the value ({_described(error)}).") from None
+        if expr is not None and _ROOT.match(expr).group(0) in varying:  # type: ignore[union-attr]
+            written = match.group(0)
+            name, steps = _steps(expr, written)
+            parts.append((name, steps, written, match.group("conversion"), match.group("spec") or ""))
+        else:
+            parts.append(_replacement(match, namespace))
+    parts.append(text[last:])
 
-    return _PLACEHOLDER.sub(replace, text)
+    def fill_with(values: Mapping[str, Any]) -> str:
+        return "".join(part if type(part) is str else _formatted(_walk(values[part[0]], part[1], part[2]), *part[2:])
+                       for part in parts)
+
+    return fill_with
+
+
+_ROOT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _replacement(match: re.Match[str], namespace: Mapping[str, Any]) -> str:
+    """What one reference becomes: its value, formatted; itself, if the name does not exist."""
+    expr = match.group("expr")
+    if expr is None:  # {{ ... }}: written on purpose, kept as is
+        return match.group(0)
+    root = _ROOT.match(expr).group(0)  # type: ignore[union-attr]
+    if root not in namespace:
+        return match.group(0)
+    written = match.group(0)
+    value = _resolve(expr, namespace, written)
+    return _formatted(value, written, match.group("conversion"), match.group("spec") or "")
+
+
+def _formatted(value: Any, written: str, conversion: str | None, spec: str) -> str:
+    try:
+        if conversion == "r":
+            value = repr(value)
+        elif conversion == "a":
+            value = ascii(value)
+        text = format(value, spec) if spec else str(value)
+        if not isinstance(text, str):
+            raise TypeError(f"it gave a {type(text).__name__}, not a str")
+        return text
+    except Exception as error:  # the value's own __format__/__str__/__repr__ failed
+        raise UsageError(f"{written}: cannot format the value ({_described(error)}).") from None
 
 
 def _resolve(expr: str, namespace: Mapping[str, Any], written: str) -> Any:
     """Walk name.attr[index] by hand: attributes and constant keys only, no calls."""
     name, steps = _steps(expr, written)
-    value = namespace[name]
+    return _walk(namespace[name], steps, written)
+
+
+def _walk(value: Any, steps: tuple[tuple[str, Any], ...], written: str) -> Any:
     for kind, key in steps:
         try:
             value = getattr(value, key) if kind == "attr" else value[key]

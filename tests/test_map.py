@@ -336,3 +336,14 @@ def test_a_killed_kernels_finished_rows_are_resumed(gateway: Gateway, tmp_path: 
         assert len(gateway.requests) == 60 - stored
     finally:
         kernel.shutdown()
+
+
+@pytest.mark.parametrize("template", ["Row {item}: {x} {d[a][1]:>3} {item!r} {{item}} {nope} {index}",
+                                      "{item.real} and {index[0]}", "no references", "{x:.2f} {item:>4}"])
+def test_a_jobs_filler_fills_each_row_as_fill_does(template: str) -> None:
+    from qwen_magic.prompt import fill, filler
+
+    namespace = {"x": 1.5, "d": {"a": [1, 2]}}
+    fill_row = filler(template, namespace, ("item", "index"))
+    for item, index in ((5, "key"), (7, "other")):
+        assert fill_row({"item": item, "index": index}) == fill(template, {**namespace, "item": item, "index": index})

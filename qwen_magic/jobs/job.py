@@ -173,13 +173,17 @@ def _run(session: "QwenSession", settings: "Settings", runner: Runner, plan: Job
     last_write = time.monotonic()
     started = time.monotonic()
 
-    def write() -> None:
+    def write(*, last: bool = False) -> None:
         nonlocal last_write
-        batch = unsaved[:]
-        unsaved.clear()
         last_write = time.monotonic()
-        if batch:
+        if not unsaved:
+            return
+        with _interrupts_held() as held:  # a batch is written whole: ■ waits for its commit
+            batch = unsaved[:]
+            unsaved.clear()
             notes.extend(session.persist(settings, lambda store: record_rows(store, job, batch), wait=QUICK_LOCK_WAIT))
+        if held and not last:  # the last write is made while the job ends anyway
+            raise KeyboardInterrupt
 
     def take(result: RowResult) -> None:
         results[result.position] = result
@@ -210,10 +214,10 @@ def _run(session: "QwenSession", settings: "Settings", runner: Runner, plan: Job
             runner.join(2.0)
         while not runner.results.empty():
             take(runner.results.get_nowait())
-        write()
+        write(last=True)
         records = _stored_records(session, settings, job, notes) if plan.resumed else {}
         result = _result(plan, results, records, runner, input_index, elapsed=time.monotonic() - started)
-        in_flight = sum(1 for row in plan.todo if row.position not in results) if interrupted else 0
+        in_flight = runner.pace.in_flight if interrupted else 0  # requests sent, their answers not read
         if interrupted:
             abandoned = (f"{in_flight:,} requests in flight were left to finish unread: they may be billed"
                          if in_flight else "no request was left in flight")
