@@ -406,11 +406,6 @@ class Store:
         found = self._db.execute("SELECT row FROM job_rows WHERE job = ? AND status = ?", (job, status))
         return {row for (row,) in found}
 
-    @_guarded
-    def delete_job_rows(self, job: str) -> None:
-        with self.transaction():
-            self._db.execute("DELETE FROM job_rows WHERE job = ?", (job,))
-
     def close(self) -> None:
         self._db.close()
 

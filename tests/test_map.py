@@ -221,6 +221,17 @@ def test_fresh_asks_every_row_again(shell, gateway: Gateway) -> None:
     assert len(gateway.requests) == 4
 
 
+def test_a_fresh_run_refused_by_the_budget_loses_no_stored_row(shell, gateway: Gateway, capsys) -> None:
+    shell.user_ns["rows"] = ["a", "b"]
+    assert run_cell(shell, "%%qwen --map rows -m qwen-flash\nWord: {item}").success
+    run_cell(shell, "%qwen budget 0.000001")
+    refusal(shell, capsys, "%%qwen --map rows --fresh -m qwen-flash\nWord: {item}")
+    run_cell(shell, "%qwen budget off")
+    assert run_cell(shell, "%%qwen --map rows -m qwen-flash\nWord: {item}").success
+    assert "resumed: 2 done, 0 to go" in shown(capsys)
+    assert len(gateway.requests) == 2
+
+
 @pytest.mark.parametrize("changed", ["%%qwen --map rows -m qwen-flash\nA word: {item}",
                                      "%%qwen --map rows -m qwen-turbo\nWord: {item}",
                                      "%%qwen --map rows -m qwen-flash -t 0.3\nWord: {item}"])

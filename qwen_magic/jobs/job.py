@@ -23,7 +23,7 @@ from ..store import QUICK_LOCK_WAIT, StoreError, describe
 from .plan import JobDryRun, JobPlan, check_job_cost, plan_job
 from .progress import JobSummary, Progress, ProgressView, TerminalProgress
 from .results import NOT_RUN, MapResult, RowResult
-from .resume import done_rows, forget_job, job_key, record_rows, stored_rows
+from .resume import done_rows, job_key, record_rows, stored_rows
 from .rows import Row, build_rows, check_template, collection_of
 from .runner import Runner, RowCall
 
@@ -106,9 +106,9 @@ def run_map(
     job = job_key(notebook=session.notebook, template=template, model=model_name, system=system, fmt=fmt,
                   parameters=parameters, images=options.images)
     notes: list[str] = []
-    done = _stored_rows(session, settings, job, fresh=options.fresh and not options.dry_run, notes=notes)
-    if options.fresh:
-        done = set()
+    # --fresh: every row is sent again (the new answers replace the stored ones as they come;
+    # nothing is deleted first, so a refused or stopped --fresh run loses nothing).
+    done = set() if options.fresh else _stored_rows(session, settings, job, notes=notes)
     plan = plan_job(model_name, model, rows, done, max_tokens=options.max_tokens, thinking=options.thinking,
                     thinking_budget=options.thinking_budget)
     if options.dry_run:
@@ -131,15 +131,11 @@ def run_map(
                 input_index=collection.index)
 
 
-def _stored_rows(session: "QwenSession", settings: "Settings", job: str, *, fresh: bool,
-                 notes: list[str]) -> set[str]:
+def _stored_rows(session: "QwenSession", settings: "Settings", job: str, *, notes: list[str]) -> set[str]:
     """The rows of this job with a result in the history (none if it cannot be read: a note says so)."""
     try:
         store = session.store(settings)
         with store.waiting_at_most(QUICK_LOCK_WAIT):
-            if fresh:
-                forget_job(store, job)
-                return set()
             return done_rows(store, job)
     except (StoreError, sqlite3.Error) as error:
         notes.append(f"History not read: {_reason(session, settings, error)} Every row is sent.")

@@ -53,8 +53,3 @@ def done_rows(store: Store, job: str) -> set[str]:
 def stored_rows(store: Store, job: str) -> dict[str, dict[str, Any]]:
     """The job's rows that have a result: their records, by row digest."""
     return store.job_rows(job, COMPLETE)
-
-
-def forget_job(store: Store, job: str) -> None:
-    """``--fresh``: the job's stored rows are dropped, and every row is sent again."""
-    store.delete_job_rows(job)
