@@ -201,6 +201,10 @@ class QwenMagic(Magics):
             %%qwen --dry-run --max-cost 0.05
             (shows the messages, tokens and cost range; sends nothing)
 
+            %%qwen --map reviews -o labels -m qwen-flash
+            Classify this review as positive, negative or neutral: {item}
+            (one request per element of reviews, concurrently; labels[i] is row i's)
+
         Every cell continues the notebook's chat (-c NAME for another, -n to start it
         afresh, --no-history for a one-off); re-running a cell replaces its turn. Under
         the answer, a footer gives the model, the tokens (the server's figures), the cost
