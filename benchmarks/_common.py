@@ -139,6 +139,10 @@ class GatewayProcess:
     def reset(self) -> None:
         self._call("POST", "/_gateway/reset", {})
 
+    def load(self, *, delay: float = 0.0, throttle_rate: float = 0.0, seed: int = 0) -> None:
+        """Every unscripted answer after ``delay`` s; ``throttle_rate`` of requests answered 429."""
+        self._call("POST", "/_gateway/load", {"delay": delay, "throttle_rate": throttle_rate, "seed": seed})
+
     def requests(self) -> list[dict[str, Any]]:
         return self._call("GET", "/_gateway/requests")["requests"]
 

@@ -7,7 +7,7 @@ Loading stays fast: dashscope, the tokenizer and ipywidgets are imported on firs
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,24 @@ def load_ipython_extension(shell: "InteractiveShell") -> None:
             f"Offline demo: answers come from the qwen_magic offline gateway at {offline}, not from a model; "
             "nothing is billed.\n离线演示：回答来自 qwen_magic 离线网关，不是真实模型，不产生任何费用。"
         )
+
+
+def map(template: str, items: Any, *, model: str | None = None, system: str | None = None,
+        temperature: float | None = None, max_tokens: int | None = None, format: str | None = None,
+        thinking: bool = False, concurrency: int | None = None, fresh: bool = False,
+        max_cost: float | None = None, dry_run: bool = False) -> Any:
+    """``%%qwen --map`` from code: ask ``template`` once per element of ``items``.
+
+    ``{item}`` is the element and ``{index}`` its position or key; the notebook's variables
+    fill as in a cell. Returns a ``MapResult`` aligned with ``items`` (``.texts``, ``.values``,
+    ``.failed``, ``.to_series()``), or the dry run's figures. In IPython the job shares the
+    session of ``%%qwen``: its settings, rate limits, budget and ledger.
+    """
+    from .jobs.job import map_from_code
+
+    return map_from_code(template, items, model=model, system=system, temperature=temperature,
+                         max_tokens=max_tokens, format=format, thinking=thinking, concurrency=concurrency,
+                         fresh=fresh, max_cost=max_cost, dry_run=dry_run)
 
 
 def unload_ipython_extension(shell: "InteractiveShell") -> None:

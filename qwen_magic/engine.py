@@ -108,6 +108,7 @@ class Settings:
     stream: bool = True
     model_aliases: Mapping[str, str] = field(default_factory=dict)
     max_value_tokens: int = 2000
+    concurrency: int = 8  # --map: requests in flight
 
 
 class _Ticker:

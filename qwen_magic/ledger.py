@@ -23,6 +23,7 @@ class CallRecord:
     cost: float | None
     status: str
     elapsed: float
+    rows: int | None = None  # a job over rows (--map): one line for all its rows
 
 
 @dataclass
@@ -45,8 +46,8 @@ class Ledger:
         self._total_cost = sum(r.cost or 0.0 for r in self.records)
 
     def add(self, *, cell: str, chat: str | None, model: str, usage: Usage, cost: float | None,
-            status: str, elapsed: float) -> CallRecord:
-        record = CallRecord(len(self.records) + 1, cell, chat, model, usage, cost, status, elapsed)
+            status: str, elapsed: float, rows: int | None = None) -> CallRecord:
+        record = CallRecord(len(self.records) + 1, cell, chat, model, usage, cost, status, elapsed, rows)
         self.records.append(record)
         self._total_cost += cost or 0.0
         return record
@@ -70,6 +71,12 @@ class Ledger:
         return totals
 
 
+def _chat_column(record: CallRecord) -> str:
+    if record.rows is not None:
+        return f"(map, {record.rows:,} rows)"
+    return ONE_OFF if record.chat is None else record.chat
+
+
 @dataclass(frozen=True)
 class UsageReport:
     """``%qwen usage``: calls, totals per model and overall, and a bar per call."""
@@ -78,7 +85,7 @@ class UsageReport:
 
     def _rows(self) -> list[tuple[str, ...]]:
         return [
-            (str(r.number), r.cell, ONE_OFF if r.chat is None else r.chat, r.model, f"{r.usage.input_tokens:,}", f"{r.usage.output_tokens:,}",
+            (str(r.number), r.cell, _chat_column(r), r.model, f"{r.usage.input_tokens:,}", f"{r.usage.output_tokens:,}",
              format_yuan(r.cost), r.status)
             for r in self.ledger.records
         ]

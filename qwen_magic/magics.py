@@ -91,6 +91,16 @@ class QwenMagic(Magics):
             raise TraitError("QwenMagic.max_value_tokens must be between 50 and 1,000,000.")
         return proposal["value"]
 
+    concurrency = Int(8, help="--map: most requests in flight at once (--concurrency N for one cell).").tag(config=True)
+
+    @validate("concurrency")
+    def _valid_concurrency(self, proposal: dict[str, Any]) -> int:
+        from .options import MAX_CONCURRENCY
+
+        if not 1 <= proposal["value"] <= MAX_CONCURRENCY:
+            raise TraitError(f"QwenMagic.concurrency must be from 1 to {MAX_CONCURRENCY}.")
+        return proposal["value"]
+
     @validate("model")
     def _valid_model(self, proposal: dict[str, Any]) -> str:
         value = proposal["value"].strip()
@@ -175,6 +185,7 @@ class QwenMagic(Magics):
             stream=self.stream,
             model_aliases=dict(self.model_aliases),
             max_value_tokens=self.max_value_tokens,
+            concurrency=self.concurrency,
         )
 
     @cell_arguments
@@ -215,6 +226,10 @@ class QwenMagic(Magics):
             %%qwen --schema Invoice -o inv
             Extract the invoice: {text}
 
+            %%qwen --map reviews -o labels -m qwen-flash
+            Classify this review as positive, negative or neutral: {item}
+            (one request per element of reviews, concurrently; labels[i] is row i's)
+
         Every cell continues the notebook's chat (-c NAME for another, -n to start it
         afresh, --no-history for a one-off); re-running a cell replaces its turn. Under
         the answer, a footer gives the model, the tokens (the server's figures), the cost
@@ -251,6 +266,8 @@ class QwenMagic(Magics):
                 from .commands import Message
 
                 return Message(nothing)
+        if options.map is not None:
+            return self._map(cell, options)
         try:
             result = self.session.ask(
                 cell,
@@ -279,6 +296,25 @@ class QwenMagic(Magics):
             from .engine import QwenFormatError
 
             raise QwenFormatError(result.format_error, kept_in=options.out)
+        return None
+
+    def _map(self, cell: str, options: CellOptions) -> Any:
+        """``--map NAME``: one request per row of the collection; the work is in jobs."""
+        from .jobs.job import run_map
+
+        try:
+            result = run_map(self.session, cell, options, self.settings(), namespace=self.shell.user_ns,
+                             cell_label=f"In [{self._prompt_number()}]",
+                             in_kernel=getattr(self.shell, "kernel", None) is not None, display=_display)
+        except BaseException as error:
+            partial = getattr(error, "result", None)
+            if options.out and partial is not None:  # an interrupted or stopped job keeps its rows
+                self.shell.user_ns[options.out] = partial
+            raise
+        if options.dry_run:
+            return result
+        if options.out:
+            self.shell.user_ns[options.out] = result
         return None
 
     def notebook_key(self) -> str:

@@ -19,6 +19,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 FORMATS = ("markdown", "text", "code", "json")
 # The largest token count a request parameter may carry (DashScope reads them as int32).
 MAX_TOKENS_PARAMETER = 2**31 - 1
+# --map: the most requests in flight a job may ask for.
+MAX_CONCURRENCY = 256
 
 _CELL_ARGUMENTS = (
     argument("-m", "--model", help="Model to ask (default: QwenMagic.model), e.g. qwen-max."),
@@ -120,6 +122,16 @@ _CELL_ARGUMENTS = (
              help="Answer as this Pydantic model, TypedDict, dataclass or JSON Schema dict; .value is the instance."),
     argument("--retries", type=int, metavar="N", default=1,
              help="With --schema: ask again this many times when the answer does not validate (default 1)."),
+    # ---- jobs over rows (--map)
+    argument(
+        "--map",
+        metavar="NAME",
+        dest="map",
+        help="Ask once per element of the notebook's collection NAME (list, dict, pandas Series or "
+        "DataFrame): {item} is the element, {index} its position or key.",
+    ),
+    argument("--concurrency", type=int, metavar="N", help="--map: most requests in flight (default: QwenMagic.concurrency)."),
+    argument("--fresh", action="store_true", help="--map: ask every row again, not only those without a result."),
 )
 
 
@@ -178,6 +190,10 @@ class CellOptions:
     confirm: bool = False
     schema: str | None = None
     retries: int = 1
+    # jobs over rows (--map)
+    map: str | None = None
+    concurrency: int | None = None
+    fresh: bool = False
 
     @classmethod
     def from_namespace(cls, namespace: argparse.Namespace) -> "CellOptions":
@@ -214,8 +230,12 @@ class CellOptions:
             confirm=namespace.confirm,
             schema=_strip_quotes(namespace.schema),
             retries=namespace.retries,
+            map=namespace.map,
+            concurrency=namespace.concurrency,
+            fresh=namespace.fresh,
         )
         options.validate()
+        options.validate_job()
         return options
 
     def validate(self) -> None:
@@ -279,6 +299,28 @@ class CellOptions:
         if self.thinking and (self.schema is not None or self.format == "json"):
             given = "--schema" if self.schema is not None else "-f json"
             raise UsageError(f"--thinking and {given} do not mix: DashScope has no JSON mode while thinking; drop one.")
+
+    def validate_job(self) -> None:
+        """--map's own options, and the cell options that mean nothing for independent rows."""
+        if self.map is None:
+            for given, name in ((self.concurrency is not None, "--concurrency"), (self.fresh, "--fresh")):
+                if given:
+                    raise UsageError(f"{name} is for jobs over rows: add --map NAME.")
+            return
+        if not self.map.isidentifier() or keyword.iskeyword(self.map):
+            raise UsageError(f"--map needs the name of a notebook variable, not {_shown(self.map)}.")
+        if self.concurrency is not None and not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise UsageError(f"--concurrency must be from 1 to {MAX_CONCURRENCY} requests, not {self.concurrency}.")
+        refused = (
+            (self.chat != "default", "-c/--chat", "each row is a one-off question, in no chat"),
+            (self.new, "-n/--new", "each row is a one-off question, in no chat"),
+            (self.max_history is not None, "--max-history", "each row is a one-off question, with no history"),
+            (self.format == "code", "-f code", "it puts one answer's code in a new cell; use -f text or -f json"),
+            (not self.interpolate, "--no-interp", "each row's {item} must be filled in"),
+        )
+        for given, name, why in refused:
+            if given:
+                raise UsageError(f"{name} cannot be used with --map: {why}.")
 
     def parameters(self) -> dict[str, Any]:
         """The request parameters that were given, as the SDK names them."""

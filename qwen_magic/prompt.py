@@ -1,7 +1,8 @@
 """``{name}`` in a cell, filled from the notebook's variables without evaluating code.
 
 Only plain references are filled: a name, then attributes and constant indexes, as in
-``{df.shape}``, ``{rows[0]}`` or ``{config['model']}``, with an optional ``!r``/``!s``
+``{df.shape}``, ``{rows[0]}``, ``{config['model']}`` or ``{row[city]}`` (a bare key, as
+``str.format`` reads it), with an optional ``!r``/``!s``
 conversion and a format spec (``{price:.2f}``). A plain reference is filled by ``values``:
 tables, arrays, long strings and collections summarised within a token limit, images named;
 ``!full`` sends the whole value. No expression is evaluated and nothing in
@@ -16,8 +17,9 @@ are left exactly as written.
 from __future__ import annotations
 
 import ast
+import functools
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from IPython.core.error import UsageError
 
@@ -43,42 +45,103 @@ def fill(text: str, namespace: Mapping[str, Any], *, value_tokens: int = DEFAULT
     A plain reference gives at most about ``value_tokens`` tokens; ``notes`` collects a line
     for each value that was summarised to fit.
     """
+    return _PLACEHOLDER.sub(lambda match: _replacement(match, namespace, value_tokens, notes), text)
 
-    def replace(match: re.Match[str]) -> str:
+
+def filler(text: str, namespace: Mapping[str, Any], varying: tuple[str, ...], *,
+           value_tokens: int = DEFAULT_VALUE_TOKENS, notes: list[str] | None = None,
+           ) -> Callable[[Mapping[str, Any]], str]:
+    """``fill`` for many values of the names in ``varying`` (a job's ``item`` and ``index``).
+
+    The references to other names are filled once, now (summarised as ``fill`` does), and
+    those to ``varying`` names are parsed once; the returned function fills them from the
+    mapping it is given. A row's own value is never summarised: it is the job's input, and
+    cutting it would change every answer without a word.
+    """
+    parts: list[Any] = []
+    last = 0
+    for match in _PLACEHOLDER.finditer(text):
+        parts.append(text[last:match.start()])
+        last = match.end()
         expr = match.group("expr")
-        if expr is None:  # {{ ... }}: written on purpose, kept as is
-            return match.group(0)
-        root = re.match(r"[A-Za-z_][A-Za-z0-9_]*", expr).group(0)  # type: ignore[union-attr]
-        if root not in namespace:
-            return match.group(0)
-        written = match.group(0)
-        value = _resolve(expr, namespace, written)
-        conversion = match.group("conversion")
-        spec = match.group("spec") or ""
-        try:
-            if conversion == "full":
-                return render_full(value)
-            if conversion is None and not spec:
-                rendered = render(value, value_tokens)
-                if rendered.summary is not None and notes is not None:
-                    notes.append(SUMMARISED.format(placeholder=written, summary=rendered.summary, name=expr))
-                return rendered.text
-            if conversion == "r":
-                value = repr(value)
-            elif conversion == "a":
-                value = ascii(value)
-            text = format(value, spec) if spec else str(value)
-            if not isinstance(text, str):
-                raise TypeError(f"it gave a {type(text).__name__}, not a str")
-            return text
-        except Exception as error:  # the value's own __format__/__str__/__repr__ failed
-            raise UsageError(f"{written}: cannot format the value ({_described(error)}).") from None
+        if expr is not None and _ROOT.match(expr).group(0) in varying:  # type: ignore[union-attr]
+            written = match.group(0)
+            name, steps = _steps(expr, written)
+            parts.append((name, steps, written, match.group("conversion"), match.group("spec") or ""))
+        else:
+            parts.append(_replacement(match, namespace, value_tokens, notes))
+    parts.append(text[last:])
 
-    return _PLACEHOLDER.sub(replace, text)
+    def fill_with(values: Mapping[str, Any]) -> str:
+        return "".join(part if type(part) is str else _formatted(_walk(values[part[0]], part[1], part[2]), *part[2:])
+                       for part in parts)
+
+    return fill_with
+
+
+_ROOT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _replacement(match: re.Match[str], namespace: Mapping[str, Any], value_tokens: int | None = None,
+                 notes: list[str] | None = None) -> str:
+    """What one reference becomes: its value, formatted; itself, if the name does not exist.
+
+    With ``value_tokens``, a plain reference is summarised to fit (and said so in ``notes``).
+    """
+    expr = match.group("expr")
+    if expr is None:  # {{ ... }}: written on purpose, kept as is
+        return match.group(0)
+    root = _ROOT.match(expr).group(0)  # type: ignore[union-attr]
+    if root not in namespace:
+        return match.group(0)
+    written = match.group(0)
+    value = _resolve(expr, namespace, written)
+    conversion, spec = match.group("conversion"), match.group("spec") or ""
+    if value_tokens is not None and conversion is None and not spec:
+        try:
+            rendered = render(value, value_tokens)
+        except Exception as error:  # the value's own __str__/__repr__ failed
+            raise UsageError(f"{written}: cannot format the value ({_described(error)}).") from None
+        if rendered.summary is not None and notes is not None:
+            notes.append(SUMMARISED.format(placeholder=written, summary=rendered.summary, name=expr))
+        return rendered.text
+    return _formatted(value, written, conversion, spec)
+
+
+def _formatted(value: Any, written: str, conversion: str | None, spec: str) -> str:
+    try:
+        if conversion == "full":
+            return render_full(value)
+        if conversion == "r":
+            value = repr(value)
+        elif conversion == "a":
+            value = ascii(value)
+        text = format(value, spec) if spec else str(value)
+        if not isinstance(text, str):
+            raise TypeError(f"it gave a {type(text).__name__}, not a str")
+        return text
+    except Exception as error:  # the value's own __format__/__str__/__repr__ failed
+        raise UsageError(f"{written}: cannot format the value ({_described(error)}).") from None
 
 
 def _resolve(expr: str, namespace: Mapping[str, Any], written: str) -> Any:
     """Walk name.attr[index] by hand: attributes and constant keys only, no calls."""
+    name, steps = _steps(expr, written)
+    return _walk(namespace[name], steps, written)
+
+
+def _walk(value: Any, steps: tuple[tuple[str, Any], ...], written: str) -> Any:
+    for kind, key in steps:
+        try:
+            value = getattr(value, key) if kind == "attr" else value[key]
+        except Exception as error:  # a property or __getitem__ of the user's object may raise anything
+            raise UsageError(f"{written}: {_described(error)}") from None
+    return value
+
+
+@functools.lru_cache(maxsize=1024)
+def _steps(expr: str, written: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """The reference's name and its steps, outermost last (parsed once: a job fills it per row)."""
     try:
         tree = ast.parse(expr, mode="eval").body
     except SyntaxError:
@@ -97,13 +160,7 @@ def _resolve(expr: str, namespace: Mapping[str, Any], written: str) -> Any:
             node = node.value
         else:
             raise UsageError(f"{written}: only names, attributes and constant indexes are filled in.")
-    value = namespace[node.id]
-    for kind, key in reversed(steps):
-        try:
-            value = getattr(value, key) if kind == "attr" else value[key]
-        except Exception as error:  # a property or __getitem__ of the user's object may raise anything
-            raise UsageError(f"{written}: {_described(error)}") from None
-    return value
+    return node.id, tuple(reversed(steps))
 
 
 def _described(error: BaseException, limit: int = 200) -> str:
@@ -120,6 +177,8 @@ def _described(error: BaseException, limit: int = 200) -> str:
 def _constant(node: ast.AST, written: str) -> Any:
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, str)):
         return node.value
+    if isinstance(node, ast.Name):  # {row[city]}: a key written bare, as str.format reads it
+        return node.id
     if (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant)
             and type(node.operand.value) is int):
         return -node.operand.value

@@ -84,6 +84,19 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX batch_jobs_cell ON batch_jobs (notebook, cell_key, submitted_at);
     """,
+    # 4: the finished rows of jobs over collections (--map, --batch), keyed by the job (its
+    # template, model and parameters) and the row's request, so that a job run again (after an
+    # interrupt, an error, a kernel restart) sends only the rows without a result.
+    """
+    CREATE TABLE job_rows (
+        job TEXT NOT NULL,
+        row TEXT NOT NULL,
+        status TEXT NOT NULL,
+        record TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (job, row)
+    ) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # Seconds a read or a command's write waits for another program's write to end.
@@ -455,6 +468,31 @@ class Store:
         job["batch_ids"] = json.loads(job["batch_ids"])
         job["record"] = json.loads(job["record"])
         return job
+    # ---- job rows (--map, --batch): each finished row of a job, for resuming it
+
+    @_guarded
+    def save_job_rows(self, job: str, rows: Iterable[tuple[str, str, dict[str, Any]]]) -> int:
+        """Write ``(row digest, status, record)`` rows of ``job`` in one commit (a row done again
+        replaces its earlier record); return how many."""
+        now = time.time()
+        data = [(job, row, status, json.dumps(record, ensure_ascii=False), now) for row, status, record in rows]
+        with self.transaction():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO job_rows (job, row, status, record, at) VALUES (?, ?, ?, ?, ?)", data
+            )
+        return len(data)
+
+    @_guarded
+    def job_rows(self, job: str, status: str = "complete") -> dict[str, dict[str, Any]]:
+        """The records of ``job``'s rows with ``status``, by row digest."""
+        found = self._db.execute("SELECT row, record FROM job_rows WHERE job = ? AND status = ?", (job, status))
+        return {row: json.loads(record) for row, record in found}
+
+    @_guarded
+    def job_row_digests(self, job: str, status: str = "complete") -> set[str]:
+        """Which rows of ``job`` have ``status`` (their records are not read)."""
+        found = self._db.execute("SELECT row FROM job_rows WHERE job = ? AND status = ?", (job, status))
+        return {row for (row,) in found}
 
     def close(self) -> None:
         self._db.close()

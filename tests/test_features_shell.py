@@ -53,7 +53,8 @@ def test_dry_run_shows_the_filled_prompt(shell, gateway: Gateway) -> None:
         ("{rows[5]}", "{rows[5]}: IndexError"),
         ("{rows.nope}", "{rows.nope}: AttributeError"),
         ("{rows.__class__}", "private attributes"),
-        ("{rows[len]}", "an index must be a number, a quoted key or a slice"),
+        ("{rows[len]}", "{rows[len]}: TypeError"),  # a bare key is a string key, as str.format reads it
+        ("{rows[1 + 1]}", "an index must be a number, a quoted key or a slice"),
     ],
 )
 def test_a_reference_that_cannot_be_filled_is_a_usage_error(shell, gateway: Gateway, capsys, cell, message) -> None:

@@ -149,9 +149,13 @@ def test_tutorial_runs_top_to_bottom(path: Path, gateway: Gateway, tmp_path: Pat
             assert "Dry run: nothing was sent." in _shown(cell), where
 
     # Every announced refusal sent nothing: one request per %%qwen cell that asks, two for a
-    # cell with --tools (offline, the gateway calls the tools once, then answers).
-    assert len(gateway.requests) == sum(_sends(cell) * (2 if " --tools " in _first_line(cell) else 1)
-                                        for cell in code_cells)
+    # cell with --tools (offline, the gateway calls the tools once, then answers), and for a job
+    # over rows (--map, qwen_magic.map) the requests its summary counts.
+    jobs = [o.metadata["qwen_magic"] for cell in code_cells for o in cell.outputs
+            if o.output_type == "display_data" and o.metadata.get("qwen_magic", {}).get("kind") == "map"]
+    asked = sum(_sends(cell) * (2 if " --tools " in _first_line(cell) else 1)
+                for cell in code_cells if "--map" not in _first_line(cell))
+    assert len(gateway.requests) == asked + sum(job["requests"] for job in jobs)
     assert all(request.api_key == TEST_KEY for request in gateway.requests)
 
     for cell in code_cells:

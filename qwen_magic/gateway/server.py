@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import random
 import socket
 import socketserver
 import sys
@@ -12,7 +14,7 @@ import time
 import traceback
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from ..tokens import count_chat_input, count_text
@@ -36,6 +38,7 @@ from .replies import (
     Reply,
     _Failure,
     _failure,
+    _last_user_text,
     _new_request_id,
     tool_message_problem,
 )
@@ -52,6 +55,7 @@ class _Registry:
         self._forever: Reply | None = None
         self._chat: list[RecordedRequest] = []
         self._all: list[RecordedRequest] = []
+        self._load = _Load()
 
     def script(self, replies: tuple[Reply, ...], times: int | None) -> None:
         for reply in replies:
@@ -86,6 +90,7 @@ class _Registry:
             self._forever = None
             self._chat.clear()
             self._all.clear()
+            self._load = _Load()
 
     def chat_requests(self) -> list[RecordedRequest]:
         with self._lock:
@@ -100,6 +105,71 @@ class _Registry:
             if not self._lock.wait_for(lambda: len(self._chat) >= count, timeout):
                 raise TimeoutError(f"expected {count} chat request(s) within {timeout} s, got {len(self._chat)}")
             return list(self._chat)
+
+    # ---- load, for jobs over many rows (kept apart from the scripted queue above)
+
+    def reply_for(self, record: RecordedRequest) -> Reply | None:
+        """The reply to one chat request: throttled at the load's rate, else the first reply
+        scripted for text the request's last user message holds, else the queue, else an
+        unscripted answer after the load's delay."""
+        with self._lock:
+            load = self._load
+            if load.throttle_rate and load.random.random() < load.throttle_rate:
+                load.throttled += 1
+                return Reply(error_code="Throttling.RateQuota")
+            if load.matching:
+                said = _last_user_text(record.messages)
+                for needle, reply in load.matching:
+                    if needle in said:
+                        return reply
+        reply = self.next_reply()
+        if reply is None and load.delay:
+            return Reply(first_token_delay=load.delay)
+        return reply
+
+    @contextlib.contextmanager
+    def answering(self) -> Iterator[None]:
+        """Count a chat request as being answered, for the peak of requests at once."""
+        with self._lock:
+            load = self._load
+            load.in_flight += 1
+            load.peak = max(load.peak, load.in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                load.in_flight -= 1
+
+    def set_load(self, *, delay: float = 0.0, throttle_rate: float = 0.0, seed: int = 0) -> None:
+        load = _Load(delay, throttle_rate, seed)
+        with self._lock:
+            load.matching = self._load.matching
+            self._load = load
+
+    def script_matching(self, contains: str, reply: Reply) -> None:
+        if not isinstance(reply, Reply):
+            raise TypeError(f"expected Reply, got {type(reply).__name__}")
+        with self._lock:
+            self._load.matching.append((contains, reply))
+
+
+class _Load:
+    """How the gateway behaves under load, for jobs over many rows: a delay for every
+    unscripted answer, a share of requests throttled, replies chosen by what a request asks,
+    and the most chat requests seen answering at once."""
+
+    def __init__(self, delay: float = 0.0, throttle_rate: float = 0.0, seed: int = 0) -> None:
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not 0 <= delay <= 600:
+            raise ValueError('"delay" must be a number of seconds from 0 to 600')
+        if not isinstance(throttle_rate, (int, float)) or isinstance(throttle_rate, bool) or not 0 <= throttle_rate < 1:
+            raise ValueError('"throttle_rate" must be a fraction from 0 up to (not including) 1')
+        self.delay = float(delay)
+        self.throttle_rate = float(throttle_rate)
+        self.random = random.Random(seed)
+        self.matching: list[tuple[str, Reply]] = []
+        self.in_flight = 0
+        self.peak = 0
+        self.throttled = 0
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -235,7 +305,11 @@ class _Handler(BaseHTTPRequestHandler):
             if not parsed or (raw.strip() and not isinstance(body, dict)):
                 return self._reject(protocol, _failure("InvalidParameter", _new_request_id(),
                                                        message="The request body is not a JSON object."))
-            getattr(self, route[3])(record)
+            if route[2]:
+                with self.server.registry.answering():
+                    getattr(self, route[3])(record)
+            else:
+                getattr(self, route[3])(record)
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             self._abort()  # the client went away: nothing to report
         except Exception:  # a bug here must show, and still get the client an answer
@@ -307,7 +381,7 @@ class _Handler(BaseHTTPRequestHandler):
         if failure:
             return self._reject("native", failure)
         answer = _Answer.compose(
-            self.server.registry.next_reply(),
+            self.server.registry.reply_for(record),
             model=str(record.model),
             messages=record.messages,
             thinking=parameters.get("enable_thinking") is True,
@@ -331,7 +405,7 @@ class _Handler(BaseHTTPRequestHandler):
         if failure:
             return self._reject("openai", failure)
         answer = _Answer.compose(
-            self.server.registry.next_reply(),
+            self.server.registry.reply_for(record),
             model=str(record.model),
             messages=record.messages,
             thinking=body.get("enable_thinking") is True,
@@ -464,6 +538,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"requests": [request.to_dict() for request in recorded]})
 
 
+    def _control_load(self, record: RecordedRequest) -> None:
+        body = record.body or {}
+        try:
+            self.server.registry.set_load(delay=body.get("delay", 0.0), throttle_rate=body.get("throttle_rate", 0.0),
+                                          seed=body.get("seed", 0))
+        except (TypeError, ValueError) as exc:
+            return self._send_json(400, {"ok": False, "error": str(exc)})
+        self._send_json(200, {"ok": True})
+
+
 def _json_mode(parameters: Mapping[str, Any]) -> bool:
     """Whether the request asks for JSON (json_object, or a json_schema)."""
     response_format = parameters.get("response_format")
@@ -496,6 +580,9 @@ _ROUTES: dict[str, tuple[str, str, bool, str]] = {
     CONTROL_PREFIX + "/script": ("control", "POST", False, "_control_script"),
     CONTROL_PREFIX + "/reset": ("control", "POST", False, "_control_reset"),
     CONTROL_PREFIX + "/requests": ("control", "GET", False, "_control_requests"),
+    CONTROL_PREFIX + "/load": ("control", "POST", False, "_control_load"),
+
+
     CONTROL_PREFIX + "/batches": ("control", "POST", False, "_control_batches"),
 }
 
@@ -697,6 +784,28 @@ class Gateway:
     def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[RecordedRequest]:
         """Block until ``n`` chat requests have arrived; raises TimeoutError otherwise."""
         return self._registry.wait_for(n, timeout)
+
+    # ---- load, for jobs over many rows
+
+    def load(self, *, delay: float = 0.0, throttle_rate: float = 0.0, seed: int = 0) -> None:
+        """Answer every unscripted request after ``delay`` seconds, and ``throttle_rate`` of all
+        chat requests (drawn with ``seed``) with 429 Throttling.RateQuota, as a busy service does."""
+        self._registry.set_load(delay=delay, throttle_rate=throttle_rate, seed=seed)
+
+    def script_matching(self, contains: str, reply: Reply) -> None:
+        """Answer every request whose last user message contains ``contains`` with ``reply``
+        (until :meth:`reset`), whatever order concurrent requests arrive in."""
+        self._registry.script_matching(contains, reply)
+
+    @property
+    def peak_in_flight(self) -> int:
+        """The most chat requests answered at once since the last :meth:`reset`."""
+        return self._registry._load.peak
+
+    @property
+    def throttled(self) -> int:
+        """Chat requests answered 429 by the load's throttle rate since the last :meth:`reset`."""
+        return self._registry._load.throttled
 
     def _access(self, method: str, path: str, model: str | None, status: int) -> None:
         if self._log is not None:

@@ -1,0 +1,194 @@
+"""A job's results, aligned with its input: ``labels[i]`` is row i's answer.
+
+``RowResult`` is what one row came to, however it was run (real time or DashScope Batch):
+its text, parsed value, usage, cost, status and error. ``MapResult`` holds them in the
+input's order, with the input's keys, and gives pandas objects when pandas is there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Sequence
+
+from ..client import Usage
+from ..pricing import format_yuan
+from ..result import COMPLETE, FAILED
+
+# A row not sent (the job stopped first: an interrupt, an account error).
+NOT_RUN = "not run"
+
+
+@dataclass
+class RowResult:
+    """One row's answer: what ``labels[i]`` holds.
+
+    ``status`` is ``complete``, ``failed`` (after its retries; ``error`` is the code and
+    ``message`` the server's words) or ``not run``. ``resumed`` says it came from the history
+    of an earlier run, not from a request of this one.
+    """
+
+    position: int
+    key: Any
+    text: str = ""
+    value: Any = None  # -f json: the parsed answer
+    usage: Usage = field(default_factory=Usage)
+    cost: float | None = None
+    status: str = NOT_RUN
+    error: str | None = None
+    message: str | None = None
+    request_id: str | None = None
+    format_error: str | None = None
+    elapsed: float = 0.0
+    attempts: int = 0
+    resumed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == COMPLETE
+
+    def record(self) -> dict[str, Any]:
+        """The row as the history keeps it (plain JSON; no key, no position: rows move)."""
+        return {
+            "text": self.text,
+            "usage": asdict(self.usage),
+            "cost": self.cost,
+            "status": self.status,
+            "error": self.error,
+            "message": self.message,
+            "request_id": self.request_id,
+        }
+
+    @classmethod
+    def from_record(cls, position: int, key: Any, record: dict[str, Any]) -> "RowResult":
+        usage = record.get("usage") or {}
+        known = {name: int(usage.get(name) or 0) for name in Usage.__dataclass_fields__}
+        return cls(position, key, text=str(record.get("text") or ""), usage=Usage(**known),
+                   cost=record.get("cost"), status=str(record.get("status") or COMPLETE),
+                   error=record.get("error"), message=record.get("message"),
+                   request_id=record.get("request_id"), resumed=True)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        if self.ok:
+            printer.text(self.text)
+        else:
+            printer.text(f"[row {self.key!r} {self.status}{': ' + self.error if self.error else ''}]")
+
+
+@dataclass
+class MapResult(Sequence[RowResult]):
+    """Every row's ``RowResult``, in the input's order; what ``-o NAME`` holds."""
+
+    rows: list[RowResult]
+    model: str
+    elapsed: float = 0.0
+    requests: int = 0  # requests sent by this run, retries included
+    resumed: int = 0  # rows whose result came from an earlier run
+    stopped: str | None = None  # why the job stopped before every row was run
+    input_index: Any = None  # the input's pandas index, kept for to_series / to_frame
+    session_cost: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: Any) -> Any:
+        return self.rows[position]
+
+    def __iter__(self) -> Iterator[RowResult]:
+        return iter(self.rows)
+
+    @property
+    def texts(self) -> list[str]:
+        return [row.text for row in self.rows]
+
+    @property
+    def values(self) -> list[Any]:
+        return [row.value for row in self.rows]
+
+    @property
+    def keys(self) -> list[Any]:
+        return [row.key for row in self.rows]
+
+    @property
+    def failed(self) -> list[int]:
+        """Positions of the rows that failed after their retries."""
+        return [row.position for row in self.rows if row.status == FAILED]
+
+    @property
+    def not_run(self) -> list[int]:
+        return [row.position for row in self.rows if row.status == NOT_RUN]
+
+    @property
+    def done(self) -> int:
+        return sum(row.ok for row in self.rows)
+
+    @property
+    def usage(self) -> Usage:
+        """Tokens of every row, the earlier runs' included."""
+        totals = dict.fromkeys(Usage.__dataclass_fields__, 0)
+        for row in self.rows:
+            for name in totals:
+                totals[name] += getattr(row.usage, name)
+        return Usage(**totals)
+
+    @property
+    def cost(self) -> float | None:
+        """Yuan for every row (None if the model's price is unknown)."""
+        costs = [row.cost for row in self.rows if row.status != NOT_RUN and (row.usage.input_tokens or row.cost)]
+        if any(cost is None for cost in costs):
+            return None
+        return sum(costs)  # type: ignore[arg-type]
+
+    def errors(self) -> dict[str, int]:
+        """Failed rows by error code."""
+        counts: dict[str, int] = {}
+        for row in self.rows:
+            if row.status == FAILED:
+                counts[row.error or "error"] = counts.get(row.error or "error", 0) + 1
+        return counts
+
+    def to_series(self, name: str | None = None) -> Any:
+        """The answers as a pandas Series with the input's index (pandas needed)."""
+        import pandas as pd
+
+        data = [row.value for row in self.rows] if any(row.value is not None for row in self.rows) else self.texts
+        index = self.input_index if self.input_index is not None else self.keys
+        return pd.Series(data, index=index, name=name, dtype=object)
+
+    def to_frame(self) -> Any:
+        """One row per input row: text, value, status, error, tokens and cost (pandas needed)."""
+        import pandas as pd
+
+        index = self.input_index if self.input_index is not None else self.keys
+        return pd.DataFrame(
+            {
+                "text": self.texts,
+                "value": self.values,
+                "status": [row.status for row in self.rows],
+                "error": [row.error for row in self.rows],
+                "input_tokens": [row.usage.input_tokens for row in self.rows],
+                "output_tokens": [row.usage.output_tokens for row in self.rows],
+                "cost": [row.cost for row in self.rows],
+            },
+            index=index,
+        )
+
+    def summary(self) -> "JobSummary":
+        from .progress import JobSummary
+
+        return JobSummary.of(self)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        if cycle:
+            printer.text("MapResult(...)")
+            return
+        printer.text("\n".join(self.summary().lines()))
+
+    def _repr_html_(self) -> str:
+        return self.summary().html()
+
+    def __repr__(self) -> str:
+        return (f"<MapResult {len(self.rows):,} rows on {self.model}: {self.done:,} done, "
+                f"{len(self.failed):,} failed, {format_yuan(self.cost)}>")
