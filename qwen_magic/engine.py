@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from IPython.core.error import UsageError
 
+from .cache import check_explicit_cache, with_cache_markers
 from .catalog import Catalog, ModelInfo, load_catalog
 from .client import (
     NO_KEY_HELP,
@@ -38,7 +39,9 @@ from .options import CellOptions
 from .preflight import DryRun, Preflight, check_cost, check_input_limit, prepare
 from .prompt import fill
 from .pricing import UNKNOWN_PRICE_HINT, call_cost
+from .regions import Region, resolve_region
 from .result import COMPLETE, FAILED, INTERRUPTED, QwenResult
+from .spending import DEFAULT_RESERVATION_TIMEOUT, reserve_call
 from .store import QUICK_LOCK_WAIT, Owner, Store, StoreError, default_store_path, describe
 from .tokens import count_chat_input, count_text
 from .view import LiveWidgets, View, make_view
@@ -89,6 +92,9 @@ class Settings:
     store_path: str | None = None
     stream: bool = True
     model_aliases: Mapping[str, str] = field(default_factory=dict)
+    region: str | None = None  # None: from the base URL's host or DASHSCOPE_REGION
+    cache: bool = False  # --cache by default
+    reservation_timeout: float = DEFAULT_RESERVATION_TIMEOUT
 
 
 class _Ticker:
@@ -191,6 +197,8 @@ class _Plan:
     window: Window
     messages: list[dict[str, Any]]
     preflight: Preflight
+    region: Region
+    explicit_cache: bool = False  # the stable prefix is marked (--cache): reads cost 10%
 
 
 class QwenSession:
@@ -298,11 +306,15 @@ class QwenSession:
         return Connection(api_key=self.session_key, base_url=cell_base_url or settings.base_url, protocol=protocol,
                           timeout=settings.timeout, base_url_as_given=cell_base_url is not None)
 
-    def catalog(self, settings: Settings) -> Catalog:
+    def region(self, settings: Settings, options: CellOptions | None = None) -> Region:
+        """The region the call goes to: its price sheet and currency."""
+        return resolve_region(settings.region, (options.base_url if options else None) or settings.base_url)
+
+    def catalog(self, settings: Settings, region: Region | None = None) -> Catalog:
         from .catalog import CatalogError
 
         try:
-            return load_catalog(settings.models)
+            return load_catalog(settings.models, (region or self.region(settings)).sheet)
         except CatalogError as error:
             raise UsageError(f"The model catalog cannot be used: {error}") from None
 
@@ -328,8 +340,10 @@ class QwenSession:
         if options.dry_run:
             return DryRun(plan.preflight, plan.window.note())
         check_input_limit(plan.preflight)
-        check_cost(plan.preflight, spent=self.ledger.total_cost, budget=self.effective_budget(settings),
+        check_cost(plan.preflight, spent=self.ledger.total_in(plan.preflight.currency), budget=self.effective_budget(settings),
                    max_cost=options.max_cost)
+        # The user's spending limits, across kernels: the worst case is held until the call is settled.
+        spending = reserve_call(self, settings, plan.preflight, plan.region)
         connection = self.connection(settings, options)
         sdk = self.client.sdk_client(connection)  # resolved once: the key check and the call
         if connection.protocol == "native" and not sdk.config.api_key:
@@ -344,11 +358,11 @@ class QwenSession:
         # A front end that shows widgets sends the cell's id; nbconvert and papermill do not.
         view = make_view(settings.display, in_kernel=in_kernel, display=display, fmt=plan.fmt,
                          front_end=cell_id is not None, widgets=self.widgets)
-        early_notes: list[str] = []
+        early_notes: list[str] = list(spending.notes)
         if options.new:
             plan.chat.reset()
-            early_notes = self.persist(settings, lambda store: self.forget_chat(store, plan.chat),
-                                       wait=QUICK_LOCK_WAIT)
+            early_notes += self.persist(settings, lambda store: self.forget_chat(store, plan.chat),
+                                        wait=QUICK_LOCK_WAIT)
         if not options.no_history:
             plan.chat.system = plan.system
         try:
@@ -363,6 +377,7 @@ class QwenSession:
 
         with _interrupts_held() as held:
             record, save = self._settle(plan, result, options, settings, cell_id=cell_id, cell_label=cell_label)
+            save = spending.settling(save)  # the reservation goes when the billed cost is written
             view.finish(result, record)  # the whole answer first: the history may have to wait
             notes = list(dict.fromkeys(early_notes + self.persist(settings, save, wait=QUICK_LOCK_WAIT)))
             if notes:
@@ -403,9 +418,13 @@ class QwenSession:
         prompt = mend(prompt)
         fmt = options.format or "markdown"
         model_name = options.model or settings.model
-        catalog = self.catalog(settings)
+        region = self.region(settings, options)
+        catalog = self.catalog(settings, region)
         model = catalog.get(settings.model_aliases.get(model_name, model_name))
         check_capabilities(model_name, model, catalog, thinking=options.thinking, images=bool(options.images))
+        explicit_cache = settings.cache if options.cache is None else options.cache
+        if explicit_cache:
+            check_explicit_cache(model_name, model, catalog)
         if model is not None and model.max_output and options.max_tokens and options.max_tokens > model.max_output:
             raise UsageError(
                 f"--max-tokens {options.max_tokens:,} is more than {model_name} can write: "
@@ -428,9 +447,11 @@ class QwenSession:
             model_name=model_name,
         )
         messages = messages_for(request_system, window.turns, user_content)
+        if explicit_cache:
+            messages = with_cache_markers(messages)
         preflight = prepare(model_name, model, messages, max_tokens=options.max_tokens, thinking=options.thinking,
-                            thinking_budget=options.thinking_budget)
-        return _Plan(prompt, fmt, model_name, model, chat, system, window, messages, preflight)
+                            thinking_budget=options.thinking_budget, currency=region.currency.code)
+        return _Plan(prompt, fmt, model_name, model, chat, system, window, messages, preflight, region, explicit_cache)
 
     def _settle(
         self,
@@ -453,15 +474,16 @@ class QwenSession:
             result.value, result.code, result.format_error = parsed.value, parsed.code, parsed.error
             if plan.fmt == "code" and parsed.code is None:
                 result.notes.append("The answer has no code block: no cell was added.")
-        result.cost = call_cost(plan.model, result.usage)
+        result.cost = call_cost(plan.model, result.usage, explicit_cache=plan.explicit_cache)
+        result.currency = plan.region.currency.code
         if result.cost is None:
             result.notes.append(UNKNOWN_PRICE_HINT.format(model=plan.model_name))
         if plan.window.note():
             result.notes.append(plan.window.note())
         chat_name = None if options.no_history else plan.chat.name
         self.ledger.add(cell=cell_label, chat=chat_name, model=plan.model_name, usage=result.usage,
-                        cost=result.cost, status=result.status, elapsed=result.elapsed)
-        result.session_cost = self.ledger.total_cost
+                        cost=result.cost, status=result.status, elapsed=result.elapsed, currency=result.currency)
+        result.session_cost = self.ledger.total_in(result.currency)
         turn = Turn(prompt=plan.prompt, result=result, cell_id=cell_id, system=plan.system)
         result.chat = chat_name
         # The chat's first write in this kernel claims its stored copy: turns left by an earlier
@@ -480,7 +502,11 @@ class QwenSession:
         def save(store: Store) -> None:
             with store.transaction():  # the call and its turn: one commit
                 store.add_call(notebook, result.chat, result.model, result.usage.input_tokens,
-                               result.usage.output_tokens, result.cost, result.status)
+                               result.usage.output_tokens, result.cost, result.status,
+                               currency=result.currency, region=plan.region.key,
+                               cached_tokens=result.usage.cached_tokens,
+                               cache_creation_tokens=result.usage.cache_creation_tokens,
+                               searches=result.usage.searches)
                 if recorded:
                     self.write_chat(store, plan.chat,
                                     lambda name: store.save_turn(notebook, name, result.turn, cell_id, record))

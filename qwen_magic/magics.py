@@ -50,7 +50,8 @@ class QwenMagic(Magics):
     budget = Float(
         None,
         allow_none=True,
-        help="Session budget in yuan: a call whose worst case would pass it is refused (None: no budget).",
+        help="Session budget in the region's currency (yuan in Beijing, US dollars in Singapore): a call "
+        "whose worst case would pass it is refused (None: no budget).",
     ).tag(config=True)
     max_retries = Int(
         3, help="Retries of a rate-limited or failed call before any text was shown (0: none)."
@@ -75,9 +76,49 @@ class QwenMagic(Magics):
     models = Dict(
         help=(
             "Catalog overrides and additions, e.g. {'my-model': {'input': 1.0, 'output': 2.0, "
-            "'max_input': 30000}} (prices in yuan per 1M tokens; qpm/tpm set rate limits)."
+            "'max_input': 30000}} (prices per 1M tokens in the region's currency, yuan in Beijing and US "
+            "dollars in Singapore; qpm/tpm set rate limits)."
         ),
     ).tag(config=True)
+
+    region = Unicode(
+        None,
+        allow_none=True,
+        help=(
+            "The DashScope region whose prices and currency apply: 'beijing' (yuan) or 'singapore' "
+            "(US dollars). None: from the base URL's host (dashscope-intl.aliyuncs.com is Singapore), "
+            "else DASHSCOPE_REGION, else Beijing."
+        ),
+    ).tag(config=True)
+    cache = Bool(
+        False,
+        help="Mark each chat's stable prefix for the explicit context cache, as --cache does (models that have it).",
+    ).tag(config=True)
+    reservation_timeout = Float(
+        1800.0,
+        help=(
+            "Seconds after which a spending-limit reservation that no kernel settled is released "
+            "(a kernel that died on another machine; on this one, a dead kernel's is released at once)."
+        ),
+    ).tag(config=True)
+
+    @validate("region")
+    def _valid_region(self, proposal: dict[str, Any]) -> str | None:
+        from .regions import REGIONS, region_named
+
+        value = proposal["value"]
+        if value is None:
+            return None
+        region = region_named(value)
+        if region is None:
+            raise TraitError(f"QwenMagic.region must be one of {', '.join(REGIONS)} (or None), not {value!r}.")
+        return region.key
+
+    @validate("reservation_timeout")
+    def _valid_reservation_timeout(self, proposal: dict[str, Any]) -> float:
+        if not 0 < proposal["value"] < math.inf:
+            raise TraitError("QwenMagic.reservation_timeout must be a positive, finite number of seconds.")
+        return proposal["value"]
 
     @validate("model")
     def _valid_model(self, proposal: dict[str, Any]) -> str:
@@ -156,6 +197,9 @@ class QwenMagic(Magics):
             store_path=self.store_path,
             stream=self.stream,
             model_aliases=dict(self.model_aliases),
+            region=self.region,
+            cache=self.cache,
+            reservation_timeout=self.reservation_timeout,
         )
 
     @cell_arguments
