@@ -204,7 +204,8 @@ class DryRun:
             rows.append(("note", f"{p.model_name} is not in the catalog: its price is unknown"))
         if self.window_note:
             rows.append(("history", self.window_note))
-        if any(not isinstance(m["content"], str) for m in p.messages):
+        if any(not isinstance(m["content"], str) and any(part.get("type") == "image" for part in m["content"])
+               for m in p.messages):
             rows.append(("images", "not counted locally: the server's usage will include them"))
         return rows
 

@@ -81,7 +81,9 @@ def _resets(period: str, now: float) -> str:
 
 def local_zone() -> str:
     """The machine's time zone, as limits' days and months are counted in it."""
-    return datetime.now().astimezone().strftime("%Z (UTC%z)")
+    now = datetime.now().astimezone()
+    offset = now.strftime("%z")
+    return f"{now.strftime('%Z')}, UTC{offset[:3]}:{offset[3:]}"
 
 
 @dataclass
@@ -171,6 +173,8 @@ def reserve(store: Store, owner: Owner, amount: float | None, currency: str, *, 
     """
     user = current_user() if user is None else user
     now = time.time() if now is None else now
+    if not store.limits(user, currency):  # a read, which no other writer blocks: no limit, no hold
+        return Hold(None, 0.0, currency)
     with store.transaction():
         found = standings(store, currency, user=user, now=now, timeout=timeout, owner=owner)
         if not found:

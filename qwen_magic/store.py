@@ -477,6 +477,11 @@ class Store:
             "SELECT model, SUM(input_tokens), SUM(output_tokens), SUM(searches) FROM calls WHERE region = ? "
             "GROUP BY model ORDER BY model", (region,)).fetchall()
 
+    @_guarded
+    def currencies(self) -> list[str]:
+        """The currencies the recorded calls were billed in."""
+        return [row[0] for row in self._db.execute("SELECT DISTINCT currency FROM calls ORDER BY currency")]
+
     def close(self) -> None:
         self._db.close()
 
