@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from ..tokens import count_chat_input, count_text
+from .cache import ContextCache
 from .frames import _Answer, _compact, _CompatibleEncoder, _NativeEncoder
 from .replies import (
     _CHAT_COMPLETIONS,
@@ -50,6 +51,7 @@ class _Registry:
         self._forever: Reply | None = None
         self._chat: list[RecordedRequest] = []
         self._all: list[RecordedRequest] = []
+        self.context_cache = ContextCache()  # explicit-cache prefixes the requests marked
 
     def script(self, replies: tuple[Reply, ...], times: int | None) -> None:
         for reply in replies:
@@ -84,6 +86,7 @@ class _Registry:
             self._forever = None
             self._chat.clear()
             self._all.clear()
+        self.context_cache.reset()
 
     def chat_requests(self) -> list[RecordedRequest]:
         with self._lock:
@@ -295,7 +298,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reject("native", failure)
         parameters = record.parameters
         answer = _Answer.compose(
-            self.server.registry.next_reply(),
+            self.server.registry.context_cache.applied(self.server.registry.next_reply(), str(record.model),
+                                                       record.messages),
             model=str(record.model),
             messages=record.messages,
             thinking=parameters.get("enable_thinking") is True,
@@ -315,7 +319,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reject("openai", failure)
         body = record.body or {}
         answer = _Answer.compose(
-            self.server.registry.next_reply(),
+            self.server.registry.context_cache.applied(self.server.registry.next_reply(), str(record.model),
+                                                       record.messages),
             model=str(record.model),
             messages=record.messages,
             thinking=body.get("enable_thinking") is True,
