@@ -97,33 +97,36 @@ def _login(magics: "QwenMagic", args: list[str]) -> None:
 
 
 def _models(magics: "QwenMagic", args: list[str]) -> Table:
-    catalog = magics.session.catalog(magics.settings())
+    region = magics.session.region(magics.settings())
+    catalog = magics.session.catalog(magics.settings(), region)
+    sign = region.currency.symbol
     if len(args) > 1:
         raise UsageError("%qwen models takes at most one model name.")
     if args:
         model = catalog.get(args[0])
         if model is None:
             raise UsageError(f"{shortened(args[0])!r} is not in the catalog; %qwen models lists the known models.")
-        return model_details(model)
-    header = ("model", "context", "max in", "max out", "¥/1K in→out", "¥/1M in→out", "QPM", "TPM", "free", "")
+        return model_details(model, sign)
+    header = ("model", "context", "max in", "max out", f"{sign}/1K in→out", f"{sign}/1M in→out", "QPM", "TPM", "free",
+              "cache", "")
     rows = tuple(
         (
             m.name, _count(m.context), _count(m.max_input), _count(m.max_output),
             _prices(m.tiers[0], 1_000), _prices(m.tiers[0], 1) + (" (tiered)" if len(m.tiers) > 1 else ""),
-            _count(m.qpm, "—"), _count(m.tpm, "—"), _count(m.free_quota, "—"),
+            _count(m.qpm, "—"), _count(m.tpm, "—"), _count(m.free_quota, "—"), _cache_kinds(m),
             "retired" if m.retired else "",
         )
         for m in sorted(catalog.models.values(), key=lambda m: (m.retired, m.name))
     )
     return Table(
-        "Qwen models (prices in yuan; first tier shown, %qwen models NAME for all)",
+        f"Qwen models, {region.name} (prices in {region.currency.name}; first tier shown, %qwen models NAME for all)",
         rows,
         header,
         (f"Figures from: {', '.join(catalog.sources)}. Override: {user_catalog_path()} or %config QwenMagic.models.",),
     )
 
 
-def model_details(model: ModelInfo) -> Table:
+def model_details(model: ModelInfo, sign: str = "¥") -> Table:
     rows: list[tuple[str, str]] = [
         ("context", _count(model.context)),
         ("max input", _count(model.max_input)),
@@ -134,19 +137,24 @@ def model_details(model: ModelInfo) -> Table:
     lower = 0
     for tier in model.tiers:
         span = f"input {lower + 1:,}–{tier.up_to:,}" if tier.up_to else (f"input over {lower:,}" if lower else "any input")
-        price = f"¥{tier.input:g} in → ¥{tier.output:g} out per 1M"
+        price = f"{sign}{tier.input:g} in → {sign}{tier.output:g} out per 1M"
         if tier.thinking_output is not None:
-            price += f" (thinking out ¥{tier.thinking_output:g})"
+            price += f" (thinking out {sign}{tier.thinking_output:g})"
         rows.append((f"price, {span}", f"{price}; per 1K: {_prices(tier, 1_000)}"))
         lower = tier.up_to or lower
     rows += [
         ("rate limit", f"{_count(model.qpm, 'no published')} requests / {_count(model.tpm, 'no published')} tokens per minute"),
         ("free quota", f"{model.free_quota:,} tokens" + (f" for {model.free_quota_days} days" if model.free_quota_days else "")
                        if model.free_quota else "none known"),
+        ("context cache", _cache_kinds(model) or "none known"),
         ("status", "retired snapshot" if model.retired else "current"),
         ("source", f"{model.source} ({model.as_of})" if model.source else "your figures (QwenMagic.models or models.toml)"),
     ]
     return Table(model.name, tuple(rows))
+
+
+def _cache_kinds(model: ModelInfo) -> str:
+    return ", ".join(kind for kind, has in (("implicit", model.implicit_cache), ("explicit", model.explicit_cache)) if has)
 
 
 def _count(value: int | None, missing: str = "?") -> str:

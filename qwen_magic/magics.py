@@ -234,14 +234,18 @@ class QwenMagic(Magics):
             %%qwen --dry-run --max-cost 0.05
             (shows the messages, tokens and cost range; sends nothing)
 
+            %%qwen -m qwen-plus --cache
+            (a long chat re-reads its marked history at 10% of the input price)
+
         Every cell continues the notebook's chat (-c NAME for another, -n to start it
         afresh, --no-history for a one-off); re-running a cell replaces its turn. Under
         the answer, a footer gives the model, the tokens (the server's figures), the cost
         in yuan, the chat and turn, the session's total and the time. ``-o VAR`` keeps a
         result object (.text, .value for JSON, .code, .usage, .cost, .request_id).
 
-        As a line magic: %qwen help | models | usage | budget | count | chats | history |
-        reset | undo | export | resume | repair | config | login.
+        As a line magic: %qwen help | models | usage | budget | limit | count | chats |
+        history | reset | undo | export | resume | repair | config | login. Costs, budgets and
+        limits are in the region's currency (yuan in Beijing, US dollars in Singapore).
 
         Settings: %config QwenMagic (model, system, display, budget, stream, ...).
         The key comes from %qwen login, DASHSCOPE_API_KEY, or ~/.dashscope/config.toml.

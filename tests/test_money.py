@@ -201,3 +201,13 @@ def test_the_catalog_records_implicit_and_explicit_cache(shell) -> None:
         assert catalog.get("qwen-plus").explicit_cache and catalog.get("qwen-plus").implicit_cache
         assert catalog.get("qwen-max").implicit_cache and not catalog.get("qwen-max").explicit_cache
     assert not builtin_catalog().get("qwen-max-0428").implicit_cache  # dated snapshots: none
+
+
+def test_the_model_list_shows_the_regions_sheet_and_cache_kinds(shell) -> None:
+    shell.run_line_magic("config", "QwenMagic.region = 'singapore'")
+    table = pretty(run_cell(shell, "%qwen models").result)
+    assert table.startswith("Qwen models, Singapore (international site) (prices in US dollars;")
+    (row,) = [line for line in table.splitlines() if line.strip().startswith("qwen-plus ")]
+    assert "0.4→1.2 (tiered)" in row and "implicit, explicit" in row
+    details = pretty(run_cell(shell, "%qwen models qwen-max").result)
+    assert "$1.6 in → $6.4 out per 1M" in details and "context cache     implicit\n" in details
