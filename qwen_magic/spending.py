@@ -16,8 +16,8 @@ only the calls billed in dollars.
 
 Jobs (``--map``, ``--batch``) use the same two steps for their whole worst case::
 
-    hold = reserve(store, owner, amount, "CNY", what="job summaries (120 rows)")
-    ...  # as rows are recorded: hold.lower(store, still_possible)
+    hold = reserve_job(session, settings, worst_case, region, what="--map summaries (120 rows)")
+    ...  # as rows' calls are recorded: hold.lower(store, worst case of the rows still to run)
     hold.settle(store)  # in the transaction that writes the last rows' calls, or after it
 """
 
@@ -215,20 +215,36 @@ _call_holds: "weakref.WeakKeyDictionary[QwenSession, tuple[Store, Hold]]" = weak
 
 def reserve_call(session: "QwenSession", settings: "Settings", preflight: "Preflight", region: "Region") -> Hold:
     """Before sending one cell's call: reserve its worst case against the user's limits."""
-    currency = region.currency.code
     try:
         store = session.store(settings)
-        earlier = _call_holds.pop(session, None)
-        if earlier is not None and earlier[1].id is not None:
-            try:
-                earlier[1].settle(earlier[0])
-            except StoreError:  # that file is gone or closed: its hold goes with the timeout
-                pass
-        hold = reserve(store, session.owner, preflight.estimate.worst_cost, currency,
-                       what=f"{preflight.model_name} call", model=preflight.model_name,
-                       timeout=settings.reservation_timeout)
     except StoreError as error:
-        return Hold(None, 0.0, currency, [NOT_CHECKED.format(reason=error)])
+        return Hold(None, 0.0, region.currency.code, [NOT_CHECKED.format(reason=error)])
+    earlier = _call_holds.pop(session, None)
+    if earlier is not None and earlier[1].id is not None:
+        try:
+            earlier[1].settle(earlier[0])
+        except StoreError:  # that file is gone or closed: its hold goes with the timeout
+            pass
+    hold = reserve_job(session, settings, preflight.estimate.worst_cost, region,
+                       what=f"{preflight.model_name} call", model=preflight.model_name)
     if hold.id is not None:
         _call_holds[session] = (store, hold)
     return hold
+
+
+def reserve_job(session: "QwenSession", settings: "Settings", amount: float | None, region: "Region", *,
+                what: str, model: str = "this model") -> Hold:
+    """Reserve ``amount`` (a call's or a whole job's worst case) in the session's history file.
+
+    A refusal is a ``UsageError``; a history file that cannot be used gives a ``Hold`` that
+    holds nothing, with a note saying the limits were not checked. Settle with
+    ``hold.settle(session.store(settings))`` (or ``hold.settling(save)`` around the write that
+    records the calls' costs); ``hold.lower(store, amount)`` as a job's rows finish.
+    """
+    currency = region.currency.code
+    try:
+        store = session.store(settings)
+        return reserve(store, session.owner, amount, currency, what=what, model=model,
+                       timeout=settings.reservation_timeout)
+    except StoreError as error:
+        return Hold(None, 0.0, currency, [NOT_CHECKED.format(reason=error)])

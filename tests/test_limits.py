@@ -270,3 +270,31 @@ def test_the_spend_chart_is_kept_in_a_saved_notebook(gateway_server: Gateway, tm
     assert ">qwen-max</text>" in page and ">qwen-plus</text>" in page and "<rect" in page
     assert "daily limit" in page
     assert "Spend per day, last 30 days:" in output.data["text/plain"]
+
+
+def test_a_call_refused_after_its_reservation_does_not_hold_the_limit(shell, gateway: Gateway, capsys,
+                                                                      monkeypatch, isolated_env) -> None:
+    run_cell(shell, "%qwen limit daily 0.1")  # room for one worst case of qwen-max, not two
+    monkeypatch.delenv("DASHSCOPE_API_KEY")
+    assert "No DashScope API key is set" in refusal(shell, capsys, "%%qwen -m qwen-max\nHi")
+    monkeypatch.setenv("DASHSCOPE_API_KEY", TEST_KEY)
+    assert run_cell(shell, "%%qwen -m qwen-max\nHi").success  # the unsent call's hold is gone
+    assert open_reservations(store_path(isolated_env)) == []
+
+
+def test_the_gateways_cache_needs_1024_tokens_and_the_same_marked_prefix() -> None:
+    from qwen_magic.gateway.cache import ContextCache
+
+    def marked(text: str) -> dict:
+        return {"role": "system", "content": [{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]}
+
+    cache = ContextCache()
+    question = {"role": "user", "content": "Hi"}
+    assert cache.figures("qwen-plus", [{"role": "system", "content": "x " * 2000}, question]) is None
+    assert cache.figures("qwen-plus", [marked("short"), question]) == (0, 0)
+    long_prefix = [marked("word " * 2000), question]
+    read, written = cache.figures("qwen-plus", long_prefix)
+    assert read == 0 and written > 1024
+    assert cache.figures("qwen-plus", long_prefix) == (written, 0)
+    assert cache.figures("qwen-max", long_prefix) == (0, written)  # per model
+    assert cache.figures("qwen-plus", [marked("other " * 2000), question])[0] == 0

@@ -83,6 +83,8 @@ def test_a_store_with_spend_in_both_currencies_keeps_them_apart(shell, gateway: 
     text = pretty(report)
     assert "in US dollars" in text and "$0.04" in text and "¥" not in text, text
     assert "Calls billed in CNY are kept apart" in text
+    # Singapore's free quota is per region, and for input and output each.
+    assert "qwen-plus  1      $0.04  900,000 in / 1,000,000 out of 1,000,000 each" in text, text
     session_usage = pretty(run_cell(shell, "%qwen usage").result)
     assert "total: ¥0.08 and $0.04 in 2 calls" in session_usage
     rows = sqlite3.connect(Path(isolated_env).parent / "history.sqlite3").execute(
