@@ -563,8 +563,11 @@ def repair(path: Path) -> tuple[Path, int, int]:
     fresh = Store(path)
     try:
         turns = _salvage(aside, fresh, "turns", ("notebook", "chat", "position", "cell_id", "record", "updated_at"))
-        calls = _salvage(aside, fresh, "calls",
-                         ("notebook", "chat", "model", "input_tokens", "output_tokens", "cost", "status", "at"))
+        columns = ("notebook", "chat", "model", "input_tokens", "output_tokens", "cost", "status", "at")
+        # Each call's currency and region come along (a file older than them has none to give).
+        calls = (_salvage(aside, fresh, "calls", columns + ("currency", "region", "cached_tokens",
+                                                            "cache_creation_tokens", "searches"))
+                 or _salvage(aside, fresh, "calls", columns))
     finally:
         fresh.close()
     return aside, turns, calls

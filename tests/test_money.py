@@ -213,3 +213,23 @@ def test_the_model_list_shows_the_regions_sheet_and_cache_kinds(shell) -> None:
     assert "0.4→1.2 (tiered)" in row and "implicit, explicit" in row
     details = pretty(run_cell(shell, "%qwen models qwen-max").result)
     assert "$1.6 in → $6.4 out per 1M" in details and "context cache     implicit\n" in details
+
+
+def test_a_repaired_history_file_keeps_each_calls_currency(shell, capsys, isolated_env) -> None:
+    from qwen_magic.store import Store
+
+    from .test_hostile_store import damage
+
+    path = Path(isolated_env).parent / "history.sqlite3"
+    store = Store(path)
+    for number in range(200):
+        store.add_call("nb", "default", "qwen-plus", 10, 20, 0.01, "complete", currency="USD", region="singapore",
+                       searches=1)
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    damage(path, first_page=3, every=3)
+    assert run_cell(shell, "%qwen repair").success
+    rows = sqlite3.connect(path).execute("SELECT DISTINCT currency, region, searches FROM calls").fetchall()
+    assert rows == [("USD", "singapore", 1)]
