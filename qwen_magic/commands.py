@@ -70,6 +70,8 @@ def _config(magics: "QwenMagic", args: list[str]) -> Table:
         ("display", settings.display),
         ("protocol", settings.protocol),
         ("base_url", client.resolved_base_url(connection)),
+        ("region", f"{magics.session.region(settings).name}: prices, budgets and limits in "
+                   f"{magics.session.region(settings).currency.name}"),
         ("timeout", f"{timeout:g} s"),
         ("api key", f"{mask_key(key)} ({source})"),
     )

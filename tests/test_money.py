@@ -63,6 +63,8 @@ def test_singapore_shows_dollars_from_the_intl_sheet(shell, gateway: Gateway, ca
     assert shell.user_ns["answer"].cost == pytest.approx(0.0052)
     assert shell.user_ns["answer"].currency == "USD"
     assert str(run_cell(shell, "%qwen budget 2").result) == "Budget $2.00: spent $0.0052, $1.99 left."
+    config = pretty(run_cell(shell, "%qwen config").result)
+    assert "region    Singapore (international site): prices, budgets and limits in US dollars" in config
     refused = refusal(shell, capsys, "%qwen limit daily ¥5")
     assert "in the region's currency, US dollars ($), not yuan" in refused
 
