@@ -340,8 +340,8 @@ class QwenSession:
         if options.dry_run:
             return DryRun(plan.preflight, plan.window.note())
         check_input_limit(plan.preflight)
-        check_cost(plan.preflight, spent=self.ledger.total_in(plan.preflight.currency), budget=self.effective_budget(settings),
-                   max_cost=options.max_cost)
+        check_cost(plan.preflight, spent=self.ledger.total_in(plan.preflight.currency),
+                   budget=self.effective_budget(settings), max_cost=options.max_cost)
         # The user's spending limits, across kernels: the worst case is held until the call is settled.
         spending = reserve_call(self, settings, plan.preflight, plan.region)
         connection = self.connection(settings, options)

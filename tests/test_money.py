@@ -20,10 +20,6 @@ from .test_costs_shell import footer_of
 LONG_SYSTEM = "You answer questions about the data in the notebook, briefly and exactly. " * 120  # > 1,024 tokens
 
 
-def magics_of(shell):
-    return shell.magics_manager.registry["QwenMagic"]
-
-
 # ---- regions and currency
 
 
