@@ -98,17 +98,18 @@ class Hold:
     amount: float
     currency: str
     notes: list[str] = field(default_factory=list)
+    owner: Owner | None = None  # the kernel that holds it
 
     def lower(self, store: Store, amount: float) -> None:
         """Hold only ``amount`` from now on (a job whose rows are done needs less)."""
-        if self.id is not None:
-            store.change_reservation(self.id, max(amount, 0.0))
+        if self.id is not None and self.owner is not None:
+            store.change_reservation(self.id, self.owner, max(amount, 0.0))
             self.amount = max(amount, 0.0)
 
     def settle(self, store: Store) -> None:
         """Release the reservation: the calls' billed costs are recorded (or about to be)."""
-        if self.id is not None:
-            store.change_reservation(self.id, None)
+        if self.id is not None and self.owner is not None:
+            store.change_reservation(self.id, self.owner, None)
             self.id = None
 
     def settling(self, save: Callable[[Store], None]) -> Callable[[Store], None]:
@@ -184,7 +185,8 @@ def reserve(store: Store, owner: Owner, amount: float | None, currency: str, *, 
                 raise UsageError(UNBOUNDED.format(period=standing.period, model=model))
             if amount > standing.left + 1e-12:
                 raise UsageError(refusal(standing, amount, now))
-        return Hold(store.add_reservation(user, owner, currency, amount or 0.0, what), amount or 0.0, currency)
+        return Hold(store.add_reservation(user, owner, currency, amount or 0.0, what), amount or 0.0, currency,
+                    owner=owner)
 
 
 def refusal(standing: Standing, worst: float, now: float) -> str:

@@ -442,13 +442,14 @@ class Store:
         return int(cursor.lastrowid or 0)
 
     @_guarded
-    def change_reservation(self, reservation: int, amount: float | None) -> None:
-        """Hold ``amount`` now (None: release it)."""
+    def change_reservation(self, reservation: int, owner: Owner, amount: float | None) -> None:
+        """Hold ``amount`` now (None: release it); only ``owner``'s own (a file replaced meanwhile may reuse ids)."""
         with self.transaction():
             if amount is None:
-                self._db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
+                self._db.execute("DELETE FROM reservations WHERE id = ? AND owner = ?", (reservation, owner.id))
             else:
-                self._db.execute("UPDATE reservations SET amount = ? WHERE id = ?", (amount, reservation))
+                self._db.execute("UPDATE reservations SET amount = ? WHERE id = ? AND owner = ?",
+                                 (amount, reservation, owner.id))
 
     @_guarded
     def release_reservations(self, ids: Iterable[int]) -> None:

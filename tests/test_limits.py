@@ -298,3 +298,25 @@ def test_the_gateways_cache_needs_1024_tokens_and_the_same_marked_prefix() -> No
     assert cache.figures("qwen-plus", long_prefix) == (written, 0)
     assert cache.figures("qwen-max", long_prefix) == (0, written)  # per model
     assert cache.figures("qwen-plus", [marked("other " * 2000), question])[0] == 0
+
+
+def test_a_job_reserves_its_whole_worst_case_lowers_it_as_rows_finish_and_settles(tmp_path: Path) -> None:
+    from IPython.core.error import UsageError
+
+    from qwen_magic.spending import reserve
+
+    store = Store(tmp_path / "history.sqlite3")
+    store.set_limit(current_user(), "daily", "CNY", 1.0)
+    job, other = Owner(pid=os.getppid()), Owner()  # two live processes (one process runs one session)
+    hold = reserve(store, job, 0.8, "CNY", what="--map job (100 rows)")
+    with pytest.raises(UsageError, match=r"¥0.8 reserved by calls in flight, ¥0.2 left"):
+        reserve(store, other, 0.3, "CNY", what="qwen-max call")
+    hold.lower(store, 0.5)  # rows done: their calls are recorded, the rest may still cost 0.5
+    store.add_call("nb", None, "qwen-plus", 10, 10, 0.1, "complete")
+    assert reserve(store, other, 0.3, "CNY", what="qwen-max call").amount == 0.3
+    Hold = type(hold)
+    Hold(hold.id, 0.5, "CNY", owner=other).settle(store)  # another kernel's id: not its to settle
+    assert [row[2] for row in open_reservations(tmp_path / "history.sqlite3")] == [0.5, 0.3]
+    hold.settle(store)
+    assert [row[2] for row in open_reservations(tmp_path / "history.sqlite3")] == [0.3]
+    store.close()
