@@ -20,6 +20,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 BUILTIN_PATH = Path(__file__).with_name("models.toml")
+# The international site's sheet (Singapore), in US dollars; see regions.py.
+INTL_PATH = Path(__file__).with_name("models-intl.toml")
 THINKING_MODES = ("none", "hybrid", "only")
 
 
@@ -60,6 +62,14 @@ class ModelInfo:
     # Structured output: True where the model takes response_format json_schema (strict);
     # elsewhere --schema asks for json_object with the schema in the system prompt.
     json_schema: bool = False
+    # Context cache (the sheet's [cache] lists, or the model's own keys): implicit reads are
+    # billed at 20% of the input price, explicit ones (--cache) at 10%.
+    implicit_cache: bool = False
+    explicit_cache: bool = False
+    # The free quota is granted for input and for output each (the international site).
+    free_quota_each_way: bool = False
+    # Price of 1,000 web searches (usage.plugins.search), where the sheet gives one.
+    search_price: float | None = None
 
     @property
     def priced(self) -> bool:
@@ -100,6 +110,12 @@ def _model_from(name: str, data: Mapping[str, Any], base: ModelInfo | None, wher
         if not isinstance(regions, (list, tuple)) or not all(isinstance(r, str) and r for r in regions):
             raise CatalogError(f"{where}: {name}.batch_regions must be a list of region names, e.g. [\"cn-beijing\"]")
         values["batch_regions"] = tuple(regions)
+    for key in ("implicit_cache", "explicit_cache", "free_quota_each_way"):
+        if key in values and not isinstance(values[key], bool):
+            raise CatalogError(f"{where}: {name}.{key} must be true or false, not {values[key]!r}")
+    price = values.get("search_price")
+    if price is not None and (not isinstance(price, (int, float)) or isinstance(price, bool) or price < 0):
+        raise CatalogError(f"{where}: {name}.search_price must be a number >= 0 (per 1,000 searches)")
     if values.get("thinking", "none") not in THINKING_MODES:
         raise CatalogError(f"{where}: {name}.thinking must be one of {THINKING_MODES}")
     if "tiers" in data:
@@ -166,17 +182,35 @@ def _read(path: Path) -> Mapping[str, Mapping[str, Any]]:
     models = document.get("models", {})
     if not isinstance(models, Mapping):
         raise CatalogError(f"{path}: [models] must be a table of model names")
-    return models
+    return _with_cache_lists(models, document.get("cache", {}), path)
 
 
-@functools.lru_cache(maxsize=1)
-def builtin_catalog() -> Catalog:
-    """The shipped catalog, read and checked once per process."""
-    catalog = Catalog({}, ()).with_overrides(_read(BUILTIN_PATH), str(BUILTIN_PATH))
+def _with_cache_lists(models: Mapping[str, Mapping[str, Any]], cache: Any, path: Path) -> Mapping[str, Mapping[str, Any]]:
+    """The [cache] section's implicit / explicit lists as each model's flags (its own keys win)."""
+    if not cache:
+        return models
+    if not isinstance(cache, Mapping) or set(cache) - {"implicit", "explicit"}:
+        raise CatalogError(f"{path}: [cache] holds only the lists implicit and explicit")
+    merged = {name: dict(data) if isinstance(data, Mapping) else data for name, data in models.items()}
+    for kind in ("implicit", "explicit"):
+        names = cache.get(kind, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CatalogError(f"{path}: [cache].{kind} must be a list of model names")
+        for name in names:
+            entry = merged.get(name)
+            if isinstance(entry, dict):
+                entry.setdefault(f"{kind}_cache", True)
+    return merged
+
+
+@functools.lru_cache(maxsize=2)
+def builtin_catalog(path: Path = BUILTIN_PATH) -> Catalog:
+    """A shipped sheet (Beijing's by default), read and checked once per process."""
+    catalog = Catalog({}, ()).with_overrides(_read(path), str(path))
     for model in catalog.models.values():
         if not model.priced or model.max_input is None:
-            raise CatalogError(f"{BUILTIN_PATH}: {model.name} lacks prices or limits")
-    return Catalog(catalog.models, ("built-in models.toml",))
+            raise CatalogError(f"{path}: {model.name} lacks prices or limits")
+    return Catalog(catalog.models, (f"built-in {path.name}",))
 
 
 def user_catalog_path() -> Path:
@@ -189,9 +223,9 @@ def user_catalog_path() -> Path:
     return Path(user_config_dir("qwen-magic")) / "models.toml"
 
 
-def load_catalog(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Catalog:
-    """Built-in figures, then the user's file, then the trait's overrides."""
-    catalog = builtin_catalog()
+def load_catalog(overrides: Mapping[str, Mapping[str, Any]] | None = None, sheet: Path = BUILTIN_PATH) -> Catalog:
+    """Built-in figures (the region's ``sheet``), then the user's file, then the trait's overrides."""
+    catalog = builtin_catalog(sheet)
     path = user_catalog_path()
     if path.is_file():
         catalog = catalog.with_overrides(_read(path), str(path))

@@ -18,14 +18,16 @@ from .client import key_source, mask_key
 from .ledger import UsageReport
 from .preflight import prepare
 from .store import Store, StoreError, check, repair
-from .pricing import format_yuan
+from .pricing import format_money, format_yuan
 from .tables import Table
 from .tokens import count_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client import Connection
     from .jobs.batch import BatchJob
+    from .account import AccountUsage
     from .magics import QwenMagic
+    from .regions import Currency
 
 T = TypeVar("T")
 
@@ -35,7 +37,8 @@ HELP = Table(
     (
         ("%%qwen [options]", "ask the model the cell's text (%%qwen? lists the options)"),
         ("%qwen models [NAME]", "the catalog: limits, prices, rate limits, free quota"),
-        ("%qwen usage [--all]", "every call of this session with its tokens and cost; --all: all-time per model"),
+        ("%qwen usage [--all]", "every call of this session with its tokens and cost; --all: across notebooks, "
+                                "today, this month, limits, per model and notebook, free quota, a 30-day chart"),
         ("%qwen chats", "the notebook's chats: turns, tokens, cost"),
         ("%qwen history [CHAT]", "a chat, turn by turn, with tokens and cost"),
         ("%qwen reset [CHAT]", "empty a chat (memory and history file)"),
@@ -44,7 +47,9 @@ HELP = Table(
         ("%qwen resume [CHAT] [--from NB.ipynb]", "bring back a chat from the history file, or from a saved notebook"),
         ("%qwen repair", "move a damaged history file aside (kept, dated) and start a fresh one with what can be read"),
         ("%qwen jobs [cancel ID | wait [ID]]", "batch jobs (--batch): list them, cancel one, or wait for one to finish"),
-        ("%qwen budget [YUAN|off]", "show, set or remove the session's budget"),
+        ("%qwen budget [AMOUNT|off]", "show, set or remove the session's budget (in the region's currency)"),
+        ("%qwen limit [daily|monthly AMOUNT|off]", "show, set or remove your spending limits across all kernels "
+                                                   "and notebooks (in the region's currency)"),
         ("%qwen count TEXT", "tokens of TEXT, and of a one-message request, with its cost"),
         ("%qwen config", "the effective settings, the key masked"),
         ("%qwen login", "type the API key at a hidden prompt; kept in memory for this session"),
@@ -71,6 +76,8 @@ def _config(magics: "QwenMagic", args: list[str]) -> Table:
         ("display", settings.display),
         ("protocol", settings.protocol),
         ("base_url", client.resolved_base_url(connection)),
+        ("region", f"{magics.session.region(settings).name}: prices, budgets and limits in "
+                   f"{magics.session.region(settings).currency.name}"),
         ("timeout", f"{timeout:g} s"),
         ("api key", f"{mask_key(key)} ({source})"),
     )
@@ -98,33 +105,36 @@ def _login(magics: "QwenMagic", args: list[str]) -> None:
 
 
 def _models(magics: "QwenMagic", args: list[str]) -> Table:
-    catalog = magics.session.catalog(magics.settings())
+    region = magics.session.region(magics.settings())
+    catalog = magics.session.catalog(magics.settings(), region)
+    sign = region.currency.symbol
     if len(args) > 1:
         raise UsageError("%qwen models takes at most one model name.")
     if args:
         model = catalog.get(args[0])
         if model is None:
             raise UsageError(f"{shortened(args[0])!r} is not in the catalog; %qwen models lists the known models.")
-        return model_details(model)
-    header = ("model", "context", "max in", "max out", "¥/1K in→out", "¥/1M in→out", "QPM", "TPM", "free", "")
+        return model_details(model, sign)
+    header = ("model", "context", "max in", "max out", f"{sign}/1K in→out", f"{sign}/1M in→out", "QPM", "TPM", "free",
+              "cache", "")
     rows = tuple(
         (
             m.name, _count(m.context), _count(m.max_input), _count(m.max_output),
             _prices(m.tiers[0], 1_000), _prices(m.tiers[0], 1) + (" (tiered)" if len(m.tiers) > 1 else ""),
-            _count(m.qpm, "—"), _count(m.tpm, "—"), _count(m.free_quota, "—"),
+            _count(m.qpm, "—"), _count(m.tpm, "—"), _count(m.free_quota, "—"), _cache_kinds(m),
             "retired" if m.retired else "",
         )
         for m in sorted(catalog.models.values(), key=lambda m: (m.retired, m.name))
     )
     return Table(
-        "Qwen models (prices in yuan; first tier shown, %qwen models NAME for all)",
+        f"Qwen models, {region.name} (prices in {region.currency.name}; first tier shown, %qwen models NAME for all)",
         rows,
         header,
         (f"Figures from: {', '.join(catalog.sources)}. Override: {user_catalog_path()} or %config QwenMagic.models.",),
     )
 
 
-def model_details(model: ModelInfo) -> Table:
+def model_details(model: ModelInfo, sign: str = "¥") -> Table:
     rows: list[tuple[str, str]] = [
         ("context", _count(model.context)),
         ("max input", _count(model.max_input)),
@@ -135,19 +145,24 @@ def model_details(model: ModelInfo) -> Table:
     lower = 0
     for tier in model.tiers:
         span = f"input {lower + 1:,}–{tier.up_to:,}" if tier.up_to else (f"input over {lower:,}" if lower else "any input")
-        price = f"¥{tier.input:g} in → ¥{tier.output:g} out per 1M"
+        price = f"{sign}{tier.input:g} in → {sign}{tier.output:g} out per 1M"
         if tier.thinking_output is not None:
-            price += f" (thinking out ¥{tier.thinking_output:g})"
+            price += f" (thinking out {sign}{tier.thinking_output:g})"
         rows.append((f"price, {span}", f"{price}; per 1K: {_prices(tier, 1_000)}"))
         lower = tier.up_to or lower
     rows += [
         ("rate limit", f"{_count(model.qpm, 'no published')} requests / {_count(model.tpm, 'no published')} tokens per minute"),
         ("free quota", f"{model.free_quota:,} tokens" + (f" for {model.free_quota_days} days" if model.free_quota_days else "")
                        if model.free_quota else "none known"),
+        ("context cache", _cache_kinds(model) or "none known"),
         ("status", "retired snapshot" if model.retired else "current"),
         ("source", f"{model.source} ({model.as_of})" if model.source else "your figures (QwenMagic.models or models.toml)"),
     ]
     return Table(model.name, tuple(rows))
+
+
+def _cache_kinds(model: ModelInfo) -> str:
+    return ", ".join(kind for kind, has in (("implicit", model.implicit_cache), ("explicit", model.explicit_cache)) if has)
 
 
 def _count(value: int | None, missing: str = "?") -> str:
@@ -167,26 +182,17 @@ def _usage(magics: "QwenMagic", args: list[str]) -> UsageReport | Table:
     return UsageReport(magics.session.ledger)
 
 
-def _usage_all(magics: "QwenMagic") -> Table:
+def _usage_all(magics: "QwenMagic") -> "AccountUsage":
+    from .account import account_usage
+    from .spending import standings
+
     settings = magics.settings()
+    session = magics.session
     store = _store(magics)
-    catalog = magics.session.catalog(settings)
-    rows = []
-    total = 0.0
-    for model_name, calls, tokens_in, tokens_out, cost, unpriced in _reading(store.totals_by_model):
-        model = catalog.get(model_name)
-        quota = model.free_quota if model else None
-        used = f"{(tokens_in + tokens_out) / quota:.1%} of {quota:,}" if quota else "—"
-        shown = format_yuan(cost) + (f" (+{unpriced} unpriced)" if unpriced else "")
-        rows.append((model_name, f"{calls:,}", f"{tokens_in:,}", f"{tokens_out:,}", shown, used))
-        total += cost
-    return Table(
-        "All-time usage across notebooks",
-        tuple(rows),
-        ("model", "calls", "in", "out", "cost", "free quota used"),
-        (f"total {format_yuan(total)}; from {store.path}. The free quota is per account and region, and "
-         "expires: the console is authoritative.",),
-    )
+    region = session.region(settings)
+    return _reading(lambda: account_usage(
+        store, region, session.catalog(settings, region),
+        standings(store, region.currency.code, owner=session.owner, timeout=settings.reservation_timeout)))
 
 
 def _store(magics: "QwenMagic") -> Store:
@@ -368,23 +374,21 @@ def _budget(magics: "QwenMagic", args: list[str]) -> Message:
     session = magics.session
     if len(args) > 1:
         raise UsageError("Use %qwen budget, %qwen budget YUAN or %qwen budget off.")
+    currency = session.region(magics.settings()).currency
+    money = lambda amount: format_money(amount, currency.code)  # noqa: E731
     if args:
         if args[0].lower() == "off":
             session.budget, session.budget_off = None, True
         else:
-            try:
-                amount = float(args[0].lstrip("¥"))
-            except ValueError:
-                raise UsageError(f"%qwen budget needs an amount in yuan or 'off', not {shortened(args[0])!r}.") from None
-            if not (amount > 0 and math.isfinite(amount)):
-                raise UsageError(f"A budget must be a positive, finite amount of yuan, not {shortened(args[0])!r}.")
+            amount = _amount(args[0], currency, "A budget")
             session.budget, session.budget_off = amount, False
-    spent = session.ledger.total_cost
+    spent = session.ledger.total_in(currency.code)
     budget = session.effective_budget(magics.settings())
     if budget is None:
-        return Message(f"No budget set; spent {format_yuan(spent)} this session. Set one with %qwen budget YUAN.")
+        return Message(f"No budget set; spent {money(spent)} this session. Set one with %qwen budget AMOUNT "
+                       f"(in {currency.name}).")
     return Message(
-        f"Budget {format_yuan(budget)}: spent {format_yuan(spent)}, {format_yuan(max(budget - spent, 0))} left."
+        f"Budget {money(budget)}: spent {money(spent)}, {money(max(budget - spent, 0))} left."
     )
 
 
@@ -400,14 +404,16 @@ def _count_command(magics: "QwenMagic", args: list[str]) -> Table:
     if not text:
         raise UsageError("%qwen count needs some text, e.g. %qwen count 你好，世界")
     settings = magics.settings()
-    model = magics.session.catalog(settings).get(settings.model)
-    preflight = prepare(settings.model, model, [{"role": "user", "content": text}], max_tokens=None, thinking=False)
+    region = magics.session.region(settings)
+    model = magics.session.catalog(settings, region).get(settings.model)
+    preflight = prepare(settings.model, model, [{"role": "user", "content": text}], max_tokens=None, thinking=False,
+                        currency=region.currency.code)
     return Table(
         f"Tokens ({settings.model}'s tokenizer)",
         (
             ("as text", f"{count_text(text):,}"),
             ("as a one-message request", f"{preflight.input_tokens:,} (chat template and default system prompt)"),
-            ("that request's input cost", format_yuan(preflight.estimate.input_cost)),
+            ("that request's input cost", preflight.money(preflight.estimate.input_cost)),
         ),
     )
 
@@ -582,3 +588,59 @@ def run_command(magics: "QwenMagic", line: str) -> Any:
     if command is None:
         raise UsageError(f"%qwen has no command {shortened(name)!r}; try one of: {', '.join(COMMANDS)}.")
     return command(magics, args)
+
+
+# ---- spending limits across kernels (spending.py)
+
+LIMIT_USE = "Use %qwen limit, %qwen limit daily AMOUNT, %qwen limit monthly AMOUNT, or %qwen limit daily off."
+
+
+def _amount(text: str, currency: "Currency", what: str) -> float:
+    """An amount typed by the user, in the region's currency (its sign may be given)."""
+    from .regions import CURRENCIES
+
+    signs = {c.symbol: c for c in CURRENCIES.values()}
+    given = signs.get(text[:1])
+    if given is not None and given != currency:
+        raise UsageError(f"{what} is in the region's currency, {currency.name} ({currency.symbol}), not "
+                         f"{given.name}: write {text[1:]} or {currency.symbol}{text[1:]}, or set QwenMagic.region.")
+    try:
+        amount = float(text[1:] if given else text)
+    except ValueError:
+        raise UsageError(f"{what} needs an amount in {currency.name} or 'off', not {shortened(text)!r}.") from None
+    if not (amount > 0 and math.isfinite(amount)):
+        raise UsageError(f"{what} must be a positive, finite amount of {currency.name}, not {shortened(text)!r}.")
+    return amount
+
+
+def _limit(magics: "QwenMagic", args: list[str]) -> Message:
+    from .spending import PERIODS, current_user, local_zone, standings
+
+    settings = magics.settings()
+    session = magics.session
+    currency = session.region(settings).currency
+    money = lambda amount: format_money(amount, currency.code)  # noqa: E731
+    store = _store(magics)
+    if args:
+        if len(args) != 2 or args[0].lower() not in PERIODS:
+            raise UsageError(LIMIT_USE)
+        period = args[0].lower()
+        amount = None if args[1].lower() == "off" else _amount(args[1], currency, f"A {period} limit")
+        _reading(store.set_limit, current_user(), period, currency.code, amount)
+    found = _reading(lambda: standings(store, currency.code, owner=session.owner,
+                                       timeout=settings.reservation_timeout))
+    if not found:
+        said = f"{args[0].capitalize()} limit removed. " if args else ""
+        return Message(f"{said}No spending limit in {currency.name} is set. Set one for all your kernels and "
+                       f"notebooks with %qwen limit daily AMOUNT or %qwen limit monthly AMOUNT (in {currency.name}).")
+    shown = [
+        f"{s.period.capitalize()} limit {money(s.limit)}: {money(s.spent)} spent "
+        f"{'today' if s.period == 'daily' else 'this month'}, {money(s.reserved)} reserved by calls in flight, "
+        f"{money(s.left)} left."
+        for s in found
+    ]
+    return Message(" ".join([*shown, f"Limits hold for all your kernels and notebooks; days and months are "
+                                      f"local time ({local_zone()})."]))
+
+
+COMMANDS["limit"] = _limit

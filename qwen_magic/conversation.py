@@ -82,6 +82,7 @@ class Turn:
             cost=_field(record, "cost", None, _is_optional_number, "a number of yuan"),
             chat=_field(record, "chat", "default", _is_text, "text"),
             turn=_field(record, "turn", None, _is_optional_position, "a turn number"),
+            currency=_field(record, "currency", "CNY", _is_text, "text"),
         )
         return cls(
             prompt=_field(record, "prompt", None, _is_text, "text"),

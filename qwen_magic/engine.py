@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from IPython.core.error import UsageError
 
+from .cache import check_explicit_cache, with_cache_markers
 from .catalog import Catalog, ModelInfo, load_catalog
 from .client import (
     NO_KEY_HELP,
@@ -41,7 +42,9 @@ from .options import CellOptions
 from .preflight import DryRun, Preflight, check_cost, check_input_limit, prepare
 from .prompt import fill
 from .pricing import UNKNOWN_PRICE_HINT, call_cost
+from .regions import Region, resolve_region
 from .result import COMPLETE, FAILED, INTERRUPTED, QwenResult
+from .spending import DEFAULT_RESERVATION_TIMEOUT, Hold, reserve_call, reserve_job
 from .store import QUICK_LOCK_WAIT, Owner, Store, StoreError, default_store_path, describe
 from .tokens import count_chat_input, count_text
 from .view import LiveWidgets, View, make_view
@@ -109,6 +112,9 @@ class Settings:
     model_aliases: Mapping[str, str] = field(default_factory=dict)
     max_value_tokens: int = 2000
     concurrency: int = 8  # --map: requests in flight
+    region: str | None = None  # None: from the base URL's host or DASHSCOPE_REGION
+    cache: bool = False  # --cache by default
+    reservation_timeout: float = DEFAULT_RESERVATION_TIMEOUT
 
 
 class _Ticker:
@@ -211,10 +217,12 @@ class _Plan:
     window: Window
     messages: list[dict[str, Any]]
     preflight: Preflight
+    region: Region
     notes: list[str] = field(default_factory=list)  # values summarised, context shortened
     tools: dict[str, Tool] = field(default_factory=dict)
     schema: AnswerSchema | None = None
     strict: bool = False  # --schema sent as json_schema (the model supports it)
+    explicit_cache: bool = False  # the stable prefix is marked (--cache): reads cost 10%
 
     def parameters(self, options: CellOptions) -> dict[str, Any]:
         """The request's parameters: the options', the tools, the answer's format."""
@@ -234,6 +242,7 @@ class _Exchange:
     calls: list[ToolCall] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
     usages: list[Usage] = field(default_factory=list)
+    holds: list[Hold] = field(default_factory=list)  # the later rounds' reservations against the limits
 
 
 class QwenSession:
@@ -341,11 +350,15 @@ class QwenSession:
         return Connection(api_key=self.session_key, base_url=cell_base_url or settings.base_url, protocol=protocol,
                           timeout=settings.timeout, base_url_as_given=cell_base_url is not None)
 
-    def catalog(self, settings: Settings) -> Catalog:
+    def region(self, settings: Settings, options: CellOptions | None = None) -> Region:
+        """The region the call goes to: its price sheet and currency."""
+        return resolve_region(settings.region, (options.base_url if options else None) or settings.base_url)
+
+    def catalog(self, settings: Settings, region: Region | None = None) -> Catalog:
         from .catalog import CatalogError
 
         try:
-            return load_catalog(settings.models)
+            return load_catalog(settings.models, (region or self.region(settings)).sheet)
         except CatalogError as error:
             raise UsageError(f"The model catalog cannot be used: {error}") from None
 
@@ -372,8 +385,10 @@ class QwenSession:
         if options.dry_run:
             return DryRun(plan.preflight, plan.window.note(), tuple(plan.notes))
         check_input_limit(plan.preflight)
-        check_cost(plan.preflight, spent=self.ledger.total_cost, budget=self.effective_budget(settings),
-                   max_cost=options.max_cost)
+        check_cost(plan.preflight, spent=self.ledger.total_in(plan.preflight.currency),
+                   budget=self.effective_budget(settings), max_cost=options.max_cost)
+        # The user's spending limits, across kernels: the worst case is held until the call is settled.
+        spending = reserve_call(self, settings, plan.preflight, plan.region)
         connection = self.connection(settings, options)
         sdk = self.client.sdk_client(connection)  # resolved once: the key check and the call
         if connection.protocol == "native" and not sdk.config.api_key:
@@ -393,17 +408,17 @@ class QwenSession:
                              front_end=cell_id is not None, widgets=self.widgets)
 
         view = new_view()
-        early_notes: list[str] = []
+        early_notes: list[str] = list(spending.notes)
         if options.new:
             plan.chat.reset()
-            early_notes = self.persist(settings, lambda store: self.forget_chat(store, plan.chat),
-                                       wait=QUICK_LOCK_WAIT)
+            early_notes += self.persist(settings, lambda store: self.forget_chat(store, plan.chat),
+                                        wait=QUICK_LOCK_WAIT)
         if not options.no_history:
             plan.chat.system = plan.system
         retry = RetryPolicy(settings.max_retries, base_delay=self.retry_base_delay)
         if plan.tools or plan.schema is not None:
-            result, error, exchange, view = self._converse(request, plan, options, connection, view, retry, sdk,
-                                                           self.effective_budget(settings), new_view)
+            result, error, exchange, view = self._converse(request, plan, options, settings, connection, view, retry,
+                                                           sdk, new_view)
         else:
             result, error = self._send(request, plan.preflight, connection, view, retry, sdk)
             exchange = None
@@ -411,6 +426,8 @@ class QwenSession:
         with _interrupts_held() as held:
             record, save = self._settle(plan, result, options, settings, cell_id=cell_id, cell_label=cell_label,
                                         exchange=exchange)
+            for hold in [spending, *(exchange.holds if exchange else [])]:
+                save = hold.settling(save)  # the reservation goes when the billed cost is written
             view.finish(result, record)  # the whole answer first: the history may have to wait
             notes = list(dict.fromkeys(early_notes + self.persist(settings, save, wait=QUICK_LOCK_WAIT)))
             if notes:
@@ -444,8 +461,8 @@ class QwenSession:
         self.limiter.settle(sent, result.usage.total_tokens)
         return result, error
 
-    def _converse(self, request: ChatRequest, plan: "_Plan", options: CellOptions, connection: Connection, view: View,
-                  retry: RetryPolicy, sdk: Any, budget: float | None, new_view: Callable[[], View],
+    def _converse(self, request: ChatRequest, plan: "_Plan", options: CellOptions, settings: Settings,
+                  connection: Connection, view: View, retry: RetryPolicy, sdk: Any, new_view: Callable[[], View],
                   ) -> tuple[QwenResult, QwenAPIError | None, _Exchange, View]:
         """Requests until the model answers in text: its tool calls run and answered, an answer
         that fails --schema asked again (in a view of its own). Return the last round's result
@@ -476,7 +493,7 @@ class QwenSession:
                         break
                     request = dataclasses.replace(request, messages=request.messages + tuple(exchange.messages[-len(calls) - 1:]))
                     shown = list(state.answer) + (["\n\n"] if text else [])
-                    preflight, refusal = self._next_round(request, plan, options, exchange, budget)
+                    preflight, refusal = self._next_round(request, plan, options, settings, exchange)
                     if refusal is None:
                         continue
                     result.notes.append(refusal)
@@ -487,7 +504,7 @@ class QwenSession:
                 if problem is None or attempt >= tries:
                     break
                 # The failed answer stays shown as it came; the next one gets a view of its own.
-                result.cost = call_cost(plan.model, result.usage)
+                result.cost = call_cost(plan.model, result.usage, explicit_cache=plan.explicit_cache)
                 result.format, result.format_error = plan.fmt, problem
                 result.notes.append(SCHEMA_RETRY.format(schema=plan.schema.name, error=problem, attempt=attempt + 1,
                                                         tries=tries))
@@ -495,7 +512,7 @@ class QwenSession:
                     {"role": "assistant", "content": result.text},
                     {"role": "user", "content": schema_retry_prompt(problem)},
                 ))
-                preflight, refusal = self._next_round(request, plan, options, exchange, budget)
+                preflight, refusal = self._next_round(request, plan, options, settings, exchange)
                 if refusal is not None:
                     result.notes[-1] = refusal
                     break
@@ -515,20 +532,27 @@ class QwenSession:
         result.usage = _summed(exchange.usages)
         return result, error, exchange, view
 
-    def _next_round(self, request: ChatRequest, plan: "_Plan", options: CellOptions, exchange: _Exchange,
-                    budget: float | None) -> tuple[Preflight, str | None]:
-        """The next request's count and cost, and why it may not be sent (the cell's --max-cost
-        or the budget, counting what the cell has spent already), or None."""
+    def _next_round(self, request: ChatRequest, plan: "_Plan", options: CellOptions, settings: Settings,
+                    exchange: _Exchange) -> tuple[Preflight, str | None]:
+        """The next request's count and cost, and why it may not be sent (the cell's --max-cost,
+        the budget, counting what the cell has spent already, or the spending limits), or None.
+
+        Sent, its worst case is reserved against the limits (in ``exchange.holds``) as the first
+        request's was, until the cell's costs are written."""
         from .tools import calls_tokens, tools_tokens
 
         preflight = prepare(plan.model_name, plan.model, request.messages, max_tokens=options.max_tokens,
                             thinking=options.thinking, thinking_budget=options.thinking_budget,
-                            extra_tokens=tools_tokens(plan.tools) + calls_tokens(request.messages))
-        spent = sum(call_cost(plan.model, usage) or 0.0 for usage in exchange.usages)
+                            extra_tokens=tools_tokens(plan.tools) + calls_tokens(request.messages),
+                            currency=plan.region.currency.code)
+        spent = sum(call_cost(plan.model, usage, explicit_cache=plan.explicit_cache) or 0.0 for usage in exchange.usages)
         try:
             check_input_limit(preflight)
-            check_cost(preflight, spent=self.ledger.total_cost + spent, budget=budget,
+            check_cost(preflight, spent=self.ledger.total_in(plan.preflight.currency) + spent,
+                       budget=self.effective_budget(settings),
                        max_cost=None if options.max_cost is None else options.max_cost - spent)
+            exchange.holds.append(reserve_job(self, settings, preflight.estimate.worst_cost, plan.region,
+                                              what=f"{plan.model_name} call", model=plan.model_name))
         except UsageError as refused:
             return preflight, NEXT_ROUND_REFUSED.format(number=len(exchange.usages) + 1, reason=refused)
         return preflight, None
@@ -594,7 +618,8 @@ class QwenSession:
             schema = schema_from(options.schema, namespace or {})
         fmt = "json" if schema is not None else options.format or ("code" if options.fix else "markdown")
         model_name = options.model or settings.model
-        catalog = self.catalog(settings)
+        region = self.region(settings, options)
+        catalog = self.catalog(settings, region)
         model = catalog.get(settings.model_aliases.get(model_name, model_name))
         attached = None
         if context is not None and (options.fix or options.cells is not None or options.files):
@@ -607,6 +632,9 @@ class QwenSession:
         # output or history can carry: they are sent as U+FFFD, as the answer's would be.
         prompt = mend(prompt)
         check_capabilities(model_name, model, catalog, thinking=options.thinking, images=bool(options.images))
+        explicit_cache = settings.cache if options.cache is None else options.cache
+        if explicit_cache:
+            check_explicit_cache(model_name, model, catalog)
         if model is not None and model.max_output and options.max_tokens and options.max_tokens > model.max_output:
             raise UsageError(
                 f"--max-tokens {options.max_tokens:,} is more than {model_name} can write: "
@@ -637,10 +665,13 @@ class QwenSession:
             model_name=model_name,
         )
         messages = messages_for(request_system, window.turns, user_content)
+        if explicit_cache:
+            messages = with_cache_markers(messages)
         preflight = prepare(model_name, model, messages, max_tokens=options.max_tokens, thinking=options.thinking,
-                            thinking_budget=options.thinking_budget, extra_tokens=tool_tokens)
-        return _Plan(prompt, fmt, model_name, model, chat, system, window, messages, preflight, notes=notes,
-                     tools=tools, schema=schema, strict=strict)
+                            thinking_budget=options.thinking_budget, extra_tokens=tool_tokens,
+                            currency=region.currency.code)
+        return _Plan(prompt, fmt, model_name, model, chat, system, window, messages, preflight, region, notes=notes,
+                     tools=tools, schema=schema, strict=strict, explicit_cache=explicit_cache)
 
     def _settle(
         self,
@@ -670,8 +701,9 @@ class QwenSession:
                     result.format_error = f"the answer does not match {plan.schema.name}: {result.format_error}"
         # Each request is billed at its own tier: a cell of several requests costs their sum.
         rounds = exchange.usages if exchange and len(exchange.usages) > 1 else [result.usage]
-        costs = [call_cost(plan.model, usage) for usage in rounds]
+        costs = [call_cost(plan.model, usage, explicit_cache=plan.explicit_cache) for usage in rounds]
         result.cost = None if None in costs else sum(costs)
+        result.currency = plan.region.currency.code
         if result.cost is None:
             result.notes.append(UNKNOWN_PRICE_HINT.format(model=plan.model_name))
         if plan.window.note():
@@ -679,8 +711,8 @@ class QwenSession:
         result.notes.extend(plan.notes)
         chat_name = None if options.no_history else plan.chat.name
         self.ledger.add(cell=cell_label, chat=chat_name, model=plan.model_name, usage=result.usage,
-                        cost=result.cost, status=result.status, elapsed=result.elapsed)
-        result.session_cost = self.ledger.total_cost
+                        cost=result.cost, status=result.status, elapsed=result.elapsed, currency=result.currency)
+        result.session_cost = self.ledger.total_in(result.currency)
         turn = Turn(prompt=plan.prompt, result=result, cell_id=cell_id, system=plan.system,
                     exchange=exchange.messages if exchange else [])
         result.chat = chat_name
@@ -700,7 +732,11 @@ class QwenSession:
         def save(store: Store) -> None:
             with store.transaction():  # the call and its turn: one commit
                 store.add_call(notebook, result.chat, result.model, result.usage.input_tokens,
-                               result.usage.output_tokens, result.cost, result.status)
+                               result.usage.output_tokens, result.cost, result.status,
+                               currency=result.currency, region=plan.region.key,
+                               cached_tokens=result.usage.cached_tokens,
+                               cache_creation_tokens=result.usage.cache_creation_tokens,
+                               searches=result.usage.searches)
                 if recorded:
                     self.write_chat(store, plan.chat,
                                     lambda name: store.save_turn(notebook, name, result.turn, cell_id, record))

@@ -11,7 +11,7 @@ from IPython.core.error import UsageError
 
 from .conversation import Chat, RecordError, Turn
 from .markdown import escape, render_markdown
-from .pricing import format_yuan
+from .pricing import format_money
 from .result import COMPLETE, QUIET_STYLE, text_from_markdown
 
 _MARKS = {"interrupted": "⚠ interrupted", "failed": "✖ failed"}
@@ -29,7 +29,7 @@ def _turn_line(number: int, turn: Turn) -> str:
     result = turn.result
     usage = result.usage
     parts = [f"turn {number}", result.model, f"{usage.input_tokens:,} in / {usage.output_tokens:,} out",
-             format_yuan(result.cost) if result.cost is not None else "cost unknown"]
+             format_money(result.cost, result.currency) if result.cost is not None else "cost unknown"]
     if result.status != COMPLETE:
         parts.append(_MARKS.get(result.status, result.status) + (f" ({result.error})" if result.error else ""))
     return " · ".join(parts)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .client import Usage
-from .pricing import format_yuan
+from .pricing import format_money
 from .tables import aligned, html_table
 
 ONE_OFF = "(one-off)"  # the chat column of a --no-history call
@@ -24,6 +24,7 @@ class CallRecord:
     status: str
     elapsed: float
     rows: int | None = None  # a job over rows (--map): one line for all its rows
+    currency: str = "CNY"  # the region's, which the cost is in
 
 
 @dataclass
@@ -46,21 +47,34 @@ class Ledger:
         self._total_cost = sum(r.cost or 0.0 for r in self.records)
 
     def add(self, *, cell: str, chat: str | None, model: str, usage: Usage, cost: float | None,
-            status: str, elapsed: float, rows: int | None = None) -> CallRecord:
-        record = CallRecord(len(self.records) + 1, cell, chat, model, usage, cost, status, elapsed, rows)
+            status: str, elapsed: float, rows: int | None = None, currency: str = "CNY") -> CallRecord:
+        record = CallRecord(len(self.records) + 1, cell, chat, model, usage, cost, status, elapsed, rows, currency)
         self.records.append(record)
         self._total_cost += cost or 0.0
         return record
+
+    def total_in(self, currency: str) -> float:
+        """Spent this session in one currency (yuan and dollars are never added together)."""
+        if all(record.currency == currency for record in self.records):
+            return self._total_cost
+        return sum(r.cost or 0.0 for r in self.records if r.currency == currency)
+
+    def totals_by_currency(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for record in self.records:
+            totals[record.currency] = totals.get(record.currency, 0.0) + (record.cost or 0.0)
+        return totals
 
     @property
     def total_cost(self) -> float:
         """Yuan spent this session (calls of unknown price count as 0, and are flagged)."""
         return self._total_cost
 
-    def per_model(self) -> dict[str, ModelTotals]:
-        totals: dict[str, ModelTotals] = {}
+    def per_model(self) -> dict[tuple[str, str], ModelTotals]:
+        """Totals per (model, currency): a model used in two regions is billed in two currencies."""
+        totals: dict[tuple[str, str], ModelTotals] = {}
         for record in self.records:
-            entry = totals.setdefault(record.model, ModelTotals())
+            entry = totals.setdefault((record.model, record.currency), ModelTotals())
             entry.calls += 1
             entry.input_tokens += record.usage.input_tokens
             entry.output_tokens += record.usage.output_tokens
@@ -86,14 +100,14 @@ class UsageReport:
     def _rows(self) -> list[tuple[str, ...]]:
         return [
             (str(r.number), r.cell, _chat_column(r), r.model, f"{r.usage.input_tokens:,}", f"{r.usage.output_tokens:,}",
-             format_yuan(r.cost), r.status)
+             format_money(r.cost, r.currency), r.status)
             for r in self.ledger.records
         ]
 
     def _totals(self) -> list[tuple[str, ...]]:
         rows = []
-        for model, totals in self.ledger.per_model().items():
-            cost = format_yuan(totals.cost) + (f" (+{totals.unpriced_calls} unpriced)" if totals.unpriced_calls else "")
+        for (model, currency), totals in self.ledger.per_model().items():
+            cost = format_money(totals.cost, currency) + (f" (+{totals.unpriced_calls} unpriced)" if totals.unpriced_calls else "")
             rows.append((model, str(totals.calls), f"{totals.input_tokens:,}", f"{totals.output_tokens:,}", cost))
         return rows
 
@@ -114,7 +128,7 @@ class UsageReport:
         lines = aligned([header, *rows])
         lines.append("")
         lines.extend(aligned([("model", "calls", "in", "out", "cost"), *self._totals()]))
-        lines.append(f"total: {format_yuan(self.ledger.total_cost)} in {len(self.ledger.records)} calls")
+        lines.append(f"total: {self._total()} in {len(self.ledger.records)} calls")
         printer.text("\n".join(lines))
 
     def _repr_html_(self) -> str:
@@ -137,5 +151,8 @@ class UsageReport:
             "<th>cost</th><th>status</th><th>tokens (<span style='color:#7aa6d6'>in</span> / "
             "<span style='color:#e39b4d'>out</span>)</th></tr>" + "".join(rows) + "</table>"
             + totals
-            + f"<p><strong>total: {format_yuan(self.ledger.total_cost)}</strong> in {len(self.ledger.records)} calls</p>"
+            + f"<p><strong>total: {html.escape(self._total())}</strong> in {len(self.ledger.records)} calls</p>"
         )
+
+    def _total(self) -> str:
+        return " and ".join(format_money(cost, currency) for currency, cost in self.ledger.totals_by_currency().items())

@@ -50,7 +50,8 @@ class QwenMagic(Magics):
     budget = Float(
         None,
         allow_none=True,
-        help="Session budget in yuan: a call whose worst case would pass it is refused (None: no budget).",
+        help="Session budget in the region's currency (yuan in Beijing, US dollars in Singapore): a call "
+        "whose worst case would pass it is refused (None: no budget).",
     ).tag(config=True)
     max_retries = Int(
         3, help="Retries of a rate-limited or failed call before any text was shown (0: none)."
@@ -75,7 +76,8 @@ class QwenMagic(Magics):
     models = Dict(
         help=(
             "Catalog overrides and additions, e.g. {'my-model': {'input': 1.0, 'output': 2.0, "
-            "'max_input': 30000}} (prices in yuan per 1M tokens; qpm/tpm set rate limits)."
+            "'max_input': 30000}} (prices per 1M tokens in the region's currency, yuan in Beijing and US "
+            "dollars in Singapore; qpm/tpm set rate limits)."
         ),
     ).tag(config=True)
 
@@ -99,6 +101,45 @@ class QwenMagic(Magics):
 
         if not 1 <= proposal["value"] <= MAX_CONCURRENCY:
             raise TraitError(f"QwenMagic.concurrency must be from 1 to {MAX_CONCURRENCY}.")
+        return proposal["value"]
+
+    region = Unicode(
+        None,
+        allow_none=True,
+        help=(
+            "The DashScope region whose prices and currency apply: 'beijing' (yuan) or 'singapore' "
+            "(US dollars). None: from the base URL's host (dashscope-intl.aliyuncs.com is Singapore), "
+            "else DASHSCOPE_REGION, else Beijing."
+        ),
+    ).tag(config=True)
+    cache = Bool(
+        False,
+        help="Mark each chat's stable prefix for the explicit context cache, as --cache does (models that have it).",
+    ).tag(config=True)
+    reservation_timeout = Float(
+        1800.0,
+        help=(
+            "Seconds after which a spending-limit reservation that no kernel settled is released "
+            "(a kernel that died on another machine; on this one, a dead kernel's is released at once)."
+        ),
+    ).tag(config=True)
+
+    @validate("region")
+    def _valid_region(self, proposal: dict[str, Any]) -> str | None:
+        from .regions import REGIONS, region_named
+
+        value = proposal["value"]
+        if value is None:
+            return None
+        region = region_named(value)
+        if region is None:
+            raise TraitError(f"QwenMagic.region must be one of {', '.join(REGIONS)} (or None), not {value!r}.")
+        return region.key
+
+    @validate("reservation_timeout")
+    def _valid_reservation_timeout(self, proposal: dict[str, Any]) -> float:
+        if not 0 < proposal["value"] < math.inf:
+            raise TraitError("QwenMagic.reservation_timeout must be a positive, finite number of seconds.")
         return proposal["value"]
 
     @validate("model")
@@ -186,6 +227,9 @@ class QwenMagic(Magics):
             model_aliases=dict(self.model_aliases),
             max_value_tokens=self.max_value_tokens,
             concurrency=self.concurrency,
+            region=self.region,
+            cache=self.cache,
+            reservation_timeout=self.reservation_timeout,
         )
 
     @cell_arguments
@@ -230,6 +274,9 @@ class QwenMagic(Magics):
             Classify this review as positive, negative or neutral: {item}
             (one request per element of reviews, concurrently; labels[i] is row i's)
 
+            %%qwen -m qwen-plus --cache
+            (a long chat re-reads its marked history at 10% of the input price)
+
         Every cell continues the notebook's chat (-c NAME for another, -n to start it
         afresh, --no-history for a one-off); re-running a cell replaces its turn. Under
         the answer, a footer gives the model, the tokens (the server's figures), the cost
@@ -238,7 +285,9 @@ class QwenMagic(Magics):
         .tool_calls with --tools, .value an instance of the class with --schema).
 
         As a line magic: %qwen help | models | usage | budget | count | chats | history |
-        reset | undo | export | resume | repair | config | login | fix.
+        reset | undo | export | resume | repair | config | login | fix | jobs | limit.
+        Costs, budgets and limits are in the region's currency (yuan in Beijing, US dollars in
+        Singapore).
 
         The notebook as context: ``%qwen fix`` (or ``%%qwen --fix``) sends the last error with
         its cell and traceback and puts the corrected cell below; ``--cells 3`` sends the

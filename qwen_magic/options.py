@@ -87,7 +87,15 @@ _CELL_ARGUMENTS = (
         "--max-cost",
         type=float,
         metavar="YUAN",
-        help="Refuse this call if its worst case (with the longest answer) could cost more.",
+        help="Refuse this call if its worst case (with the longest answer) could cost more "
+        "(in the region's currency: yuan in Beijing, US dollars in Singapore).",
+    ),
+    argument(
+        "--cache",
+        action="store_true",
+        default=None,
+        help="Mark the chat's stable prefix (system prompt, earlier turns) for the explicit context "
+        "cache: re-read at 10%% of the input price, written once at 125%% (models that have it).",
     ),
     # ---- the notebook as context
     argument(
@@ -194,6 +202,7 @@ class CellOptions:
     map: str | None = None
     concurrency: int | None = None
     fresh: bool = False
+    cache: bool | None = None  # None: the QwenMagic.cache setting
 
     @classmethod
     def from_namespace(cls, namespace: argparse.Namespace) -> "CellOptions":
@@ -233,6 +242,7 @@ class CellOptions:
             map=namespace.map,
             concurrency=namespace.concurrency,
             fresh=namespace.fresh,
+            cache=getattr(namespace, "cache", None),
         )
         options.validate()
         options.validate_job()

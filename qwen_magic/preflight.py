@@ -12,7 +12,16 @@ from typing import Any, Mapping, Sequence
 from IPython.core.error import UsageError
 
 from .catalog import ModelInfo
-from .pricing import Estimate, estimate, format_yuan, output_tokens_affordable
+from .cache import MIN_CACHED_PREFIX, prefix_end
+from .pricing import (
+    CACHE_WRITE_RATE,
+    EXPLICIT_CACHE_READ_RATE,
+    PER_MILLION,
+    Estimate,
+    estimate,
+    format_money,
+    output_tokens_affordable,
+)
 from .tables import aligned, html_table
 from .tokens import count_chat_input
 
@@ -32,6 +41,12 @@ class Preflight:
     thinking: bool
     # Of the worst case's output tokens, how many may be thinking (billed as output too).
     max_reasoning_tokens: int = 0
+    currency: str = "CNY"  # the region's: costs are shown and limits checked in it
+    # --cache: input tokens of the marked prefix (what a later call may read at 10%).
+    cache_prefix_tokens: int = 0
+
+    def money(self, amount: float | None) -> str:
+        return format_money(amount, self.currency)
 
     @property
     def max_input(self) -> int | None:
@@ -47,6 +62,7 @@ def prepare(
     thinking: bool,
     thinking_budget: int | None = None,
     extra_tokens: int = 0,
+    currency: str = "CNY",
 ) -> Preflight:
     """Count the request's input tokens (chat template included) and estimate its cost.
 
@@ -61,9 +77,12 @@ def prepare(
     max_answer = max_tokens or longest
     # The catalog gives no separate thinking limit: a budget bounds it, else the longest output.
     max_reasoning = (thinking_budget or longest) if thinking else 0
+    cached_end = prefix_end(messages)
+    prefix_tokens = count_chat_input(messages[:cached_end]) if cached_end else 0
     return Preflight(
         model_name, model, tuple(messages), input_tokens,
         estimate(model, input_tokens, max_answer + max_reasoning, thinking=thinking), thinking, max_reasoning,
+        currency, prefix_tokens,
     )
 
 
@@ -87,15 +106,16 @@ def check_cost(preflight: Preflight, *, spent: float, budget: float | None, max_
         raise UsageError(
             f"Refused, nothing sent: a budget is set but {preflight.model_name}'s price is unknown, so "
             f"its cost cannot be bounded. Add its price with %config QwenMagic.models = "
-            f"{{'{preflight.model_name}': {{'input': YUAN_PER_1M, 'output': YUAN_PER_1M}}}}, "
+            f"{{'{preflight.model_name}': {{'input': PRICE_PER_1M, 'output': PRICE_PER_1M}}}}, "
             f"or turn the budget off (%qwen budget off)."
         )
+    money = preflight.money
     limits = []
     if max_cost is not None:
-        limits.append((max_cost, f"--max-cost {format_yuan(max_cost)}", "raise --max-cost"))
+        limits.append((max_cost, f"--max-cost {money(max_cost)}", "raise --max-cost"))
     if budget is not None:
         left = max(budget - spent, 0.0)
-        state = f"{format_yuan(left)} left of {format_yuan(budget)}" if left else f"used up: {format_yuan(spent)} spent of {format_yuan(budget)}"
+        state = f"{money(left)} left of {money(budget)}" if left else f"used up: {money(spent)} spent of {money(budget)}"
         limits.append((left, f"the session budget ({state})",
                        f"raise the budget (%qwen budget {_suggest(spent + worst)})"))
     for allowed, what, raise_it in limits:
@@ -109,7 +129,7 @@ def check_cost(preflight: Preflight, *, spent: float, budget: float | None, max_
             else:
                 lower = "as nothing is left of it"
             raise UsageError(
-                f"Refused, nothing sent: this call could cost up to {format_yuan(worst)} "
+                f"Refused, nothing sent: this call could cost up to {money(worst)} "
                 f"({preflight.input_tokens:,} input tokens and up to "
                 f"{_output_tokens(preflight)} on {preflight.model_name}), "
                 f"more than {what}. To go ahead, {raise_it}, {lower}."
@@ -138,6 +158,22 @@ def content_preview(content: Any) -> str:
     return " ".join(shown)
 
 
+def cache_saving(p: Preflight) -> str | None:
+    """--cache in the dry run: what reading the marked prefix from the cache saves, and writing it costs."""
+    if not p.cache_prefix_tokens or p.model is None or not p.model.priced:
+        return None
+    tier = p.model.tier_for(p.input_tokens)
+    assert tier is not None
+    full = p.cache_prefix_tokens * tier.input / PER_MILLION
+    if p.cache_prefix_tokens < MIN_CACHED_PREFIX:
+        return (f"the marked prefix has {p.cache_prefix_tokens:,} tokens, under the {MIN_CACHED_PREFIX:,} the "
+                "service caches: no saving yet")
+    saved = full * (1 - EXPLICIT_CACHE_READ_RATE)
+    extra = full * (CACHE_WRITE_RATE - 1)
+    return (f"{p.cache_prefix_tokens:,} prefix tokens marked: {p.money(saved)} saved when read from the cache "
+            f"(at 10%), {p.money(extra)} more the first time they are written (at 125%)")
+
+
 def _suggest(amount: float) -> str:
     """A round figure at least ``amount``, for the user to type."""
     for step in (0.01, 0.1, 1, 10, 100, 1000):
@@ -161,15 +197,19 @@ class DryRun:
         rows = [
             ("model", p.model_name),
             ("input tokens", f"{p.input_tokens:,} (model limit {limit})"),
-            ("cost now", f"{format_yuan(p.estimate.input_cost)} for the input"),
-            ("worst case", f"{format_yuan(p.estimate.worst_cost)} with {_output_tokens(p)}"),
+            ("cost now", f"{p.money(p.estimate.input_cost)} for the input"),
+            ("worst case", f"{p.money(p.estimate.worst_cost)} with {_output_tokens(p)}"),
         ]
+        saving = cache_saving(p)
+        if saving:
+            rows.append(("cache", saving))
         if p.model is None:
             rows.append(("note", f"{p.model_name} is not in the catalog: its price is unknown"))
         if self.window_note:
             rows.append(("history", self.window_note))
         rows += [("note", note) for note in self.notes]
-        if any(not isinstance(m["content"], str) for m in p.messages):
+        if any(not isinstance(m["content"], str) and any(part.get("type") == "image" for part in m["content"])
+               for m in p.messages):
             rows.append(("images", "not counted locally: the server's usage will include them"))
         return rows
 

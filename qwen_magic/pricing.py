@@ -15,14 +15,18 @@ PER_MILLION = 1_000_000
 # explicit cache (DashScope's context-cache rules; the rest of the input is billed in full).
 CACHE_READ_RATE = 0.2
 CACHE_WRITE_RATE = 1.25
+# Tokens read from the explicit cache (a request with cache_control markers, --cache).
+EXPLICIT_CACHE_READ_RATE = 0.1
 
 
-def call_cost(model: ModelInfo | None, usage: Usage) -> float | None:
-    """Yuan for one call from its usage, at the tier of its input; None if the price is unknown.
+def call_cost(model: ModelInfo | None, usage: Usage, *, explicit_cache: bool = False) -> float | None:
+    """One call's cost from its usage, in the sheet's currency; None if the price is unknown.
 
     The tier is chosen by the whole input, cached tokens included. In thinking mode the output
     is billed at the thinking price, but a thinking call that produced no reasoning is billed
-    at the ordinary price (DashScope's rule).
+    at the ordinary price (DashScope's rule). Cache reads cost 10% of the input price when the
+    request marked its prefix (``explicit_cache``), 20% otherwise (the implicit cache). Web
+    searches are added where the catalog prices them.
     """
     if model is None or not model.priced:
         return None
@@ -35,8 +39,10 @@ def call_cost(model: ModelInfo | None, usage: Usage) -> float | None:
     cached = min(usage.cached_tokens, usage.input_tokens)
     written = min(usage.cache_creation_tokens, usage.input_tokens - cached)
     full = usage.input_tokens - cached - written
-    input_tokens = full + cached * CACHE_READ_RATE + written * CACHE_WRITE_RATE
-    return (input_tokens * tier.input + usage.output_tokens * output_price) / PER_MILLION
+    read_rate = EXPLICIT_CACHE_READ_RATE if explicit_cache else CACHE_READ_RATE
+    input_tokens = full + cached * read_rate + written * CACHE_WRITE_RATE
+    searches = usage.searches * (model.search_price or 0.0) / 1_000
+    return (input_tokens * tier.input + usage.output_tokens * output_price) / PER_MILLION + searches
 
 
 @dataclass(frozen=True)
@@ -78,18 +84,28 @@ def output_tokens_affordable(model: ModelInfo, input_tokens: int, yuan: float, *
     return int(left / price) if price > 0 else PER_MILLION
 
 
-def format_yuan(amount: float | None) -> str:
-    """Yuan with enough digits to matter: ¥0.0004 never shows as ¥0.00."""
+def format_money(amount: float | None, currency: str = "CNY") -> str:
+    """An amount with its currency's sign and enough digits to matter: ¥0.0004 never shows as ¥0.00.
+
+    ``currency`` is the ISO code the history records (CNY: ¥, USD: $; any other is written out).
+    """
+    sign = {"CNY": "¥", "USD": "$"}.get(currency)
     if amount is None:
-        return "¥?"
-    if amount == 0:
-        return "¥0"
-    if amount >= 1:
-        return f"¥{amount:,.2f}"
-    # At least 4 decimals, and always two significant digits.
-    decimals = max(4, 1 - math.floor(math.log10(amount)))
-    text = f"{amount:.{decimals}f}".rstrip("0").rstrip(".")
-    return f"¥{text}"
+        text = "?"
+    elif amount == 0:
+        text = "0"
+    elif amount >= 1:
+        text = f"{amount:,.2f}"
+    else:
+        # At least 4 decimals, and always two significant digits.
+        decimals = max(4, 1 - math.floor(math.log10(amount)))
+        text = f"{amount:.{decimals}f}".rstrip("0").rstrip(".")
+    return f"{sign}{text}" if sign else f"{text} {currency}"
+
+
+def format_yuan(amount: float | None) -> str:
+    """Yuan with enough digits to matter (``format_money`` in CNY)."""
+    return format_money(amount, "CNY")
 
 
 UNKNOWN_PRICE_HINT = (

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING, Any
 
 from .client import Usage
-from .pricing import format_yuan
+from .pricing import format_money
 
 if TYPE_CHECKING:  # pragma: no cover
     from .formats import Parsed
@@ -47,6 +47,7 @@ class QwenResult:
     code: str | None = None  # -f code: the answer's code block
     format_error: str | None = None  # -f json / code: why the answer did not fit the format
     tool_calls: list[Any] = field(default_factory=list)  # --tools: the calls run (tools.ToolCall)
+    currency: str = "CNY"  # of cost and session_cost: the region's (CNY in Beijing, USD in Singapore)
 
     @property
     def streaming_seconds(self) -> float:
@@ -76,13 +77,13 @@ class QwenResult:
             parts[-1] += f" ({usage.reasoning_tokens:,} thinking)"
         if usage.searches:
             parts.append("1 search" if usage.searches == 1 else f"{usage.searches:,} searches")
-        parts.append(format_yuan(self.cost) if self.cost is not None else "cost unknown")
+        parts.append(format_money(self.cost, self.currency) if self.cost is not None else "cost unknown")
         if self.turn is not None:
             parts.append(f"chat {self.chat}, turn {self.turn}")
         elif self.chat is None:
             parts.append("one-off, not in a chat")
         if self.session_cost is not None:
-            parts.append(f"session {format_yuan(self.session_cost)}")
+            parts.append(f"session {format_money(self.session_cost, self.currency)}")
         parts.append(f"{self.elapsed:.1f} s")
         rate = self.tokens_per_second
         if rate is not None:

@@ -97,6 +97,35 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (job, row)
     ) WITHOUT ROWID;
     """,
+    # 5: money across kernels. Each call's region and currency (spend in yuan and in dollars is
+    # never added up), its cache and search figures; spending limits per user; and the open
+    # reservations of calls in flight, so that every kernel checks a limit against them too.
+    """
+    ALTER TABLE calls ADD COLUMN currency TEXT NOT NULL DEFAULT 'CNY';
+    ALTER TABLE calls ADD COLUMN region TEXT NOT NULL DEFAULT 'beijing';
+    ALTER TABLE calls ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE calls ADD COLUMN cache_creation_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE calls ADD COLUMN searches INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX calls_at ON calls (at);
+    CREATE TABLE spending_limits (
+        user TEXT NOT NULL,
+        period TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        amount REAL NOT NULL,
+        PRIMARY KEY (user, period, currency)
+    );
+    CREATE TABLE reservations (
+        id INTEGER PRIMARY KEY,
+        user TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        currency TEXT NOT NULL,
+        amount REAL NOT NULL,
+        what TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # Seconds a read or a command's write waits for another program's write to end.
@@ -381,17 +410,21 @@ class Store:
         """The kernel is closing: its chats are free for the next one."""
         with self.transaction():
             self._db.execute("DELETE FROM claims WHERE owner = ?", (owner.id,))
+            self._db.execute("DELETE FROM reservations WHERE owner = ?", (owner.id,))  # calls it had in flight
 
     # ---- calls
 
     @_guarded
     def add_call(self, notebook: str, chat: str | None, model: str, input_tokens: int, output_tokens: int,
-                 cost: float | None, status: str) -> None:
+                 cost: float | None, status: str, *, currency: str = "CNY", region: str = "beijing",
+                 cached_tokens: int = 0, cache_creation_tokens: int = 0, searches: int = 0) -> None:
         with self.transaction():
             self._db.execute(
-                "INSERT INTO calls (notebook, chat, model, input_tokens, output_tokens, cost, status, at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (notebook, chat, model, input_tokens, output_tokens, cost, status, time.time()),
+                "INSERT INTO calls (notebook, chat, model, input_tokens, output_tokens, cost, status, at, "
+                "currency, region, cached_tokens, cache_creation_tokens, searches) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (notebook, chat, model, input_tokens, output_tokens, cost, status, time.time(),
+                 currency, region, cached_tokens, cache_creation_tokens, searches),
             )
 
     @_guarded
@@ -493,6 +526,88 @@ class Store:
         """Which rows of ``job`` have ``status`` (their records are not read)."""
         found = self._db.execute("SELECT row FROM job_rows WHERE job = ? AND status = ?", (job, status))
         return {row for (row,) in found}
+    # ---- spending: limits, reservations of calls in flight, spend per period (spending.py)
+
+    @_guarded
+    def set_limit(self, user: str, period: str, currency: str, amount: float | None) -> None:
+        """Set a daily or monthly limit in ``currency`` (None removes it)."""
+        with self.transaction():
+            if amount is None:
+                self._db.execute("DELETE FROM spending_limits WHERE user = ? AND period = ? AND currency = ?",
+                                 (user, period, currency))
+            else:
+                self._db.execute("INSERT OR REPLACE INTO spending_limits (user, period, currency, amount) "
+                                 "VALUES (?, ?, ?, ?)", (user, period, currency, amount))
+
+    @_guarded
+    def limits(self, user: str, currency: str) -> dict[str, float]:
+        """period -> amount, of the limits in ``currency``."""
+        rows = self._db.execute("SELECT period, amount FROM spending_limits WHERE user = ? AND currency = ?",
+                                (user, currency)).fetchall()
+        return {period: amount for period, amount in rows}
+
+    @_guarded
+    def spent_since(self, currency: str, since: float) -> float:
+        """Cost of the calls in ``currency`` made at or after ``since`` (Unix time)."""
+        return self._db.execute("SELECT COALESCE(SUM(cost), 0) FROM calls WHERE currency = ? AND at >= ?",
+                                (currency, since)).fetchone()[0]
+
+    @_guarded
+    def open_reservations(self, user: str, currency: str) -> list[tuple[int, str, str, int, float, float]]:
+        """(id, owner, host, pid, amount, at) of the reservations in ``currency``."""
+        return self._db.execute("SELECT id, owner, host, pid, amount, at FROM reservations "
+                                "WHERE user = ? AND currency = ?", (user, currency)).fetchall()
+
+    @_guarded
+    def add_reservation(self, user: str, owner: Owner, currency: str, amount: float, what: str) -> int:
+        with self.transaction():
+            cursor = self._db.execute(
+                "INSERT INTO reservations (user, owner, host, pid, currency, amount, what, at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (user, owner.id, owner.host, owner.pid, currency, amount, what, time.time()))
+        return int(cursor.lastrowid or 0)
+
+    @_guarded
+    def change_reservation(self, reservation: int, owner: Owner, amount: float | None) -> None:
+        """Hold ``amount`` now (None: release it); only ``owner``'s own (a file replaced meanwhile may reuse ids)."""
+        with self.transaction():
+            if amount is None:
+                self._db.execute("DELETE FROM reservations WHERE id = ? AND owner = ?", (reservation, owner.id))
+            else:
+                self._db.execute("UPDATE reservations SET amount = ? WHERE id = ? AND owner = ?",
+                                 (amount, reservation, owner.id))
+
+    @_guarded
+    def release_reservations(self, ids: Iterable[int]) -> None:
+        with self.transaction():
+            self._db.executemany("DELETE FROM reservations WHERE id = ?", [(i,) for i in ids])
+
+    @_guarded
+    def spend_by(self, column: str, currency: str, since: float) -> list[tuple[str, int, float]]:
+        """(model or notebook, calls, cost) of the calls in ``currency`` since ``since``, costliest first."""
+        if column not in ("model", "notebook"):
+            raise ValueError(f"no spend by {column}")
+        return self._db.execute(
+            f"SELECT {column}, COUNT(*), COALESCE(SUM(cost), 0) FROM calls WHERE currency = ? AND at >= ? "
+            f"GROUP BY {column} ORDER BY 3 DESC, 1", (currency, since)).fetchall()
+
+    @_guarded
+    def calls_since(self, currency: str, since: float) -> list[tuple[float, str, float]]:
+        """(at, model, cost) of the priced calls in ``currency`` since ``since`` (the chart's days)."""
+        return self._db.execute("SELECT at, model, cost FROM calls WHERE currency = ? AND at >= ? "
+                                "AND cost IS NOT NULL ORDER BY at", (currency, since)).fetchall()
+
+    @_guarded
+    def tokens_by_model(self, region: str) -> list[tuple[str, int, int, int]]:
+        """All-time (model, input tokens, output tokens, searches) of the calls made in ``region``."""
+        return self._db.execute(
+            "SELECT model, SUM(input_tokens), SUM(output_tokens), SUM(searches) FROM calls WHERE region = ? "
+            "GROUP BY model ORDER BY model", (region,)).fetchall()
+
+    @_guarded
+    def currencies(self) -> list[str]:
+        """The currencies the recorded calls were billed in."""
+        return [row[0] for row in self._db.execute("SELECT DISTINCT currency FROM calls ORDER BY currency")]
 
     def close(self) -> None:
         self._db.close()
@@ -575,8 +690,11 @@ def repair(path: Path) -> tuple[Path, int, int]:
     fresh = Store(path)
     try:
         turns = _salvage(aside, fresh, "turns", ("notebook", "chat", "position", "cell_id", "record", "updated_at"))
-        calls = _salvage(aside, fresh, "calls",
-                         ("notebook", "chat", "model", "input_tokens", "output_tokens", "cost", "status", "at"))
+        columns = ("notebook", "chat", "model", "input_tokens", "output_tokens", "cost", "status", "at")
+        # Each call's currency and region come along (a file older than them has none to give).
+        calls = (_salvage(aside, fresh, "calls", columns + ("currency", "region", "cached_tokens",
+                                                            "cache_creation_tokens", "searches"))
+                 or _salvage(aside, fresh, "calls", columns))
     finally:
         fresh.close()
     return aside, turns, calls

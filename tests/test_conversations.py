@@ -222,7 +222,7 @@ def test_usage_all_adds_every_notebooks_calls(notebook: Notebook) -> None:
     notebook.gateway.script(Reply(text="x", usage={"input_tokens": 1000, "output_tokens": 0}))
     notebook.ask("u", "Count me", "-m qwen-max")
     table = notebook.run("%qwen usage --all").outputs[0]["data"]["text/plain"]
-    assert "All-time usage across notebooks" in table
+    assert "Usage across notebooks, Beijing (mainland site), in yuan" in table
     line = next(line for line in table.splitlines() if line.strip().startswith("qwen-max"))
     assert "of 1,000,000" in line
 

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from ..tokens import count_chat_input, count_text
 from .batches import BatchService, is_batch_path
+from .cache import ContextCache
 from .frames import _Answer, _compact, _CompatibleEncoder, _NativeEncoder
 from .replies import (
     _CHAT_COMPLETIONS,
@@ -56,6 +57,7 @@ class _Registry:
         self._chat: list[RecordedRequest] = []
         self._all: list[RecordedRequest] = []
         self._load = _Load()
+        self.context_cache = ContextCache()  # explicit-cache prefixes the requests marked
 
     def script(self, replies: tuple[Reply, ...], times: int | None) -> None:
         for reply in replies:
@@ -91,6 +93,7 @@ class _Registry:
             self._chat.clear()
             self._all.clear()
             self._load = _Load()
+        self.context_cache.reset()
 
     def chat_requests(self) -> list[RecordedRequest]:
         with self._lock:
@@ -381,7 +384,8 @@ class _Handler(BaseHTTPRequestHandler):
         if failure:
             return self._reject("native", failure)
         answer = _Answer.compose(
-            self.server.registry.reply_for(record),
+            self.server.registry.context_cache.applied(self.server.registry.reply_for(record), str(record.model),
+                                                       record.messages),
             model=str(record.model),
             messages=record.messages,
             thinking=parameters.get("enable_thinking") is True,
@@ -405,7 +409,8 @@ class _Handler(BaseHTTPRequestHandler):
         if failure:
             return self._reject("openai", failure)
         answer = _Answer.compose(
-            self.server.registry.reply_for(record),
+            self.server.registry.context_cache.applied(self.server.registry.reply_for(record), str(record.model),
+                                                       record.messages),
             model=str(record.model),
             messages=record.messages,
             thinking=body.get("enable_thinking") is True,
