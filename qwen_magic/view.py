@@ -147,6 +147,15 @@ class _Pacer:
 # output, what the widget showed as HTML, with a line saying the kernel restarted where the
 # answer was unfinished. (Without a notebook to write to, the view keeps its text and shows
 # that line once ipywidgets marks it disconnected.)
+#
+# Saving while the answer streams keeps the widget's output (a page reloaded while the kernel
+# streams on loads the model from the kernel and follows it to the end) and writes the
+# widget's state so far into the notebook's widget-state metadata, ended, with a line saying
+# the answer was still streaming: a page that opens the file once that kernel is gone restores
+# the model from there (as ipywidgets restores any saved widget state) and shows that text,
+# not "model not found". At a save where the widget's output shows a finished answer (a reload
+# lost its display id, so the durable output never replaced it) or no longer exists, the
+# output becomes plain HTML and the saved state goes: the file heals.
 _ESM_SOURCE = """
 const parse = (html) => {
   const template = document.createElement("template");
@@ -175,32 +184,76 @@ function shown(model) {
     `${model.get("open_block")}</div>` + model.get("after") + note;
 }
 
-function keepAsText(model) {
+// Where the page's notebook shows this widget: [outputs, index] of each output.
+function widgetOutputs(model) {
   const cells = model.widget_manager?.context?.model?.cells;
-  if (!cells) return;
-  const html = shown(model);
-  const text = parse(html).map((node) => node.textContent).join("\\n").trim();
-  for (let c = 0; c < cells.length; c++) {
+  const found = [];
+  for (let c = 0; cells && c < cells.length; c++) {
     const outputs = cells.get(c).outputs;
     for (let i = 0; outputs && i < outputs.length; i++) {
       const view = outputs.get(i).data["application/vnd.jupyter.widget-view+json"];
-      if (view && view.model_id === model.get("answer_id")) {
-        outputs.set(i, { output_type: "display_data", metadata: {},
-                         data: { "text/html": html, "text/plain": text } });
-      }
+      if (view && view.model_id === model.get("answer_id")) found.push([outputs, i]);
     }
+  }
+  return found;
+}
+
+function keepAsText(model, found = widgetOutputs(model)) {
+  const html = shown(model);
+  const text = parse(html).map((node) => node.textContent).join("\\n").trim();
+  found.forEach(([outputs, i]) => outputs.set(i, { output_type: "display_data", metadata: {},
+    data: { "text/html": html, "text/plain": text } }));
+}
+
+const STATE = "application/vnd.jupyter.widget-state+json";
+const SAVED = ["_model_name", "_model_module", "_model_module_version", "_view_name", "_view_module",
+  "_view_module_version", "_esm", "_css", "_anywidget_id", "restarted_note", "reasoning", "body",
+  "open_block", "after", "answer_id"];
+
+function saveState(model, notebook) {
+  const id = model.get("answer_id");
+  const found = widgetOutputs(model);
+  const streaming = found.length > 0 && !model.get("ended");
+  if (!streaming) keepAsText(model, found);
+  const widgets = notebook.getMetadata("widgets") || {};
+  const states = { ...widgets[STATE]?.state };
+  if (streaming) {
+    const state = {};
+    SAVED.forEach((key) => { if (model.get(key) !== undefined) state[key] = model.get(key); });
+    state.ended = true;
+    state.after += `<p><em>${STREAMING_NOTE}</em></p>`;
+    states[id] = { model_name: state._model_name, model_module: state._model_module,
+                   model_module_version: state._model_module_version, state };
+  } else if (id in states) {
+    delete states[id];
+  } else {
+    return;
+  }
+  if (Object.keys(states).length) {
+    notebook.setMetadata("widgets", { ...widgets,
+      [STATE]: { version_major: 2, version_minor: 0, ...widgets[STATE], state: states } });
+  } else {
+    notebook.deleteMetadata("widgets");
   }
 }
 
 function initialize({ model, signal }) {
   model.on("msg:custom", (m) => apply(model, m));
-  const session = model.widget_manager?.context?.sessionContext;
+  const context = model.widget_manager?.context;
+  const session = context?.sessionContext;
   if (!session) return;
   const watch = (_, status) => {
     if (status === "restarting" || status === "autorestarting" || status === "dead") keepAsText(model);
   };
+  const saving = (_, state) => {
+    if (state === "started" && context.model?.getMetadata) saveState(model, context.model);
+  };
   session.statusChanged.connect(watch);
-  signal?.addEventListener("abort", () => session.statusChanged.disconnect(watch));
+  context.saveState?.connect(saving);
+  signal?.addEventListener("abort", () => {
+    session.statusChanged.disconnect(watch);
+    context.saveState?.disconnect(saving);
+  });
 }
 
 function render({ model, el }) {
@@ -246,16 +299,22 @@ function render({ model, el }) {
 }
 export default { initialize, render };
 """
-# Sent with every answer's widget: without its indentation.
-_ESM = "\n".join(line.strip() for line in _ESM_SOURCE.splitlines() if line.strip())
+# A view with no kernel behind it says why in its own words, without ipywidgets' broken-link icon.
 _CSS = """
 .qwen-live .qwen-restarted { display: none; }
 .jupyter-widgets-disconnected .qwen-live .qwen-restarted { display: block; }
+.jupyter-widgets-disconnected:has(> .qwen-live)::before { display: none; }
 """
 WIDGET_VIEW_MIME = "application/vnd.jupyter.widget-view+json"
 RESTARTED_NOTE = "The kernel restarted: the answer stopped here."
 # Kept in a saved notebook beside the live view, for readers that cannot show it.
 STREAMING_NOTE = "The answer was still streaming when this output was saved."
+# Sent with every answer's widget: without its indentation and comments.
+_ESM = "\n".join(
+    line.strip() for line in _ESM_SOURCE.splitlines() if line.strip() and not line.strip().startswith("//")
+).replace(
+    "${STREAMING_NOTE}", escape(STREAMING_NOTE)
+)
 # Finished answers whose widget stays open, so that a page reloaded later still shows them
 # from the widget's state (its display id is lost). Older ones are closed: their outputs on
 # the live page were already replaced by the durable output.
