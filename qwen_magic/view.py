@@ -7,7 +7,7 @@
   message, paced (~16 a second) and sent from the session's timer thread; the stream only
   hands text over. The widget's state is the answer so far, read only when a page asks for it.
   At the end the output is replaced, under the same display id, by a plain ``text/markdown`` +
-  ``text/html`` output, and the widget itself ends holding the whole answer and its footer.
+  ``text/html`` output, and the widget's state ends holding the whole answer and its footer.
 * ``MarkdownView``: the same durable output, updated in place without widgets (also what
   ``display = auto`` uses where no front end sent the cell: nbconvert, papermill).
 * ``TerminalView``: text printed as it comes, then the footer.
@@ -358,10 +358,14 @@ def _answer_widget_class() -> type:
 
         def __init__(self, parts: Callable[[], dict[str, Any]], **kwargs: Any) -> None:
             self._parts = parts
+            # Has a page read the state since the widget opened (a page that loaded it later)?
+            self.state_read = False
             model_id = uuid.uuid4().hex
             super().__init__(model_id=model_id, answer_id=model_id, **kwargs)
 
         def get_state(self, key: Any = None, drop_defaults: bool = False) -> dict[str, Any]:
+            if self.comm is not None:  # not the state its opening sends
+                self.state_read = True
             state = super().get_state(key=key, drop_defaults=drop_defaults)
             wanted = None if key is None else {key} if isinstance(key, str) else set(key)
             for name, value in self._parts().items():
@@ -598,19 +602,23 @@ class WidgetView:
             if self._widget is None:  # nothing was shown yet: the answer's output is the first
                 self._handle = self._display(bundle, raw=True, metadata=metadata, display_id=True)
                 return
-            # The widget ends holding the whole answer and footer, for a page that loads it
-            # later (a reload has lost the display id the durable output goes to).
+            # The widget's state ends holding the whole answer and footer, for a page that loads
+            # it later (a reload has lost the display id the durable output goes to).
             message: dict[str, Any] = {"x": sources + result.footer_html(), "e": 1}
             if thinking != self._reasoning_html:
                 message["r"] = self._set_reasoning(thinking)
-            frozen = "".join(self._frozen_html)
-            if rendered_answer is not None and answer.startswith(frozen):
-                message["f"] = self._set_open(answer[len(frozen):])
-                self._open_html = ""
-            else:
-                message["b"] = answer
             self._ended_body, self._after_html = answer, message["x"]
-            self._widget.send(message)
+            # Sent only to a page that read the state while the answer streamed. The page that
+            # showed the widget gets the durable output in its place; one reloaded meanwhile asks
+            # for the state on the shell channel, answered once the cell ends: the whole answer.
+            if self._widget.state_read:
+                frozen = "".join(self._frozen_html)
+                if rendered_answer is not None and answer.startswith(frozen):
+                    message["f"] = self._set_open(answer[len(frozen):])
+                    self._open_html = ""
+                else:
+                    message["b"] = answer
+                self._widget.send(message)
             self._handle.update(bundle, raw=True, metadata=metadata)
         if self._widgets is not None:
             self._widgets.finished(self._widget)
@@ -625,7 +633,8 @@ class WidgetView:
                 self._handle.update(bundle, raw=True, metadata=metadata)
             if self._widget is not None and self._ended_body is not None:
                 self._after_html = result.html_parts(self._rendered_answer_html)[2] + result.footer_html()
-                self._widget.send({"x": self._after_html})
+                if self._widget.state_read:  # as in finish: no other page shows the widget
+                    self._widget.send({"x": self._after_html})
 
 
 class MarkdownView:

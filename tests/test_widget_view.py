@@ -179,8 +179,35 @@ def test_a_note_added_after_the_end_reaches_the_output_and_the_widget() -> None:
     result.notes.append("History not saved: locked")
     view.update_footer(result, {"text": "An answer."})
     assert "History not saved: locked" in output.shown[-1]["text/markdown"]
-    assert "History not saved: locked" in sent.messages[-1]["x"]
+    assert sent.messages == []  # no page shows the widget: the durable output took its place
     assert "History not saved: locked" in view.widget.get_state()["after"]
+    # A page that loaded the widget (it read the state) is sent the new footer too.
+    result.notes.append("A second note.")
+    view.update_footer(result, {"text": "An answer."})
+    assert "A second note." in sent.messages[-1]["x"]
+
+
+def test_the_end_goes_to_the_widget_only_where_a_page_read_its_state_while_it_streamed() -> None:
+    """The page that showed the widget gets the durable output in its place; one that loaded it
+    later got its state, and needs the end only if it asked before the end."""
+    quiet, asked = WidgetView(_Output()), WidgetView(_Output())
+    for view in (quiet, asked):
+        stream(view, ANSWER)
+    assert not quiet.widget.state_read  # the state its opening sent does not count
+    page = Browser(asked.widget.get_state())
+    sent = {"quiet": _Sent(quiet.widget), "asked": _Sent(asked.widget)}
+    result = result_for(ANSWER)
+    whole = result.html_parts()[1] + result.footer_html()
+    for view in (quiet, asked):
+        view.finish(result, {"text": ANSWER})
+    assert sent["quiet"].messages == []
+    assert sent["asked"].messages[-1]["e"] == 1
+    for message in sent["asked"].messages:
+        page.apply(message)
+    assert page.html == whole
+    for view in (quiet, asked):  # a page that asks now gets the whole answer either way
+        state = view.widget.get_state()
+        assert state["ended"] and state["open_block"] == "" and state["body"] + state["after"] == whole
 
 
 ANSWERS = {
