@@ -350,6 +350,8 @@ def _answer_widget_class() -> type:
         ended = traitlets.Bool(False).tag(sync=True)
         answer_id = traitlets.Unicode("").tag(sync=True)  # the model id: the page finds its outputs by it
 
+        opening_state: dict[str, Any] | None = None  # the declared traits' state, read once
+
         def add_traits(self, **traits: Any) -> None:
             """Only traits the class does not declare (adding none would still make a class)."""
             new = {name: trait for name, trait in traits.items() if not self.has_trait(name)}
@@ -366,6 +368,14 @@ def _answer_widget_class() -> type:
         def get_state(self, key: Any = None, drop_defaults: bool = False) -> dict[str, Any]:
             if self.comm is not None:  # not the state its opening sends
                 self.state_read = True
+            elif key is None and not drop_defaults:
+                # Opening: every answer's widget is made with the same traits but its id, so
+                # they are read once per class (reading them was most of a widget's making).
+                cls = type(self)
+                if cls.opening_state is None:
+                    cls.opening_state = super().get_state()
+                state = {**cls.opening_state, "answer_id": self.answer_id, **self._parts()}
+                return state
             state = super().get_state(key=key, drop_defaults=drop_defaults)
             wanted = None if key is None else {key} if isinstance(key, str) else set(key)
             for name, value in self._parts().items():
@@ -406,8 +416,14 @@ class LiveWidgets:
         self._lock = threading.Lock()
 
     def finished(self, widget: Any) -> None:
+        """Keep ``widget`` open; the oldest past the bound are closed by ``trim``."""
         with self._lock:
             self._finished.append(widget)
+
+    def trim(self) -> None:
+        """Close the finished widgets past the bound: called as the next request is sent, so that
+        their close messages go out while the kernel waits for the answer, not after one."""
+        with self._lock:
             evicted = [self._finished.popleft() for _ in range(max(len(self._finished) - self._keep, 0))]
         for old in evicted:
             old.close()
