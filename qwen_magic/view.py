@@ -514,7 +514,9 @@ class WidgetView:
             {
                 WIDGET_VIEW_MIME: {"version_major": 2, "version_minor": 0, "model_id": self._widget.model_id},
                 "text/markdown": f"{text}\n\n*{STREAMING_NOTE}*".lstrip(),
-                "text/html": f"{self._render(self._closed(text)) if text else ''}<p><em>{escape(STREAMING_NOTE)}</em></p>",
+                # What the widget shows: the blocks and the open block as rendered for it.
+                "text/html": f"{''.join(self._frozen_html) + self._open_html if text else ''}"
+                             f"<p><em>{escape(STREAMING_NOTE)}</em></p>",
                 "text/plain": f"{text}\n\n[{STREAMING_NOTE}]".lstrip(),
             },
             raw=True,
