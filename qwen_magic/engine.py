@@ -790,6 +790,7 @@ class QwenSession:
 
         ticker = self.ticker
         ticker.watch(view, request.model, started)
+        self.widgets.trim()  # earlier answers' widgets past the bound: closed while the request waits
         events = self.client.stream(connection, request, state, retry=retry, on_retry=on_retry, sdk=sdk)
         try:
             # Events are few: the thinking, and the answer's start. The answer itself goes into

@@ -7,7 +7,7 @@
   message, paced (~16 a second) and sent from the session's timer thread; the stream only
   hands text over. The widget's state is the answer so far, read only when a page asks for it.
   At the end the output is replaced, under the same display id, by a plain ``text/markdown`` +
-  ``text/html`` output, and the widget itself ends holding the whole answer and its footer.
+  ``text/html`` output, and the widget's state ends holding the whole answer and its footer.
 * ``MarkdownView``: the same durable output, updated in place without widgets (also what
   ``display = auto`` uses where no front end sent the cell: nbconvert, papermill).
 * ``TerminalView``: text printed as it comes, then the footer.
@@ -147,6 +147,15 @@ class _Pacer:
 # output, what the widget showed as HTML, with a line saying the kernel restarted where the
 # answer was unfinished. (Without a notebook to write to, the view keeps its text and shows
 # that line once ipywidgets marks it disconnected.)
+#
+# Saving while the answer streams keeps the widget's output (a page reloaded while the kernel
+# streams on loads the model from the kernel and follows it to the end) and writes the
+# widget's state so far into the notebook's widget-state metadata, ended, with a line saying
+# the answer was still streaming: a page that opens the file once that kernel is gone restores
+# the model from there (as ipywidgets restores any saved widget state) and shows that text,
+# not "model not found". At a save where the widget's output shows a finished answer (a reload
+# lost its display id, so the durable output never replaced it) or no longer exists, the
+# output becomes plain HTML and the saved state goes: the file heals.
 _ESM_SOURCE = """
 const parse = (html) => {
   const template = document.createElement("template");
@@ -175,32 +184,76 @@ function shown(model) {
     `${model.get("open_block")}</div>` + model.get("after") + note;
 }
 
-function keepAsText(model) {
+// Where the page's notebook shows this widget: [outputs, index] of each output.
+function widgetOutputs(model) {
   const cells = model.widget_manager?.context?.model?.cells;
-  if (!cells) return;
-  const html = shown(model);
-  const text = parse(html).map((node) => node.textContent).join("\\n").trim();
-  for (let c = 0; c < cells.length; c++) {
+  const found = [];
+  for (let c = 0; cells && c < cells.length; c++) {
     const outputs = cells.get(c).outputs;
     for (let i = 0; outputs && i < outputs.length; i++) {
       const view = outputs.get(i).data["application/vnd.jupyter.widget-view+json"];
-      if (view && view.model_id === model.get("answer_id")) {
-        outputs.set(i, { output_type: "display_data", metadata: {},
-                         data: { "text/html": html, "text/plain": text } });
-      }
+      if (view && view.model_id === model.get("answer_id")) found.push([outputs, i]);
     }
+  }
+  return found;
+}
+
+function keepAsText(model, found = widgetOutputs(model)) {
+  const html = shown(model);
+  const text = parse(html).map((node) => node.textContent).join("\\n").trim();
+  found.forEach(([outputs, i]) => outputs.set(i, { output_type: "display_data", metadata: {},
+    data: { "text/html": html, "text/plain": text } }));
+}
+
+const STATE = "application/vnd.jupyter.widget-state+json";
+const SAVED = ["_model_name", "_model_module", "_model_module_version", "_view_name", "_view_module",
+  "_view_module_version", "_esm", "_css", "_anywidget_id", "restarted_note", "reasoning", "body",
+  "open_block", "after", "answer_id"];
+
+function saveState(model, notebook) {
+  const id = model.get("answer_id");
+  const found = widgetOutputs(model);
+  const streaming = found.length > 0 && !model.get("ended");
+  if (!streaming) keepAsText(model, found);
+  const widgets = notebook.getMetadata("widgets") || {};
+  const states = { ...widgets[STATE]?.state };
+  if (streaming) {
+    const state = {};
+    SAVED.forEach((key) => { if (model.get(key) !== undefined) state[key] = model.get(key); });
+    state.ended = true;
+    state.after += `<p><em>${STREAMING_NOTE}</em></p>`;
+    states[id] = { model_name: state._model_name, model_module: state._model_module,
+                   model_module_version: state._model_module_version, state };
+  } else if (id in states) {
+    delete states[id];
+  } else {
+    return;
+  }
+  if (Object.keys(states).length) {
+    notebook.setMetadata("widgets", { ...widgets,
+      [STATE]: { version_major: 2, version_minor: 0, ...widgets[STATE], state: states } });
+  } else {
+    notebook.deleteMetadata("widgets");
   }
 }
 
 function initialize({ model, signal }) {
   model.on("msg:custom", (m) => apply(model, m));
-  const session = model.widget_manager?.context?.sessionContext;
+  const context = model.widget_manager?.context;
+  const session = context?.sessionContext;
   if (!session) return;
   const watch = (_, status) => {
     if (status === "restarting" || status === "autorestarting" || status === "dead") keepAsText(model);
   };
+  const saving = (_, state) => {
+    if (state === "started" && context.model?.getMetadata) saveState(model, context.model);
+  };
   session.statusChanged.connect(watch);
-  signal?.addEventListener("abort", () => session.statusChanged.disconnect(watch));
+  context.saveState?.connect(saving);
+  signal?.addEventListener("abort", () => {
+    session.statusChanged.disconnect(watch);
+    context.saveState?.disconnect(saving);
+  });
 }
 
 function render({ model, el }) {
@@ -246,16 +299,22 @@ function render({ model, el }) {
 }
 export default { initialize, render };
 """
-# Sent with every answer's widget: without its indentation.
-_ESM = "\n".join(line.strip() for line in _ESM_SOURCE.splitlines() if line.strip())
+# A view with no kernel behind it says why in its own words, without ipywidgets' broken-link icon.
 _CSS = """
 .qwen-live .qwen-restarted { display: none; }
 .jupyter-widgets-disconnected .qwen-live .qwen-restarted { display: block; }
+.jupyter-widgets-disconnected:has(> .qwen-live)::before { display: none; }
 """
 WIDGET_VIEW_MIME = "application/vnd.jupyter.widget-view+json"
 RESTARTED_NOTE = "The kernel restarted: the answer stopped here."
 # Kept in a saved notebook beside the live view, for readers that cannot show it.
 STREAMING_NOTE = "The answer was still streaming when this output was saved."
+# Sent with every answer's widget: without its indentation and comments.
+_ESM = "\n".join(
+    line.strip() for line in _ESM_SOURCE.splitlines() if line.strip() and not line.strip().startswith("//")
+).replace(
+    "${STREAMING_NOTE}", escape(STREAMING_NOTE)
+)
 # Finished answers whose widget stays open, so that a page reloaded later still shows them
 # from the widget's state (its display id is lost). Older ones are closed: their outputs on
 # the live page were already replaced by the durable output.
@@ -291,6 +350,8 @@ def _answer_widget_class() -> type:
         ended = traitlets.Bool(False).tag(sync=True)
         answer_id = traitlets.Unicode("").tag(sync=True)  # the model id: the page finds its outputs by it
 
+        opening_state: dict[str, Any] | None = None  # the declared traits' state, read once
+
         def add_traits(self, **traits: Any) -> None:
             """Only traits the class does not declare (adding none would still make a class)."""
             new = {name: trait for name, trait in traits.items() if not self.has_trait(name)}
@@ -299,10 +360,22 @@ def _answer_widget_class() -> type:
 
         def __init__(self, parts: Callable[[], dict[str, Any]], **kwargs: Any) -> None:
             self._parts = parts
+            # Has a page read the state since the widget opened (a page that loaded it later)?
+            self.state_read = False
             model_id = uuid.uuid4().hex
             super().__init__(model_id=model_id, answer_id=model_id, **kwargs)
 
         def get_state(self, key: Any = None, drop_defaults: bool = False) -> dict[str, Any]:
+            if self.comm is not None:  # not the state its opening sends
+                self.state_read = True
+            elif key is None and not drop_defaults:
+                # Opening: every answer's widget is made with the same traits but its id, so
+                # they are read once per class (reading them was most of a widget's making).
+                cls = type(self)
+                if cls.opening_state is None:
+                    cls.opening_state = super().get_state()
+                state = {**cls.opening_state, "answer_id": self.answer_id, **self._parts()}
+                return state
             state = super().get_state(key=key, drop_defaults=drop_defaults)
             wanted = None if key is None else {key} if isinstance(key, str) else set(key)
             for name, value in self._parts().items():
@@ -343,8 +416,14 @@ class LiveWidgets:
         self._lock = threading.Lock()
 
     def finished(self, widget: Any) -> None:
+        """Keep ``widget`` open; the oldest past the bound are closed by ``trim``."""
         with self._lock:
             self._finished.append(widget)
+
+    def trim(self) -> None:
+        """Close the finished widgets past the bound: called as the next request is sent, so that
+        their close messages go out while the kernel waits for the answer, not after one."""
+        with self._lock:
             evicted = [self._finished.popleft() for _ in range(max(len(self._finished) - self._keep, 0))]
         for old in evicted:
             old.close()
@@ -435,7 +514,9 @@ class WidgetView:
             {
                 WIDGET_VIEW_MIME: {"version_major": 2, "version_minor": 0, "model_id": self._widget.model_id},
                 "text/markdown": f"{text}\n\n*{STREAMING_NOTE}*".lstrip(),
-                "text/html": f"{self._render(self._closed(text)) if text else ''}<p><em>{escape(STREAMING_NOTE)}</em></p>",
+                # What the widget shows: the blocks and the open block as rendered for it.
+                "text/html": f"{''.join(self._frozen_html) + self._open_html if text else ''}"
+                             f"<p><em>{escape(STREAMING_NOTE)}</em></p>",
                 "text/plain": f"{text}\n\n[{STREAMING_NOTE}]".lstrip(),
             },
             raw=True,
@@ -539,19 +620,23 @@ class WidgetView:
             if self._widget is None:  # nothing was shown yet: the answer's output is the first
                 self._handle = self._display(bundle, raw=True, metadata=metadata, display_id=True)
                 return
-            # The widget ends holding the whole answer and footer, for a page that loads it
-            # later (a reload has lost the display id the durable output goes to).
+            # The widget's state ends holding the whole answer and footer, for a page that loads
+            # it later (a reload has lost the display id the durable output goes to).
             message: dict[str, Any] = {"x": sources + result.footer_html(), "e": 1}
             if thinking != self._reasoning_html:
                 message["r"] = self._set_reasoning(thinking)
-            frozen = "".join(self._frozen_html)
-            if rendered_answer is not None and answer.startswith(frozen):
-                message["f"] = self._set_open(answer[len(frozen):])
-                self._open_html = ""
-            else:
-                message["b"] = answer
             self._ended_body, self._after_html = answer, message["x"]
-            self._widget.send(message)
+            # Sent only to a page that read the state while the answer streamed. The page that
+            # showed the widget gets the durable output in its place; one reloaded meanwhile asks
+            # for the state on the shell channel, answered once the cell ends: the whole answer.
+            if self._widget.state_read:
+                frozen = "".join(self._frozen_html)
+                if rendered_answer is not None and answer.startswith(frozen):
+                    message["f"] = self._set_open(answer[len(frozen):])
+                    self._open_html = ""
+                else:
+                    message["b"] = answer
+                self._widget.send(message)
             self._handle.update(bundle, raw=True, metadata=metadata)
         if self._widgets is not None:
             self._widgets.finished(self._widget)
@@ -566,7 +651,8 @@ class WidgetView:
                 self._handle.update(bundle, raw=True, metadata=metadata)
             if self._widget is not None and self._ended_body is not None:
                 self._after_html = result.html_parts(self._rendered_answer_html)[2] + result.footer_html()
-                self._widget.send({"x": self._after_html})
+                if self._widget.state_read:  # as in finish: no other page shows the widget
+                    self._widget.send({"x": self._after_html})
 
 
 class MarkdownView:

@@ -354,6 +354,67 @@ def test_a_kernel_restart_mid_stream_leaves_the_partial_answer_as_text(
     findings.assert_none()
 
 
+# Widget views shown with ipywidgets' broken-link icon (no kernel behind them), in a cell.
+BROKEN_LINK_ICONS_JS = r"""
+(cellIndex) => {
+  const cells = document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell');
+  const cell = cells[cellIndex];
+  return cell ? [...cell.querySelectorAll('.jupyter-widgets-disconnected')]
+    .filter((e) => getComputedStyle(e, '::before').display !== 'none').length : -1;
+}
+"""
+
+
+def test_a_notebook_saved_mid_stream_then_reopened_after_a_restart_shows_the_text_it_saved(
+    notebook: NotebookPage, open_page, front_end: FrontEnd, gateway: Gateway
+) -> None:
+    """Ctrl+S while an answer streams, close the page, restart the kernel, reopen: the cell
+    shows the answer as far as it had come and a line saying it was still streaming, never
+    "model not found"; saved again, the file holds that text and no widget."""
+    findings = Findings()
+    name = front_end.notebook("saved-mid-stream.ipynb", "%load_ext qwen_magic", "%%qwen\nTell a long story.")
+    gateway.script(Reply(chunks=[f"Gamma {n} of the answer.\n\n" for n in range(1, 49)], frame_delay=0.25))  # ~12 s
+    notebook.open(name)
+    notebook.run_cell(0)
+    notebook.run_cell(1)
+    notebook.wait_for_output(1, "Gamma 4 ")
+    notebook.save()
+    mid = front_end.saved(name, until=lambda nb: bool(nb.cells[1].outputs))
+    findings.extend(text_problems(mid, "mid-stream"))
+    notebook.page.context.close()
+    cell_end = front_end.probe(name)
+    try:
+        assert not cell_end.answered(timeout=0.5), "the answer had ended before the page closed"
+    finally:
+        cell_end.close()
+    front_end.api(f"kernels/{front_end.kernel_of(name)['id']}/restart", method="POST")
+
+    reopened = open_page()
+    reopened.open(name)
+    shown = wait_for_text(reopened, 1, lambda text: "still streaming" in text or "Error displaying" in text,
+                          timeout=30)
+    reopened.screenshot("saved-mid-stream-reopened")
+    findings.check(not trouble_in(shown), f"reopened after the restart, the cell reads {shown[:200]!r}")
+    findings.check(shown.lstrip().startswith("Gamma 1 of the answer.") and "Gamma 4 of the answer." in shown,
+                   f"reopened after the restart, the cell does not show the answer saved; it shows {shown[:300]!r}")
+    findings.check("still streaming when this output was saved" in shown,
+                   f"reopened after the restart, no line says the answer was still streaming: {shown[-300:]!r}")
+    icons = reopened.page.evaluate(BROKEN_LINK_ICONS_JS, 1)
+    findings.check(icons == 0, f"reopened after the restart, the answer shows {icons} broken-link icons")
+
+    reopened.save()
+    again = front_end.saved(name, until=lambda nb: "widgets" not in nb.metadata, timeout=10)
+    outputs = again.cells[1].outputs
+    kept = [sorted(output.get("data", {})) for output in outputs]
+    findings.check(all("application/vnd.jupyter.widget-view+json" not in data for data in kept),
+                   f"saved again from the reopened page, the cell keeps a widget view: {kept}")
+    findings.check("widgets" not in again.metadata, "saved again, the file still keeps widget state")
+    findings.check(any("Gamma 4 of the answer." in str(output.get("data", {}).get("text/html", ""))
+                       for output in outputs), f"saved again, the file lost the answer's text: {kept}")
+    findings.extend(text_problems(again, "reopened and saved again"))
+    findings.assert_none()
+
+
 def test_an_untrusted_notebook_keeps_the_footer_quiet(
     notebook: NotebookPage, open_page, front_end: FrontEnd, gateway: Gateway
 ) -> None:

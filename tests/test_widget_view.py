@@ -141,13 +141,38 @@ def test_finished_widgets_are_kept_open_up_to_a_bound_and_older_ones_are_closed(
     widgets = LiveWidgets(keep=3)
     made = []
     for n in range(5):
+        widgets.trim()  # as the session does when it sends a request
         view = WidgetView(_Output(), widgets=widgets)
         stream(view, f"Answer {n}.")
         view.finish(result_for(f"Answer {n}."), {"text": f"Answer {n}."})
         made.append(view.widget)
+    # Closed as the next request goes out, not as an answer ends: 4 kept until then.
+    assert [w.comm is None for w in made] == [True, False, False, False, False]
+    widgets.trim()
     assert [w.comm is None for w in made] == [True, True, False, False, False]
     assert widgets.open_widgets() == made[2:]
     widgets.close()
+
+
+def test_every_widget_opens_with_the_state_of_its_own_traits_and_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The declared traits' state is read once per class; each opening still sends every trait,
+    its own id and its own answer so far."""
+    import comm
+    from ipywidgets.widgets.widget import Widget
+
+    opened: list[dict] = []
+    create = comm.create_comm
+    monkeypatch.setattr(comm, "create_comm", lambda **args: opened.append(args["data"]["state"]) or create(**args))
+    first, second = WidgetView(_Output()), WidgetView(_Output())
+    stream(first, "The first answer.", size=100)
+    stream(second, "The second answer.", size=100)
+    assert len(opened) == 2
+    for view, state in zip((first, second), opened):
+        every_trait = Widget.get_state(view.widget)  # ipywidgets reading each trait afresh
+        assert state["answer_id"] == view.widget.model_id
+        assert {k: v for k, v in state.items() if k != "open_block"} == \
+               {k: v for k, v in every_trait.items() if k != "open_block"}
+    assert "first answer" in opened[0]["open_block"] and "second answer" in opened[1]["open_block"]
 
 
 def test_the_saved_bundle_holds_text_beside_the_widget_view() -> None:
@@ -179,8 +204,35 @@ def test_a_note_added_after_the_end_reaches_the_output_and_the_widget() -> None:
     result.notes.append("History not saved: locked")
     view.update_footer(result, {"text": "An answer."})
     assert "History not saved: locked" in output.shown[-1]["text/markdown"]
-    assert "History not saved: locked" in sent.messages[-1]["x"]
+    assert sent.messages == []  # no page shows the widget: the durable output took its place
     assert "History not saved: locked" in view.widget.get_state()["after"]
+    # A page that loaded the widget (it read the state) is sent the new footer too.
+    result.notes.append("A second note.")
+    view.update_footer(result, {"text": "An answer."})
+    assert "A second note." in sent.messages[-1]["x"]
+
+
+def test_the_end_goes_to_the_widget_only_where_a_page_read_its_state_while_it_streamed() -> None:
+    """The page that showed the widget gets the durable output in its place; one that loaded it
+    later got its state, and needs the end only if it asked before the end."""
+    quiet, asked = WidgetView(_Output()), WidgetView(_Output())
+    for view in (quiet, asked):
+        stream(view, ANSWER)
+    assert not quiet.widget.state_read  # the state its opening sent does not count
+    page = Browser(asked.widget.get_state())
+    sent = {"quiet": _Sent(quiet.widget), "asked": _Sent(asked.widget)}
+    result = result_for(ANSWER)
+    whole = result.html_parts()[1] + result.footer_html()
+    for view in (quiet, asked):
+        view.finish(result, {"text": ANSWER})
+    assert sent["quiet"].messages == []
+    assert sent["asked"].messages[-1]["e"] == 1
+    for message in sent["asked"].messages:
+        page.apply(message)
+    assert page.html == whole
+    for view in (quiet, asked):  # a page that asks now gets the whole answer either way
+        state = view.widget.get_state()
+        assert state["ended"] and state["open_block"] == "" and state["body"] + state["after"] == whole
 
 
 ANSWERS = {
