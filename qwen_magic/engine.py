@@ -32,6 +32,7 @@ from .client import (
 )
 from .conversation import Chat, Turn, Window, fit_window, messages_for
 from .formats import check_capabilities, parse_answer, protocol_for, question, with_json_hint
+from .i18n import _
 from .ledger import Ledger
 from .limits import RateLimiter, RetryPolicy
 from .options import CellOptions
@@ -333,7 +334,7 @@ class QwenSession:
         connection = self.connection(settings, options)
         sdk = self.client.sdk_client(connection)  # resolved once: the key check and the call
         if connection.protocol == "native" and not sdk.config.api_key:
-            raise UsageError(NO_KEY_HELP)
+            raise UsageError(_(NO_KEY_HELP))
 
         request = ChatRequest(
             model=plan.model_name,

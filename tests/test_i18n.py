@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from qwen_magic import i18n
+from qwen_magic.gateway import Gateway, Reply
+
+from .conftest import run_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,3 +81,27 @@ def test_the_check_finds_a_missing_and_a_mistranslated_message(tmp_path: Path) -
 
 def test_fields_ignore_doubled_braces() -> None:
     assert messages.fields("{{name}} and {model} at {cost:.4f}") == {"model", "cost:.4f"}
+
+
+def test_an_error_in_each_language(shell, gateway: Gateway, capsys, monkeypatch) -> None:
+    gateway.script(Reply(status=401, error_code="InvalidApiKey"), times=None)
+    run_cell(shell, "%%qwen --no-history\nhello")
+    english = capsys.readouterr()
+    assert "DashScope error InvalidApiKey" in english.out + english.err
+    assert "keys are region-specific" in english.out + english.err
+
+    shell.run_line_magic("config", "QwenMagic.language = 'zh'")
+    run_cell(shell, "%%qwen --no-history\nhello")
+    chinese = capsys.readouterr()
+    said = chinese.out + chinese.err
+    assert "DashScope 错误 InvalidApiKey" in said and "region-specific" not in said
+    assert "）请检查 Key：Key 按地域区分" in said
+
+    # auto follows the locale, read at each cell (so %env LANG=... takes effect at once).
+    shell.run_line_magic("config", "QwenMagic.language = 'auto'")
+    monkeypatch.setenv("LANG", "zh_CN.UTF-8")
+    run_cell(shell, "%%qwen --no-history\nhello")
+    assert "DashScope 错误" in "".join(capsys.readouterr())
+    monkeypatch.setenv("LANG", "en_US.UTF-8")
+    run_cell(shell, "%%qwen --no-history\nhello")
+    assert "DashScope error InvalidApiKey" in "".join(capsys.readouterr())
