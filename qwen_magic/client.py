@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Union
 from urllib.parse import urlsplit, urlunsplit
 
+from .i18n import N_, _
+
 if TYPE_CHECKING:  # pragma: no cover
     import dashscope
 
     from .limits import RetryPolicy
 
-NO_KEY_HELP = (
+NO_KEY_HELP = N_(
     "No DashScope API key is set. Provide one in any of three ways: "
     "run %qwen login (asks for it with a hidden prompt and keeps it for this session only); "
     "set the environment variable DASHSCOPE_API_KEY before starting Jupyter; "
@@ -33,39 +35,39 @@ NO_KEY_HELP = (
 
 # What to do about each DashScope error code, in one sentence.
 ERROR_ADVICE: dict[str, str] = {
-    "InvalidApiKey": (
+    "InvalidApiKey": N_(
         "Check the key: keys are region-specific (mainland vs international), so use the key "
         "of the region you call; set it with %qwen login or DASHSCOPE_API_KEY."
     ),
-    "InvalidParameter": "Check the cell's options and the model name (%qwen help).",
-    "DataInspectionFailed": (
+    "InvalidParameter": N_("Check the cell's options and the model name (%qwen help)."),
+    "DataInspectionFailed": N_(
         "Content moderation rejected the input or the answer; rephrase the prompt."
     ),
-    "Arrearage": "The account is in arrears: top it up in the Model Studio console, then retry.",
-    "AccessDenied": "This key may not use this model or workspace; check its permissions.",
-    "AccessDenied.Unpurchased": "This model is not activated for the account; activate it first.",
-    "AllocationQuota.FreeTierOnly": (
+    "Arrearage": N_("The account is in arrears: top it up in the Model Studio console, then retry."),
+    "AccessDenied": N_("This key may not use this model or workspace; check its permissions."),
+    "AccessDenied.Unpurchased": N_("This model is not activated for the account; activate it first."),
+    "AllocationQuota.FreeTierOnly": N_(
         "The free quota is used up and the account allows free tier only; "
         "turn off free-tier-only in the console to be billed, or pick another model."
     ),
-    "ModelNotFound": "No such model; check the name with -m (see the Model Studio model list).",
-    "Model.NotExist": "No such model; check the name with -m (see the Model Studio model list).",
-    "Throttling": "Too many requests: wait a moment and run the cell again.",
-    "Throttling.RateQuota": "The model's requests or tokens per minute are exceeded: wait a minute.",
-    "Throttling.AllocationQuota": "The quota for this model is exhausted: wait or raise the quota.",
-    "InternalError": "A server-side error: try again shortly.",
-    "ServiceUnavailable": "The service is unavailable for now: try again shortly.",
-    "GatewayTimeout": "The server timed out: try again, or ask for a shorter answer.",
-    "ConnectionError": "Check DASHSCOPE_BASE_URL / QwenMagic.base_url and the network.",
-    "Timeout": "The server did not answer in time: try again, or raise QwenMagic.timeout.",
-    "StreamStalled": "The stream stopped sending: try again, or raise QwenMagic.timeout.",
-    "StreamCut": "The connection closed before the answer ended: run the cell again.",
-    "NotDashScope": (
+    "ModelNotFound": N_("No such model; check the name with -m (see the Model Studio model list)."),
+    "Model.NotExist": N_("No such model; check the name with -m (see the Model Studio model list)."),
+    "Throttling": N_("Too many requests: wait a moment and run the cell again."),
+    "Throttling.RateQuota": N_("The model's requests or tokens per minute are exceeded: wait a minute."),
+    "Throttling.AllocationQuota": N_("The quota for this model is exhausted: wait or raise the quota."),
+    "InternalError": N_("A server-side error: try again shortly."),
+    "ServiceUnavailable": N_("The service is unavailable for now: try again shortly."),
+    "GatewayTimeout": N_("The server timed out: try again, or ask for a shorter answer."),
+    "ConnectionError": N_("Check DASHSCOPE_BASE_URL / QwenMagic.base_url and the network."),
+    "Timeout": N_("The server did not answer in time: try again, or raise QwenMagic.timeout."),
+    "StreamStalled": N_("The stream stopped sending: try again, or raise QwenMagic.timeout."),
+    "StreamCut": N_("The connection closed before the answer ended: run the cell again."),
+    "NotDashScope": N_(
         "Check the base URL (DASHSCOPE_BASE_URL, QwenMagic.base_url, --base-url) or the proxy; "
         "a network's login page answers so too."
     ),
-    "NotAStream": "Check the base URL or the proxy between: this is not DashScope's stream.",
-    "MalformedFrame": "Check the base URL or the proxy between, or run the cell again.",
+    "NotAStream": N_("Check the base URL or the proxy between: this is not DashScope's stream."),
+    "MalformedFrame": N_("Check the base URL or the proxy between, or run the cell again."),
 }
 _RETRYABLE_CODES = frozenset({
     "Throttling", "Throttling.RateQuota", "InternalError", "ServiceUnavailable", "GatewayTimeout",
@@ -108,15 +110,17 @@ def _html_answer(error: Exception, said: str) -> int | None:
 def _sent_content_type(said: str) -> str:
     """The content type httpx_sse names in its error ("... got 'text/plain'")."""
     found = re.search(r"got '([^']{0,60})'", said)
-    return found.group(1) if found and found.group(1) else "no content type"
+    return found.group(1) if found and found.group(1) else _("no content type")
 
 
 def _first_validation_error(error: Exception, key: str | None) -> str:
     """A pydantic ValidationError's first problem, as ``field: message``."""
     try:
         first = error.errors()[0]  # type: ignore[attr-defined]
-        where = ".".join(str(part) for part in first.get("loc", ())) or "frame"
-        return _shortened(redact(f"{error.error_count()} problem(s), first {where}: {first.get('msg')}", key), 100)  # type: ignore[attr-defined]
+        where = ".".join(str(part) for part in first.get("loc", ())) or _("frame")
+        said = _("{count} problem(s), first {where}: {problem}").format(
+            count=error.error_count(), where=where, problem=first.get("msg"))  # type: ignore[attr-defined]
+        return _shortened(redact(said, key), 100)  # type: ignore[attr-defined]
     except Exception:
         return _shortened(redact(str(error), key), 100)
 
@@ -142,12 +146,15 @@ class QwenAPIError(Exception):
         super().__init__(self.line())
 
     def line(self) -> str:
-        parts = [f"DashScope error {self.code}: {self.message.rstrip('.')}."]
+        """The error in the current language; the server's own message as it came."""
+        message = self.message.rstrip(".")
         if self.request_id:
-            parts.append(f"(request id {self.request_id})")
-        if self.advice:
-            parts.append(self.advice)
-        return " ".join(parts)
+            line = _("DashScope error {code}: {message}. (request id {request_id})").format(
+                code=self.code, message=message, request_id=self.request_id)
+        else:
+            line = _("DashScope error {code}: {message}.").format(code=self.code, message=message)
+        # Translators: an error line, then what to do about it (joined without a space in Chinese).
+        return _("{error} {advice}").format(error=line, advice=_(self.advice)) if self.advice else line
 
     @property
     def retryable(self) -> bool:
@@ -434,7 +441,7 @@ class QwenClient:
         try:
             config = _resolved_config(connection)
         except ValueError as error:  # DASHSCOPE_REGION, DASHSCOPE_TIMEOUT, config.toml
-            raise UsageError(f"dashscope's configuration cannot be used: {error}") from None
+            raise UsageError(_("dashscope's configuration cannot be used: {error}").format(error=error)) from None
         identity = (
             config.api_key,
             config.protocol_base_url,
@@ -449,10 +456,10 @@ class QwenClient:
                 try:
                     client = _new_sdk_client(config)
                 except Exception as error:  # checked above; whatever is left is still one line
-                    raise UsageError(
-                        f"No DashScope client can be made for {config.protocol_base_url!r}: "
-                        f"{_shortened(redact(str(error) or type(error).__name__, config.api_key), 200)}"
-                    ) from None
+                    raise UsageError(_("No DashScope client can be made for {url}: {error}").format(
+                        url=repr(config.protocol_base_url),
+                        error=_shortened(redact(str(error) or type(error).__name__, config.api_key), 200),
+                    )) from None
                 self._clients[identity] = client
             return client
 
@@ -549,7 +556,7 @@ class QwenClient:
                     _read_last_frame(state, last, choice)
                 if state.finish_reason is None:
                     raise QwenAPIError(
-                        "StreamCut", "the stream ended before the answer was finished", request_id=state.request_id
+                        "StreamCut", _("the stream ended before the answer was finished"), request_id=state.request_id
                     )
                 return
             except QwenAPIError as error:
@@ -611,19 +618,20 @@ class QwenClient:
         if html is not None:
             translated = QwenAPIError(
                 "NotDashScope",
-                f"the server at {_shortened(base_url, 60)} answered with an HTML page (HTTP {html}), "
-                "not DashScope's API",
+                _("the server at {url} answered with an HTML page (HTTP {status}), not DashScope's API").format(
+                    url=_shortened(base_url, 60), status=html),
                 request_id=state.request_id,
                 status=html if html >= 400 else None,
             )
         elif isinstance(error, sdk_errors.APITimeoutError):
-            translated = QwenAPIError("Timeout", f"no answer from {base_url} in time")
+            translated = QwenAPIError("Timeout", _("no answer from {url} in time").format(url=base_url))
         elif isinstance(error, sdk_errors.APIConnectionError):
-            translated = QwenAPIError("ConnectionError", f"cannot reach {base_url} ({redact(_reason(error), config.api_key)})")
+            translated = QwenAPIError("ConnectionError", _("cannot reach {url} ({reason})").format(
+                url=base_url, reason=redact(_reason(error), config.api_key)))
         elif isinstance(error, sdk_errors.DashScopeError) and error.code:
             translated = QwenAPIError(
                 error.code,
-                redact(error.message or "no message", config.api_key),
+                redact(error.message or _("no message"), config.api_key),
                 request_id=error.request_id or state.request_id,
                 status=status,
                 retry_after=_retry_after(error.headers),
@@ -631,8 +639,8 @@ class QwenClient:
         elif isinstance(error, sdk_errors.DashScopeError) and not status and "SSE payload" in said:
             translated = QwenAPIError(
                 "MalformedFrame",
-                f"a frame of the stream from {_shortened(base_url, 60)} is not DashScope's JSON "
-                f"({_shortened(redact(error.message or said, config.api_key), 60)})",
+                _("a frame of the stream from {url} is not DashScope's JSON ({reason})").format(
+                    url=_shortened(base_url, 60), reason=_shortened(redact(error.message or said, config.api_key), 60)),
                 request_id=state.request_id,
             )
         elif isinstance(error, sdk_errors.DashScopeError):
@@ -645,38 +653,38 @@ class QwenClient:
         elif type(error).__name__ == "SSEError":  # httpx_sse (a TransportError): the answer is no event stream
             translated = QwenAPIError(
                 "NotAStream",
-                f"the server at {_shortened(base_url, 60)} did not answer with an event stream "
-                f"(it sent {_sent_content_type(said)})",
+                _("the server at {url} did not answer with an event stream (it sent {content_type})").format(
+                    url=_shortened(base_url, 60), content_type=_sent_content_type(said)),
                 request_id=state.request_id,
             )
         elif isinstance(error, httpx.TimeoutException):
             translated = QwenAPIError(
                 "StreamStalled",
-                f"no data from {base_url} for {config.timeout:g} s",
+                _("no data from {url} for {seconds:g} s").format(url=base_url, seconds=config.timeout),
                 request_id=state.request_id,
             )
         elif isinstance(error, (httpx.TransportError, httpx.StreamError)):
             translated = QwenAPIError(
                 "StreamCut",
-                f"the connection to {base_url} closed mid-answer ({type(error).__name__})",
+                _("the connection to {url} closed mid-answer ({reason})").format(url=base_url, reason=type(error).__name__),
                 request_id=state.request_id,
             )
         elif type(error).__name__ == "ValidationError":  # pydantic: a frame of another shape
             translated = QwenAPIError(
                 "MalformedFrame",
-                f"a frame of the stream from {_shortened(base_url, 60)} does not have the shape of DashScope's answers "
-                f"({_first_validation_error(error, config.api_key)})",
+                _("a frame of the stream from {url} does not have the shape of DashScope's answers ({reason})").format(
+                    url=_shortened(base_url, 60), reason=_first_validation_error(error, config.api_key)),
                 request_id=state.request_id,
             )
         elif isinstance(error, (ValueError, TypeError, LookupError, AttributeError)):  # the SDK read a frame it did not expect
             translated = QwenAPIError(
                 "MalformedFrame",
-                f"what {_shortened(base_url, 60)} sent could not be read as DashScope's answer "
-                f"({type(error).__name__}: {_shortened(said, 60)})",
+                _("what {url} sent could not be read as DashScope's answer ({reason})").format(
+                    url=_shortened(base_url, 60), reason=f"{type(error).__name__}: {_shortened(said, 60)}"),
                 request_id=state.request_id,
             )
         else:
-            translated = QwenAPIError(type(error).__name__, said or "unexpected failure", request_id=state.request_id)
+            translated = QwenAPIError(type(error).__name__, said or _("unexpected failure"), request_id=state.request_id)
         return translated
 
     def close(self) -> None:
@@ -745,10 +753,10 @@ def _resolved_config(connection: Connection) -> Any:
     for url in dict.fromkeys(filter(None, (config.configured_base_url, config.protocol_base_url))):
         problem = url_problem(url)
         if problem:
-            raise UsageError(
-                f"The base URL {_shortened(repr(url), 100)} cannot be used: {problem}. Set a working one in "
+            raise UsageError(_(
+                "The base URL {url} cannot be used: {problem}. Set a working one in "
                 "DASHSCOPE_BASE_URL, QwenMagic.base_url or --base-url."
-            )
+            ).format(url=_shortened(repr(url), 100), problem=problem))
     return config
 
 

@@ -36,6 +36,7 @@ from .client import (
 from .context import NotebookContext
 from .conversation import Chat, Turn, Window, fit_window, messages_for
 from .formats import check_capabilities, parse_answer, protocol_for, question, with_json_hint
+from .i18n import _
 from .ledger import Ledger
 from .limits import RateLimiter, RetryPolicy
 from .options import CellOptions
@@ -392,7 +393,7 @@ class QwenSession:
         connection = self.connection(settings, options)
         sdk = self.client.sdk_client(connection)  # resolved once: the key check and the call
         if connection.protocol == "native" and not sdk.config.api_key:
-            raise UsageError(NO_KEY_HELP)
+            raise UsageError(_(NO_KEY_HELP))
         if options.confirm and not _stdin_available(in_kernel):
             raise UsageError(NO_STDIN)
 

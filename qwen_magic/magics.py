@@ -7,8 +7,9 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from traitlets import Bool, Dict, Enum, Float, Int, TraitError, Unicode, validate
+from traitlets import Bool, Dict, Enum, Float, Int, TraitError, Unicode, observe, validate
 
+from .i18n import use as use_language
 from .options import CellOptions, cell_arguments, has_control_characters, parse_cell_line, url_problem
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -141,6 +142,23 @@ class QwenMagic(Magics):
         if not 0 < proposal["value"] < math.inf:
             raise TraitError("QwenMagic.reservation_timeout must be a positive, finite number of seconds.")
         return proposal["value"]
+
+    language = Enum(
+        ["auto", "zh", "en"],
+        default_value="auto",
+        help=(
+            "Language of what qwen_magic prints (footers, refusals, errors, tables, help): "
+            "zh (Simplified Chinese), en (English), or auto (the kernel's locale: any zh* in "
+            "LC_ALL, LC_MESSAGES, LANG or LANGUAGE is Chinese, anything else English)."
+        ),
+    ).tag(config=True)
+
+    @observe("language")
+    def _use_language(self, change: dict[str, Any]) -> None:
+        # At once, so that the next output (a command's table too) is in the new language.
+        from .i18n import use
+
+        use(change["new"])
 
     @validate("model")
     def _valid_model(self, proposal: dict[str, Any]) -> str:
@@ -302,6 +320,7 @@ class QwenMagic(Magics):
         Settings: %config QwenMagic (model, system, display, budget, stream, ...).
         The key comes from %qwen login, DASHSCOPE_API_KEY, or ~/.dashscope/config.toml.
         """
+        use_language(self.language)  # auto follows the locale, which %env may have changed
         self.session.notebook = self.notebook_key()
         if cell is None:
             from .commands import run_command

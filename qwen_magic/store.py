@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+from .i18n import N_, _
+
 MIGRATIONS: tuple[str, ...] = (
     # 1: turns (one per chat position; replaced in place when its cell re-runs) and calls
     # (every call ever made, for all-time usage: a replaced turn's call still cost money).
@@ -133,12 +135,12 @@ LOCK_WAIT = 5.0
 # The write after an answer waits less: the answer is on screen, and the cell should end.
 QUICK_LOCK_WAIT = 1.0
 
-LOCKED = ("locked: another program is writing {path}. The answer is kept in this kernel and in the "
+LOCKED = N_("locked: another program is writing {path}. The answer is kept in this kernel and in the "
           "notebook; close that program (or let it finish) and later turns are saved again.")
-DAMAGED = ("the history file {path} is damaged ({error}). Run %qwen repair to move it aside "
+DAMAGED = N_("the history file {path} is damaged ({error}). Run %qwen repair to move it aside "
            "(it is kept) and start a fresh one with what can still be read.")
-FULL = "the disk holding {path} is full. Free some space; the answer is kept in this kernel and in the notebook."
-UNUSABLE = "the history file {path} cannot be used: {error}."
+FULL = N_("the disk holding {path} is full. Free some space; the answer is kept in this kernel and in the notebook.")
+UNUSABLE = N_("the history file {path} cannot be used: {error}.")
 
 
 def default_store_path() -> Path:
@@ -158,12 +160,12 @@ def describe(error: sqlite3.Error | ValueError, path: Path) -> str:
     """What went wrong with the file, and what to do, as the rest of one sentence."""
     text = str(error)
     if isinstance(error, sqlite3.OperationalError) and "locked" in text:
-        return LOCKED.format(path=path)
+        return _(LOCKED).format(path=path)
     if "disk is full" in text or getattr(error, "sqlite_errorname", "") == "SQLITE_FULL":
-        return FULL.format(path=path)
+        return _(FULL).format(path=path)
     if isinstance(error, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text):
-        return DAMAGED.format(path=path, error=text)
-    return UNUSABLE.format(path=path, error=text)
+        return _(DAMAGED).format(path=path, error=text)
+    return _(UNUSABLE).format(path=path, error=text)
 
 
 @dataclass(frozen=True)
@@ -257,7 +259,8 @@ class Store:
             self._migrate()
             stat = os.stat(path)
         except OSError as error:
-            raise StoreError(f"cannot open the history file {path}: {error.strerror or error}") from None
+            raise StoreError(_("cannot open the history file {path}: {error}").format(
+                path=path, error=error.strerror or error)) from None
         except sqlite3.Error as error:
             raise StoreError(describe(error, path)) from None
         self._identity = (stat.st_dev, stat.st_ino)
@@ -285,9 +288,8 @@ class Store:
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path} was written by a newer qwen_magic (schema {version}); upgrade to read it"
-            )
+            raise StoreError(_("{path} was written by a newer qwen_magic (schema {version}); upgrade to read it").format(
+                path=self.path, version=version))
         for number in range(version, SCHEMA_VERSION):
             with self.transaction():
                 for statement in _statements(MIGRATIONS[number]):

@@ -31,8 +31,9 @@ def gateway(gateway_server: Gateway) -> Iterator[Gateway]:
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """No settings of the developer's own: HOME, DASHSCOPE_* and the history file are the test's."""
     for name in list(os.environ):
-        if name.startswith(("DASHSCOPE_", "QWEN_MAGIC_", "JPY_")):
+        if name.startswith(("DASHSCOPE_", "QWEN_MAGIC_", "JPY_")) or name in ("LC_ALL", "LC_MESSAGES", "LANGUAGE"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("LANG", "C.UTF-8")  # messages in English unless a test asks for another language
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
@@ -54,6 +55,9 @@ def shell(gateway: Gateway, isolated_env: Path, monkeypatch: pytest.MonkeyPatch)
     yield ip
     ip.run_line_magic("unload_ext", "qwen_magic")
     ip.config.pop("QwenMagic", None)
+    from qwen_magic import i18n
+
+    i18n.use("en")  # a test that switched language leaves the next one in English
 
 
 def run_cell(shell, cell: str):
