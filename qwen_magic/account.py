@@ -15,16 +15,18 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 from .catalog import Catalog, ModelInfo
+from .i18n import N_, _
 from .pricing import format_money
 from .regions import Region
-from .spending import Standing, local_zone, period_start
+from .spending import Standing, local_zone, period_name, period_start
 from .store import Store
 from .tables import aligned, html_table
 
 CHART_DAYS = 30
 # Mid-tone colours (Tableau 10) readable on white and on a dark background; the rest is currentColor.
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
-OTHER = "other"  # the chart's last colour: models beyond the palette
+OTHER = "other"  # the chart's last colour: models beyond the palette (shown as OTHER_LABEL)
+OTHER_LABEL = N_("other")
 
 
 @dataclass(frozen=True)
@@ -59,13 +61,15 @@ class AccountUsage:
     # ---- the parts
 
     def summary(self) -> list[tuple[str, str]]:
-        rows = [("today", self.money(self.today)), ("this month", self.money(self.month))]
+        rows = [(_("today"), self.money(self.today)), (_("this month"), self.money(self.month))]
         if self.reserved:
-            rows.append(("reserved now", f"{self.money(self.reserved)} by calls in flight"))
+            rows.append((_("reserved now"), _("{amount} by calls in flight").format(amount=self.money(self.reserved))))
         for standing in self.standings:
-            rows.append((f"{standing.period} limit", f"{self.money(standing.limit)}: {self.money(standing.left)} left"))
+            rows.append((_("{period} limit").format(period=period_name(standing.period)),
+                         _("{limit}: {left} left").format(limit=self.money(standing.limit),
+                                                          left=self.money(standing.left))))
         if not self.standings:
-            rows.append(("limits", "none (%qwen limit daily AMOUNT / monthly AMOUNT)"))
+            rows.append((_("limits"), _("none (%qwen limit daily AMOUNT / monthly AMOUNT)")))
         return rows
 
     def model_rows(self) -> list[tuple[str, ...]]:
@@ -76,12 +80,12 @@ class AccountUsage:
         return [(notebook, f"{calls:,}", self.money(cost)) for notebook, calls, cost in self.per_notebook]
 
     def title(self) -> str:
-        return (f"Usage across notebooks, {self.region.name}, in {self.region.currency.name} "
-                f"(days in local time, {local_zone()})")
+        return _("Usage across notebooks, {region}, in {currency} (days in local time, {zone})").format(
+            region=self.region.name, currency=self.region.currency.name, zone=local_zone())
 
     def footnotes(self) -> list[str]:
-        return [*self.notes, f"From {self.path}. The free quota is per account and region and expires: "
-                             "the console is authoritative."]
+        return [*self.notes, _("From {path}. The free quota is per account and region and expires: "
+                               "the console is authoritative.").format(path=self.path)]
 
     # ---- the chart
 
@@ -114,11 +118,12 @@ class AccountUsage:
         plot_w, plot_h = width - left - 8, height - top - bottom
         biggest = max((sum(stack) for stack in stacks), default=0.0)
         slot = plot_w / max(len(self.days), 1)
+        title = _("Spend per day over the last {days} days, per model").format(days=len(self.days))
         parts = [
             f'<svg xmlns="http://www.w3.org/2000/svg" class="qwen-spend-chart" role="img" width="{width}" '
             f'height="{height + 20 * ((len(models) + 3) // 4)}" viewBox="0 0 {width} {height + 20 * ((len(models) + 3) // 4)}" '
             f'style="color: inherit; font: 11px sans-serif; max-width: 100%">',
-            f"<title>{html.escape(f'Spend per day over the last {len(self.days)} days, per model')}</title>",
+            f"<title>{html.escape(title)}</title>",
             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="currentColor" stroke-opacity="0.6"/>',
             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="currentColor" stroke-opacity="0.6"/>',
             f'<text x="{left - 4}" y="{top + 4}" text-anchor="end" fill="currentColor">{html.escape(self.money(biggest))}</text>',
@@ -133,7 +138,7 @@ class AccountUsage:
                 bar = plot_h * value / biggest
                 y -= bar
                 colour = PALETTE[models.index(model)] if model != OTHER else PALETTE[-1]
-                label = f"{day.day.isoformat()} {model}: {self.money(value)}"
+                label = f"{day.day.isoformat()} {_shown_model(model)}: {self.money(value)}"
                 parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{slot * 0.7:.1f}" height="{bar:.1f}" '
                              f'fill="{colour}"><title>{html.escape(label)}</title></rect>')
         for index in sorted({0, len(self.days) // 2, len(self.days) - 1}):
@@ -146,10 +151,11 @@ class AccountUsage:
             y = height + 20 * (index // 4) - 8
             colour = PALETTE[index] if model != OTHER else PALETTE[-1]
             parts.append(f'<rect x="{x:.1f}" y="{y - 9}" width="10" height="10" fill="{colour}"/>'
-                         f'<text x="{x + 14:.1f}" y="{y}" fill="currentColor">{html.escape(model)}</text>')
+                         f'<text x="{x + 14:.1f}" y="{y}" fill="currentColor">{html.escape(_shown_model(model))}</text>')
         if biggest <= 0:
+            nothing = _("No spend in these {days} days").format(days=len(self.days))
             parts.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h / 2}" text-anchor="middle" '
-                         f'fill="currentColor">No spend in these {len(self.days)} days</text>')
+                         f'fill="currentColor">{html.escape(nothing)}</text>')
         parts.append("</svg>")
         return "".join(parts)
 
@@ -157,35 +163,56 @@ class AccountUsage:
         """The chart in a terminal: a bar per day with spend, its total and its costliest model."""
         biggest = max((d.total for d in self.days), default=0.0)
         if biggest <= 0:
-            return [f"No spend in the last {len(self.days)} days."]
+            return [_("No spend in the last {days} days.").format(days=len(self.days))]
         lines = []
         for day in self.days:
             if day.total <= 0:
                 continue
             top_model = max(day.by_model, key=lambda m: day.by_model[m])
             bar = "█" * max(1, round(width * day.total / biggest))
-            lines.append(f"  {day.day.strftime('%m-%d')}  {bar.ljust(width)}  {self.money(day.total)}  (most: {top_model})")
+            most = _("(most: {model})").format(model=top_model)
+            lines.append(f"  {day.day.strftime('%m-%d')}  {bar.ljust(width)}  {self.money(day.total)}  {most}")
         return lines
 
     # ---- display
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         lines = [self.title(), *aligned(self.summary(), "  "), ""]
-        lines += ["Per model (all time):", *aligned([("model", "calls", "cost", "free quota left"), *self.model_rows()], "  ")]
-        lines += ["", "Per notebook (all time):", *aligned([("notebook", "calls", "cost"), *self.notebook_rows()], "  ")]
-        lines += ["", f"Spend per day, last {len(self.days)} days:", *self.chart_text(), *self.footnotes()]
+        lines += [_("Per model (all time):"), *aligned([_model_header(), *self.model_rows()], "  ")]
+        lines += ["", _("Per notebook (all time):"), *aligned([_notebook_header(), *self.notebook_rows()], "  ")]
+        lines += ["", _("Spend per day, last {days} days:").format(days=len(self.days)), *self.chart_text(),
+                  *self.footnotes()]
         printer.text("\n".join(lines))
 
     def _repr_html_(self) -> str:
         notes = "".join(f"<p>{html.escape(note)}</p>" for note in self.footnotes())
+        days = html.escape(_("Spend per day, last {days} days").format(days=len(self.days)))
+        # Headings in bold, then "(all time)" beside them, as the text shows them.
+        all_time, per_model, per_notebook = (html.escape(text) for text in (
+            _("(all time)"), _("Per model"), _("Per notebook")))
+        per_model = f"<strong>{per_model}</strong> {all_time}"
+        per_notebook = f"<strong>{per_notebook}</strong> {all_time}"
         return (
             f"<strong>{html.escape(self.title())}</strong>{html_table(self.summary())}"
-            f"<p><strong>Spend per day, last {len(self.days)} days</strong></p>{self.chart_svg()}"
-            f"<p><strong>Per model</strong> (all time)</p>"
-            f"{html_table(self.model_rows(), ('model', 'calls', 'cost', 'free quota left'))}"
-            f"<p><strong>Per notebook</strong> (all time)</p>{html_table(self.notebook_rows(), ('notebook', 'calls', 'cost'))}"
+            f"<p><strong>{days}</strong></p>{self.chart_svg()}"
+            f"<p>{per_model}</p>"
+            f"{html_table(self.model_rows(), _model_header())}"
+            f"<p>{per_notebook}</p>{html_table(self.notebook_rows(), _notebook_header())}"
             f"{notes}"
         )
+
+
+def _model_header() -> tuple[str, ...]:
+    return (_("model"), _("calls"), _("cost"), _("free quota left"))
+
+
+def _notebook_header() -> tuple[str, ...]:
+    return (_("notebook"), _("calls"), _("cost"))
+
+
+def _shown_model(model: str) -> str:
+    """A model's name in the chart; the bar of the models beyond the palette says "other"."""
+    return _(OTHER_LABEL) if model == OTHER else model
 
 
 def free_quota_left(model: ModelInfo | None, tokens_in: int, tokens_out: int) -> str:
@@ -194,8 +221,9 @@ def free_quota_left(model: ModelInfo | None, tokens_in: int, tokens_out: int) ->
         return "—"
     quota = model.free_quota
     if model.free_quota_each_way:
-        return f"{max(quota - tokens_in, 0):,} in / {max(quota - tokens_out, 0):,} out of {quota:,} each"
-    return f"{max(quota - tokens_in - tokens_out, 0):,} of {quota:,} tokens"
+        return _("{tokens_in:,} in / {tokens_out:,} out of {quota:,} each").format(
+            tokens_in=max(quota - tokens_in, 0), tokens_out=max(quota - tokens_out, 0), quota=quota)
+    return _("{tokens:,} of {quota:,} tokens").format(tokens=max(quota - tokens_in - tokens_out, 0), quota=quota)
 
 
 def account_usage(store: Store, region: Region, catalog: Catalog, standings: list[Standing],
@@ -210,9 +238,10 @@ def account_usage(store: Store, region: Region, catalog: Catalog, standings: lis
         spent = by_day.setdefault(datetime.fromtimestamp(at).date(), {})
         spent[model] = spent.get(model, 0.0) + cost
     quota = tuple((model, free_quota_left(catalog.get(model), tokens_in or 0, tokens_out or 0))
-                  for model, tokens_in, tokens_out, _ in store.tokens_by_model(region.key))
+                  for model, tokens_in, tokens_out, _cost in store.tokens_by_model(region.key))
     others = [code for code in store.currencies() if code != currency]
-    notes = tuple(f"Calls billed in {code} are kept apart: set QwenMagic.region to see them." for code in others)
+    notes = tuple(_("Calls billed in {currency} are kept apart: set QwenMagic.region to see them.").format(currency=code)
+                  for code in others)
     return AccountUsage(
         region=region,
         today=store.spent_since(currency, period_start("daily", now)),

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .client import Usage
+from .i18n import N_, _
 from .pricing import format_money
+from .result import status_label
 from .tables import aligned, html_table
 
-ONE_OFF = "(one-off)"  # the chat column of a --no-history call
+ONE_OFF = N_("(one-off)")  # the chat column of a --no-history call
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,8 @@ class Ledger:
 
 def _chat_column(record: CallRecord) -> str:
     if record.rows is not None:
-        return f"(map, {record.rows:,} rows)"
-    return ONE_OFF if record.chat is None else record.chat
+        return _("(map, {rows:,} rows)").format(rows=record.rows)
+    return _(ONE_OFF) if record.chat is None else record.chat
 
 
 @dataclass(frozen=True)
@@ -100,14 +102,16 @@ class UsageReport:
     def _rows(self) -> list[tuple[str, ...]]:
         return [
             (str(r.number), r.cell, _chat_column(r), r.model, f"{r.usage.input_tokens:,}", f"{r.usage.output_tokens:,}",
-             format_money(r.cost, r.currency), r.status)
+             format_money(r.cost, r.currency), status_label(r.status))
             for r in self.ledger.records
         ]
 
     def _totals(self) -> list[tuple[str, ...]]:
         rows = []
         for (model, currency), totals in self.ledger.per_model().items():
-            cost = format_money(totals.cost, currency) + (f" (+{totals.unpriced_calls} unpriced)" if totals.unpriced_calls else "")
+            cost = format_money(totals.cost, currency)
+            if totals.unpriced_calls:
+                cost = _("{cost} (+{count} unpriced)").format(cost=cost, count=totals.unpriced_calls)
             rows.append((model, str(totals.calls), f"{totals.input_tokens:,}", f"{totals.output_tokens:,}", cost))
         return rows
 
@@ -121,38 +125,54 @@ class UsageReport:
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         if not self.ledger.records:
-            printer.text("No calls yet this session.")
+            printer.text(_("No calls yet this session."))
             return
-        header = ("#", "cell", "chat", "model", "in", "out", "cost", "status", "tokens (█ in ░ out)")
+        header = ("#", _("cell"), _("chat"), _("model"), _("in"), _("out"), _("cost"), _("status"),
+                  _("tokens (█ in ░ out)"))
         rows = [(*row, bar) for row, bar in zip(self._rows(), self._text_bars())]
         lines = aligned([header, *rows])
         lines.append("")
-        lines.extend(aligned([("model", "calls", "in", "out", "cost"), *self._totals()]))
-        lines.append(f"total: {self._total()} in {len(self.ledger.records)} calls")
+        lines.extend(aligned([_totals_header(), *self._totals()]))
+        lines.append(self._total_line())
         printer.text("\n".join(lines))
 
     def _repr_html_(self) -> str:
         if not self.ledger.records:
-            return "<p>No calls yet this session.</p>"
+            return "<p>" + html.escape(_("No calls yet this session.")) + "</p>"
         biggest = max(r.usage.total_tokens for r in self.ledger.records) or 1
+        bar_title = html.escape(_("input / output tokens"), quote=True)
         rows = []
         for record, cells in zip(self.ledger.records, self._rows()):
             width_in = 100 * record.usage.input_tokens / biggest
             width_out = 100 * record.usage.output_tokens / biggest
             bar = (
-                f"<div style='display:flex;width:12em;height:0.8em' title='input / output tokens'>"
+                f"<div style='display:flex;width:12em;height:0.8em' title='{bar_title}'>"
                 f"<div style='width:{width_in:.1f}%;background:#7aa6d6'></div>"
                 f"<div style='width:{width_out:.1f}%;background:#e39b4d'></div></div>"
             )
             rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + f"<td>{bar}</td></tr>")
-        totals = html_table(self._totals(), ("model", "calls", "in", "out", "cost"))
+        totals = html_table(self._totals(), _totals_header())
+        headings = "".join(f"<th>{html.escape(h)}</th>" for h in (
+            "#", _("cell"), _("chat"), _("model"), _("in"), _("out"), _("cost"), _("status")))
+        # Translators: the bar column's heading; {tokens_in} and {tokens_out} are "in" and "out", coloured.
+        tokens_in, tokens_out = html.escape(_("in")), html.escape(_("out"))
+        bars = html.escape(_("tokens ({tokens_in} / {tokens_out})")).format(
+            tokens_in=f"<span style='color:#7aa6d6'>{tokens_in}</span>",
+            tokens_out=f"<span style='color:#e39b4d'>{tokens_out}</span>")
         return (
-            "<table><tr><th>#</th><th>cell</th><th>chat</th><th>model</th><th>in</th><th>out</th>"
-            "<th>cost</th><th>status</th><th>tokens (<span style='color:#7aa6d6'>in</span> / "
-            "<span style='color:#e39b4d'>out</span>)</th></tr>" + "".join(rows) + "</table>"
+            f"<table><tr>{headings}<th>{bars}</th></tr>" + "".join(rows) + "</table>"
             + totals
-            + f"<p><strong>total: {html.escape(self._total())}</strong> in {len(self.ledger.records)} calls</p>"
+            + f"<p><strong>{html.escape(self._total_line())}</strong></p>"
         )
 
+    def _total_line(self) -> str:
+        count = len(self.ledger.records)
+        return _("total: {cost} in {count} calls").format(cost=self._total(), count=count)
+
     def _total(self) -> str:
-        return " and ".join(format_money(cost, currency) for currency, cost in self.ledger.totals_by_currency().items())
+        # Yuan and dollars are never added: each currency's total, listed.
+        return _(" and ").join(format_money(cost, currency) for currency, cost in self.ledger.totals_by_currency().items())
+
+
+def _totals_header() -> tuple[str, ...]:
+    return (_("model"), _("calls"), _("in"), _("out"), _("cost"))

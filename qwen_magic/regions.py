@@ -13,30 +13,40 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .catalog import BUILTIN_PATH, INTL_PATH
+from .i18n import N_, _
 
 
 @dataclass(frozen=True)
 class Currency:
     code: str  # ISO 4217, as the history file records it
     symbol: str
-    name: str  # in sentences: "an amount in yuan"
+    english_name: str  # marked with N_; ``name`` is it in the current language
+
+    @property
+    def name(self) -> str:
+        """In sentences: "an amount in yuan"."""
+        return _(self.english_name)
 
 
-YUAN = Currency("CNY", "¥", "yuan")
-DOLLARS = Currency("USD", "$", "US dollars")
+YUAN = Currency("CNY", "¥", N_("yuan"))
+DOLLARS = Currency("USD", "$", N_("US dollars"))
 CURRENCIES = {currency.code: currency for currency in (YUAN, DOLLARS)}
 
 
 @dataclass(frozen=True)
 class Region:
     key: str  # as recorded in the history file and set in QwenMagic.region
-    name: str
+    english_name: str  # marked with N_; ``name`` is it in the current language
     currency: Currency
     sheet: Path  # the built-in price sheet
 
+    @property
+    def name(self) -> str:
+        return _(self.english_name)
 
-BEIJING = Region("beijing", "Beijing (mainland site)", YUAN, BUILTIN_PATH)
-SINGAPORE = Region("singapore", "Singapore (international site)", DOLLARS, INTL_PATH)
+
+BEIJING = Region("beijing", N_("Beijing (mainland site)"), YUAN, BUILTIN_PATH)
+SINGAPORE = Region("singapore", N_("Singapore (international site)"), DOLLARS, INTL_PATH)
 REGIONS = {region.key: region for region in (BEIJING, SINGAPORE)}
 
 # dashscope 2.x's DASHSCOPE_REGION values. The other international regions (Hong Kong,

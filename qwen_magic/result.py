@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING, Any
 
 from .client import Usage
+from .i18n import N_, _, ngettext
 from .pricing import format_money
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -20,6 +21,13 @@ FOOTER_STYLE = f"{QUIET_STYLE} margin-top: 0.4em;"
 COMPLETE = "complete"
 INTERRUPTED = "interrupted"
 FAILED = "failed"
+# The statuses as tables show them (the history keeps the English word).
+STATUS_LABELS = {COMPLETE: N_("complete"), INTERRUPTED: N_("interrupted"), FAILED: N_("failed")}
+
+
+def status_label(status: str) -> str:
+    """A call's status in the current language (an unknown one as it is)."""
+    return _(STATUS_LABELS[status]) if status in STATUS_LABELS else status
 
 
 @dataclass
@@ -64,38 +72,49 @@ class QwenResult:
         return self.usage.output_tokens / seconds
 
     def footer(self) -> str:
-        """The quiet line under every answer."""
+        """The quiet line under every answer, in the current language: whole phrases joined by " · "."""
         usage = self.usage
-        cache = []
-        if usage.cached_tokens:
-            cache.append(f"{usage.cached_tokens:,} cached")
-        if usage.cache_creation_tokens:
-            cache.append(f"{usage.cache_creation_tokens:,} written to cache")
-        tokens_in = f"{usage.input_tokens:,} in" + (f" ({', '.join(cache)})" if cache else "")
-        parts = [self.model, f"{tokens_in} / {usage.output_tokens:,} out tokens"]
+        cached, written = usage.cached_tokens, usage.cache_creation_tokens
+        if cached and written:
+            tokens_in = _("{tokens:,} in ({cached:,} cached, {written:,} written to cache)").format(
+                tokens=usage.input_tokens, cached=cached, written=written)
+        elif cached:
+            tokens_in = _("{tokens:,} in ({cached:,} cached)").format(tokens=usage.input_tokens, cached=cached)
+        elif written:
+            tokens_in = _("{tokens:,} in ({written:,} written to cache)").format(tokens=usage.input_tokens,
+                                                                               written=written)
+        else:
+            tokens_in = _("{tokens:,} in").format(tokens=usage.input_tokens)
         if usage.reasoning_tokens:
-            parts[-1] += f" ({usage.reasoning_tokens:,} thinking)"
+            # Translators: {tokens_in} is "1,204 in", possibly with its cached tokens in brackets.
+            tokens = _("{tokens_in} / {tokens_out:,} out tokens ({thinking:,} thinking)").format(
+                tokens_in=tokens_in, tokens_out=usage.output_tokens, thinking=usage.reasoning_tokens)
+        else:
+            tokens = _("{tokens_in} / {tokens_out:,} out tokens").format(tokens_in=tokens_in,
+                                                                         tokens_out=usage.output_tokens)
+        parts = [self.model, tokens]
         if usage.searches:
-            parts.append("1 search" if usage.searches == 1 else f"{usage.searches:,} searches")
-        parts.append(format_money(self.cost, self.currency) if self.cost is not None else "cost unknown")
+            parts.append(ngettext("{count:,} search", "{count:,} searches", usage.searches).format(count=usage.searches))
+        parts.append(format_money(self.cost, self.currency) if self.cost is not None else _("cost unknown"))
         if self.turn is not None:
-            parts.append(f"chat {self.chat}, turn {self.turn}")
+            parts.append(_("chat {chat}, turn {turn}").format(chat=self.chat, turn=self.turn))
         elif self.chat is None:
-            parts.append("one-off, not in a chat")
+            parts.append(_("one-off, not in a chat"))
         if self.session_cost is not None:
-            parts.append(f"session {format_money(self.session_cost, self.currency)}")
-        parts.append(f"{self.elapsed:.1f} s")
+            parts.append(_("session {cost}").format(cost=format_money(self.session_cost, self.currency)))
+        parts.append(_("{seconds:.1f} s").format(seconds=self.elapsed))
         rate = self.tokens_per_second
         if rate is not None:
-            parts.append(f"{rate:,.0f} tok/s")
+            parts.append(_("{rate:,.0f} tok/s").format(rate=rate))
         if self.status == INTERRUPTED:
-            parts.append("interrupted: partial answer")
+            parts.append(_("interrupted: partial answer"))
         elif self.status == FAILED:
-            parts.append(f"failed: {self.error}" if self.error else "failed")
+            parts.append(_("failed: {error}").format(error=self.error) if self.error else _("failed"))
         elif self.finish_reason == "length":
-            parts.append("cut at --max-tokens")
+            parts.append(_("cut at --max-tokens"))
         if self.tool_calls:
-            parts.append("1 tool call" if len(self.tool_calls) == 1 else f"{len(self.tool_calls)} tool calls")
+            count = len(self.tool_calls)
+            parts.append(ngettext("{count} tool call", "{count} tool calls", count).format(count=count))
         if self.format_error:
             parts.append(self.format_error)
         return " · ".join(parts)
