@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 from IPython.core.error import UsageError
 
 from .catalog import Catalog, ModelInfo
+from .i18n import _
 
 MAX_MARKERS = 4
 # The service caches a marked prefix only from this many tokens on.
@@ -27,8 +28,9 @@ def check_explicit_cache(model_name: str, model: ModelInfo | None, catalog: Cata
     if model is not None and model.explicit_cache:
         return
     able = ", ".join(sorted(m.name for m in catalog.models.values() if m.explicit_cache and not m.retired))
-    raise UsageError(f"--cache: {model_name} has no explicit context cache (models that have it: {able}); "
-                     "drop --cache (the implicit cache, where the model has it, works without it).")
+    raise UsageError(_("--cache: {model} has no explicit context cache (models that have it: {models}); "
+                       "drop --cache (the implicit cache, where the model has it, works without it).").format(
+        model=model_name, models=able))
 
 
 def marked_positions(messages: Sequence[Mapping[str, Any]]) -> list[int]:

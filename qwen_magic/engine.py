@@ -36,7 +36,7 @@ from .client import (
 from .context import NotebookContext
 from .conversation import Chat, Turn, Window, fit_window, messages_for
 from .formats import check_capabilities, parse_answer, protocol_for, question, with_json_hint
-from .i18n import _
+from .i18n import N_, _
 from .ledger import Ledger
 from .limits import RateLimiter, RetryPolicy
 from .options import CellOptions
@@ -56,21 +56,21 @@ if TYPE_CHECKING:  # pragma: no cover
     from .tools import Tool, ToolCall
 
 
-STORE_REPLACED = (
+STORE_REPLACED = N_(
     "The history file {path} was deleted or replaced while this kernel ran: a new one was started, "
     "and each chat is written to it whole with its next turn."
 )
-NO_STDIN = (
+NO_STDIN = N_(
     "--confirm asks before each call, but this front end takes no input (nbconvert, papermill or "
     "a piped run); run the cell in Jupyter or IPython, or leave --confirm out."
 )
-ROUND_LIMIT = (
+ROUND_LIMIT = N_(
     "Stopped after {rounds} requests (--max-rounds {rounds}): the model still asked for {names}, "
     "which did not run. Raise --max-rounds to let it go on."
 )
-NEXT_ROUND_REFUSED = "The exchange stopped before its request {number}: {reason}"
-SCHEMA_RETRY = "This answer does not match {schema} ({error}): asking again (try {attempt} of {tries})."
-SHARED_CHAT = (
+NEXT_ROUND_REFUSED = N_("The exchange stopped before its request {number}: {reason}")
+SCHEMA_RETRY = N_("This answer does not match {schema} ({error}): asking again (try {attempt} of {tries}).")
+SHARED_CHAT = N_(
     "Another kernel is writing chat {chat!r} of this notebook (is it open twice?): this kernel's turns "
     "are kept as {name!r}, and %qwen resume '{name}' brings them back."
 )
@@ -87,8 +87,13 @@ class QwenFormatError(Exception):
     """The answer did not fit -f json / -f code; it is shown as it came and kept."""
 
     def __init__(self, reason: str, *, kept_in: str | None) -> None:
-        where = f" and in {kept_in}.text" if kept_in else ""
-        super().__init__(f"{reason[0].upper()}{reason[1:]}; the raw answer is shown above{where}.")
+        reason = f"{reason[0].upper()}{reason[1:]}"
+        if kept_in:
+            said = _("{reason}; the raw answer is shown above and in {variable}.text.").format(
+                reason=reason, variable=kept_in)
+        else:
+            said = _("{reason}; the raw answer is shown above.").format(reason=reason)
+        super().__init__(said)
 
     def _render_traceback_(self) -> list[str]:
         return [f"{type(self).__name__}: {self}"]
@@ -184,7 +189,7 @@ class _Ticker:
         second = int(waited)
         if second != self._shown_second:
             self._shown_second = second
-            view.waiting(f"Waiting for {self._model}… {second} s")
+            view.waiting(_("Waiting for {model}… {seconds} s").format(model=self._model, seconds=second))
 
 
 @contextmanager
@@ -283,7 +288,7 @@ class QwenSession:
         store = self._stores.get(path)
         if store is not None and store.replaced():
             self.close_store(path)
-            self._store_notes.append(STORE_REPLACED.format(path=path))
+            self._store_notes.append(_(STORE_REPLACED).format(path=path))
         if path not in self._stores:
             self._stores[path] = Store(path)
         return self._stores[path]
@@ -309,7 +314,7 @@ class QwenSession:
         except (StoreError, sqlite3.Error) as error:
             reason = describe(error, self.store_path(settings)) if isinstance(error, sqlite3.Error) else error
             del self._store_notes[said:]
-            self._store_notes.append(f"History not saved: {reason}")
+            self._store_notes.append(_("History not saved: {reason}").format(reason=reason))
         notes, self._store_notes = self._store_notes, []
         return notes
 
@@ -335,10 +340,10 @@ class QwenSession:
             for position, turn in enumerate(chat.turns, start=1):
                 store.save_turn(self.notebook, claim.name, position, turn.cell_id, turn.to_record())
             if claim.name != chat.name:
-                notes.append(SHARED_CHAT.format(chat=chat.name, name=claim.name))
+                notes.append(_(SHARED_CHAT).format(chat=chat.name, name=claim.name))
         if claim.kept:
-            notes.append(f"This chat's turns from an earlier kernel are kept as "
-                         f"{claim.kept!r}: %qwen resume '{claim.kept}' brings them back.")
+            notes.append(_("This chat's turns from an earlier kernel are kept as {kept!r}: "
+                           "%qwen resume '{kept}' brings them back.").format(kept=claim.kept))
         return claim.name, notes
 
     def forget_chat(self, store: Store, chat: Chat) -> None:
@@ -361,7 +366,7 @@ class QwenSession:
         try:
             return load_catalog(settings.models, (region or self.region(settings)).sheet)
         except CatalogError as error:
-            raise UsageError(f"The model catalog cannot be used: {error}") from None
+            raise UsageError(_("The model catalog cannot be used: {error}").format(error=error)) from None
 
     def effective_budget(self, settings: Settings) -> float | None:
         if self.budget_off:
@@ -395,7 +400,7 @@ class QwenSession:
         if connection.protocol == "native" and not sdk.config.api_key:
             raise UsageError(_(NO_KEY_HELP))
         if options.confirm and not _stdin_available(in_kernel):
-            raise UsageError(NO_STDIN)
+            raise UsageError(_(NO_STDIN))
 
         request = ChatRequest(
             model=plan.model_name,
@@ -435,12 +440,13 @@ class QwenSession:
                 result.notes.extend(notes)
                 view.update_footer(result, record)
         if held and result.status == COMPLETE:
-            late = QwenInterrupted("stopped as the answer was being saved; it is complete and kept.")
+            late = QwenInterrupted(_("stopped as the answer was being saved; it is complete and kept."))
             late.result = result
             raise late
         if result.status == INTERRUPTED:
-            kept = "above" if options.no_history else "above and in the chat"
-            interrupted = QwenInterrupted(f"the answer was interrupted; its partial text is kept {kept}.")
+            interrupted = QwenInterrupted(
+                _("the answer was interrupted; its partial text is kept above.") if options.no_history
+                else _("the answer was interrupted; its partial text is kept above and in the chat."))
             interrupted.result = result
             raise interrupted
         if error is not None:
@@ -454,7 +460,7 @@ class QwenSession:
         try:
             self._wait_for_rate_limit(preflight, view)
         except KeyboardInterrupt:
-            raise QwenInterrupted("stopped while waiting for the rate limit; nothing was sent.") from None
+            raise QwenInterrupted(_("stopped while waiting for the rate limit; nothing was sent.")) from None
         # Windows are per catalog entry: an aliased name shares its entry's limits.
         model = preflight.model
         sent = self.limiter.record(model.name if model else preflight.model_name, preflight.input_tokens)
@@ -486,7 +492,7 @@ class QwenSession:
                 calls = state.merged_tool_calls() if result.status == COMPLETE and plan.tools else []
                 if calls and rounds >= options.max_rounds:
                     names = ", ".join(dict.fromkeys(call["function"]["name"] for call in calls))
-                    result.notes.append(ROUND_LIMIT.format(rounds=rounds, names=names))
+                    result.notes.append(_(ROUND_LIMIT).format(rounds=rounds, names=names))
                 elif calls:
                     exchange.messages.append({"role": "assistant", "content": text, "tool_calls": calls})
                     if not self._run_calls(calls, plan.tools, options, view, exchange):
@@ -507,7 +513,7 @@ class QwenSession:
                 # The failed answer stays shown as it came; the next one gets a view of its own.
                 result.cost = call_cost(plan.model, result.usage, explicit_cache=plan.explicit_cache)
                 result.format, result.format_error = plan.fmt, problem
-                result.notes.append(SCHEMA_RETRY.format(schema=plan.schema.name, error=problem, attempt=attempt + 1,
+                result.notes.append(_(SCHEMA_RETRY).format(schema=plan.schema.name, error=problem, attempt=attempt + 1,
                                                         tries=tries))
                 request = dataclasses.replace(request, messages=request.messages + (
                     {"role": "assistant", "content": result.text},
@@ -555,7 +561,7 @@ class QwenSession:
             exchange.holds.append(reserve_job(self, settings, preflight.estimate.worst_cost, plan.region,
                                               what=f"{plan.model_name} call", model=plan.model_name))
         except UsageError as refused:
-            return preflight, NEXT_ROUND_REFUSED.format(number=len(exchange.usages) + 1, reason=refused)
+            return preflight, _(NEXT_ROUND_REFUSED).format(number=len(exchange.usages) + 1, reason=refused)
         return preflight, None
 
     def _run_calls(self, calls: list[dict[str, Any]], tools: Mapping[str, Tool], options: CellOptions, view: View,
@@ -583,7 +589,7 @@ class QwenSession:
                 stopped = True
                 if call.result is None and call.error is None:
                     call.error = "interrupted by the user"
-        exchange.messages.extend(call.message() for call, _ in pending)
+        exchange.messages.extend(call.message() for call, _runner in pending)
         return not stopped
 
     def _plan(
@@ -600,7 +606,7 @@ class QwenSession:
         # Blank lines around the cell's text are not part of the question (and cost tokens).
         prompt = prompt.strip("\n").rstrip()
         if not prompt.strip() and not options.fix:
-            raise UsageError("The %%qwen cell is empty: write a question below the %%qwen line.")
+            raise UsageError(_("The %%qwen cell is empty: write a question below the %%qwen line."))
         notes: list[str] = []
         if options.interpolate and namespace is not None:
             prompt = fill(prompt, namespace, value_tokens=settings.max_value_tokens, notes=notes)
@@ -637,10 +643,9 @@ class QwenSession:
         if explicit_cache:
             check_explicit_cache(model_name, model, catalog)
         if model is not None and model.max_output and options.max_tokens and options.max_tokens > model.max_output:
-            raise UsageError(
-                f"--max-tokens {options.max_tokens:,} is more than {model_name} can write: "
-                f"at most {model.max_output:,} tokens (%qwen models)."
-            )
+            raise UsageError(_(
+                "--max-tokens {max_tokens:,} is more than {model} can write: at most {limit:,} tokens (%qwen models)."
+            ).format(max_tokens=options.max_tokens, model=model_name, limit=model.max_output))
         chat = self.chat(options.chat)
         # -n: afresh, without the old turns or system prompt (the chat itself is emptied
         # only once the call is really sent: a refused call changes nothing).
@@ -649,7 +654,8 @@ class QwenSession:
         system = mend(system) if system else system
         strict = schema is not None and model is not None and model.json_schema
         if schema is not None and model is not None and model.thinking == "only":
-            raise UsageError(f"{model_name} always thinks, and thinking has no JSON mode: --schema needs another model.")
+            raise UsageError(_("{model} always thinks, and thinking has no JSON mode: --schema needs another model.").format(
+                model=model_name))
         request_system = system
         if schema is not None and not strict:  # json_object: the schema is said in the prompt
             request_system = "\n\n".join(filter(None, [system, schema.system_line()]))
@@ -695,18 +701,19 @@ class QwenSession:
             parsed = parse_answer(plan.fmt, result.text)
             result.value, result.code, result.format_error = parsed.value, parsed.code, parsed.error
             if plan.fmt == "code" and parsed.code is None:
-                result.notes.append("The answer has no code block: no cell was added.")
+                result.notes.append(_("The answer has no code block: no cell was added."))
             if plan.schema is not None and parsed.error is None:
                 result.value, result.format_error = plan.schema.validate(parsed.value)
                 if result.format_error:
-                    result.format_error = f"the answer does not match {plan.schema.name}: {result.format_error}"
+                    result.format_error = _("the answer does not match {schema}: {error}").format(
+                        schema=plan.schema.name, error=result.format_error)
         # Each request is billed at its own tier: a cell of several requests costs their sum.
         rounds = exchange.usages if exchange and len(exchange.usages) > 1 else [result.usage]
         costs = [call_cost(plan.model, usage, explicit_cache=plan.explicit_cache) for usage in rounds]
         result.cost = None if None in costs else sum(costs)
         result.currency = plan.region.currency.code
         if result.cost is None:
-            result.notes.append(UNKNOWN_PRICE_HINT.format(model=plan.model_name))
+            result.notes.append(_(UNKNOWN_PRICE_HINT).format(model=plan.model_name))
         if plan.window.note():
             result.notes.append(plan.window.note())
         result.notes.extend(plan.notes)
@@ -724,7 +731,7 @@ class QwenSession:
             result.turn = plan.chat.record(turn)
         elif not options.no_history:
             result.turn = plan.chat.position_for(cell_id)
-            result.notes.append("The cell's earlier answer stays in the chat: this one failed.")
+            result.notes.append(_("The cell's earlier answer stays in the chat: this one failed."))
         else:
             result.turn = None
         record = turn.to_record()
@@ -748,16 +755,17 @@ class QwenSession:
         """Wait, saying so, until the model's QPM and TPM windows have room for this call."""
         model = preflight.model
         if model is not None and model.tpm is not None and preflight.input_tokens > model.tpm:
-            raise UsageError(
-                f"Refused, nothing sent: {preflight.input_tokens:,} input tokens is more than "
-                f"{model.name}'s whole limit of {model.tpm:,} tokens per minute."
-            )
+            raise UsageError(_(
+                "Refused, nothing sent: {tokens:,} input tokens is more than {model}'s whole limit of "
+                "{tpm:,} tokens per minute."
+            ).format(tokens=preflight.input_tokens, model=model.name, tpm=model.tpm))
         announced = False
         while True:
             wait, reason = self.limiter.wait_needed(model, preflight.input_tokens)
             if wait <= 0:
                 return
-            message = f"Rate limit of {preflight.model_name} ({reason}): waiting {wait:.1f} s before sending."
+            message = _("Rate limit of {model} ({reason}): waiting {seconds:.1f} s before sending.").format(
+                model=preflight.model_name, reason=reason, seconds=wait)
             if announced:
                 view.waiting(message)
             else:
@@ -784,10 +792,8 @@ class QwenSession:
         status, failure = COMPLETE, None
 
         def on_retry(error: QwenAPIError, delay: float, attempt: int) -> None:
-            view.notice(
-                f"{error.code} from the server: retrying in {delay:.1f} s "
-                f"(try {attempt + 1} of {retry.max_retries + 1})."
-            )
+            view.notice(_("{code} from the server: retrying in {delay:.1f} s (try {attempt} of {tries}).").format(
+                code=error.code, delay=delay, attempt=attempt + 1, tries=retry.max_retries + 1))
 
         ticker = self.ticker
         ticker.watch(view, request.model, started)

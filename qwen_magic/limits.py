@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .catalog import ModelInfo
+from .i18n import _
 
 
 @dataclass
@@ -45,7 +46,7 @@ class RateLimiter:
             if model.qpm is not None and len(sent) >= model.qpm:
                 # The oldest request that must leave the window for one more to fit.
                 leaving = sent[len(sent) - model.qpm]
-                wait, reason = leaving.at + self.window - now, f"{model.qpm:,} requests per minute"
+                wait, reason = leaving.at + self.window - now, _("{count:,} requests per minute").format(count=model.qpm)
             if model.tpm is not None:
                 used = sum(item.tokens for item in sent)
                 excess = used + tokens - model.tpm
@@ -56,7 +57,7 @@ class RateLimiter:
                         if freed >= excess:
                             token_wait = item.at + self.window - now
                             if token_wait > wait:
-                                wait, reason = token_wait, f"{model.tpm:,} tokens per minute"
+                                wait, reason = token_wait, _("{count:,} tokens per minute").format(count=model.tpm)
                             break
             return max(wait, 0.0), reason
 

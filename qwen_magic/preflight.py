@@ -6,12 +6,14 @@ the limit it is, and how to proceed; the server receives nothing.
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from IPython.core.error import UsageError
 
 from .catalog import ModelInfo
+from .i18n import _
 from .cache import MIN_CACHED_PREFIX, prefix_end
 from .pricing import (
     CACHE_WRITE_RATE,
@@ -89,11 +91,11 @@ def prepare(
 def check_input_limit(preflight: Preflight) -> None:
     limit = preflight.max_input
     if limit is not None and preflight.input_tokens > limit:
-        raise UsageError(
-            f"Refused, nothing sent: this request has {preflight.input_tokens:,} input tokens, over "
-            f"{preflight.model_name}'s limit of {limit:,}. Shorten the prompt or the chat "
-            f"(%qwen reset), or pick a model with a longer context (%qwen models)."
-        )
+        raise UsageError(_(
+            "Refused, nothing sent: this request has {tokens:,} input tokens, over {model}'s limit of "
+            "{limit:,}. Shorten the prompt or the chat (%qwen reset), or pick a model with a longer "
+            "context (%qwen models)."
+        ).format(tokens=preflight.input_tokens, model=preflight.model_name, limit=limit))
 
 
 def check_cost(preflight: Preflight, *, spent: float, budget: float | None, max_cost: float | None) -> None:
@@ -103,45 +105,50 @@ def check_cost(preflight: Preflight, *, spent: float, budget: float | None, max_
     worst = preflight.estimate.worst_cost
     model = preflight.model
     if worst is None or model is None:
-        raise UsageError(
-            f"Refused, nothing sent: a budget is set but {preflight.model_name}'s price is unknown, so "
-            f"its cost cannot be bounded. Add its price with %config QwenMagic.models = "
-            f"{{'{preflight.model_name}': {{'input': PRICE_PER_1M, 'output': PRICE_PER_1M}}}}, "
-            f"or turn the budget off (%qwen budget off)."
-        )
+        raise UsageError(_(
+            "Refused, nothing sent: a budget is set but {model}'s price is unknown, so its cost cannot "
+            "be bounded. Add its price with %config QwenMagic.models = "
+            "{{'{model}': {{'input': PRICE_PER_1M, 'output': PRICE_PER_1M}}}}, "
+            "or turn the budget off (%qwen budget off)."
+        ).format(model=preflight.model_name))
     money = preflight.money
     limits = []
     if max_cost is not None:
-        limits.append((max_cost, f"--max-cost {money(max_cost)}", "raise --max-cost"))
+        limits.append((max_cost, _("--max-cost {cost}").format(cost=money(max_cost)), _("raise --max-cost")))
     if budget is not None:
         left = max(budget - spent, 0.0)
-        state = f"{money(left)} left of {money(budget)}" if left else f"used up: {money(spent)} spent of {money(budget)}"
-        limits.append((left, f"the session budget ({state})",
-                       f"raise the budget (%qwen budget {_suggest(spent + worst)})"))
+        if left:
+            what = _("the session budget ({left} left of {budget})").format(left=money(left), budget=money(budget))
+        else:
+            what = _("the session budget (used up: {spent} spent of {budget})").format(
+                spent=money(spent), budget=money(budget))
+        limits.append((left, what, _("raise the budget (%qwen budget {amount})").format(
+            amount=_suggest(spent + worst))))
     for allowed, what, raise_it in limits:
         if worst > allowed:
             fits = output_tokens_affordable(model, preflight.input_tokens, allowed,
                                             thinking=preflight.thinking) - preflight.max_reasoning_tokens
             if fits > 0:
-                lower = f"or lower --max-tokens to {fits:,} or less"
+                lower = _("or lower --max-tokens to {tokens:,} or less").format(tokens=fits)
             elif allowed > 0:
-                lower = "or shorten the prompt and chat: the input alone is over it"
+                lower = _("or shorten the prompt and chat: the input alone is over it")
             else:
-                lower = "as nothing is left of it"
-            raise UsageError(
-                f"Refused, nothing sent: this call could cost up to {money(worst)} "
-                f"({preflight.input_tokens:,} input tokens and up to "
-                f"{_output_tokens(preflight)} on {preflight.model_name}), "
-                f"more than {what}. To go ahead, {raise_it}, {lower}."
-            )
+                lower = _("as nothing is left of it")
+            # Translators: {limit} is "--max-cost ¥0.01" or "the session budget (...)"; {raise_it}
+            # says how to raise it and {lower} how to ask for less (each a phrase of its own).
+            raise UsageError(_(
+                "Refused, nothing sent: this call could cost up to {worst} ({tokens:,} input tokens and up to "
+                "{output} on {model}), more than {limit}. To go ahead, {raise_it}, {lower}."
+            ).format(worst=money(worst), tokens=preflight.input_tokens, output=_output_tokens(preflight),
+                     model=preflight.model_name, limit=what, raise_it=raise_it, lower=lower))
 
 
 def _output_tokens(preflight: Preflight) -> str:
     """The worst case's output, saying how much of it thinking may take."""
-    shown = f"{preflight.estimate.max_output_tokens:,} output tokens"
     if preflight.max_reasoning_tokens:
-        shown += f" ({preflight.max_reasoning_tokens:,} of them thinking)"
-    return shown
+        return _("{tokens:,} output tokens ({thinking:,} of them thinking)").format(
+            tokens=preflight.estimate.max_output_tokens, thinking=preflight.max_reasoning_tokens)
+    return _("{tokens:,} output tokens").format(tokens=preflight.estimate.max_output_tokens)
 
 
 def content_preview(content: Any) -> str:
@@ -152,7 +159,8 @@ def content_preview(content: Any) -> str:
     for part in content:
         if part.get("type") == "image":
             url = str(part.get("url", ""))
-            shown.append(f"[image, {len(url) * 3 // 4 // 1024:,} KB inline]" if url.startswith("data:") else f"[image {url}]")
+            shown.append(_("[image, {size:,} KB inline]").format(size=len(url) * 3 // 4 // 1024) if url.startswith("data:")
+                         else _("[image {url}]").format(url=url))
         else:
             shown.append(str(part.get("text", "")))
     return " ".join(shown)
@@ -166,12 +174,13 @@ def cache_saving(p: Preflight) -> str | None:
     assert tier is not None
     full = p.cache_prefix_tokens * tier.input / PER_MILLION
     if p.cache_prefix_tokens < MIN_CACHED_PREFIX:
-        return (f"the marked prefix has {p.cache_prefix_tokens:,} tokens, under the {MIN_CACHED_PREFIX:,} the "
-                "service caches: no saving yet")
+        return _("the marked prefix has {tokens:,} tokens, under the {minimum:,} the service caches: "
+                 "no saving yet").format(tokens=p.cache_prefix_tokens, minimum=MIN_CACHED_PREFIX)
     saved = full * (1 - EXPLICIT_CACHE_READ_RATE)
     extra = full * (CACHE_WRITE_RATE - 1)
-    return (f"{p.cache_prefix_tokens:,} prefix tokens marked: {p.money(saved)} saved when read from the cache "
-            f"(at 10%), {p.money(extra)} more the first time they are written (at 125%)")
+    return _("{tokens:,} prefix tokens marked: {saved} saved when read from the cache (at 10%), {extra} more "
+             "the first time they are written (at 125%)").format(tokens=p.cache_prefix_tokens,
+                                                                 saved=p.money(saved), extra=p.money(extra))
 
 
 def _suggest(amount: float) -> str:
@@ -193,39 +202,43 @@ class DryRun:
 
     def _summary(self) -> list[tuple[str, str]]:
         p = self.preflight
-        limit = f"{p.max_input:,}" if p.max_input is not None else "unknown"
+        limit = f"{p.max_input:,}" if p.max_input is not None else _("unknown")
         rows = [
-            ("model", p.model_name),
-            ("input tokens", f"{p.input_tokens:,} (model limit {limit})"),
-            ("cost now", f"{p.money(p.estimate.input_cost)} for the input"),
-            ("worst case", f"{p.money(p.estimate.worst_cost)} with {_output_tokens(p)}"),
+            (_("model"), p.model_name),
+            (_("input tokens"), _("{tokens:,} (model limit {limit})").format(tokens=p.input_tokens, limit=limit)),
+            (_("cost now"), _("{cost} for the input").format(cost=p.money(p.estimate.input_cost))),
+            (_("worst case"), _("{cost} with {output}").format(cost=p.money(p.estimate.worst_cost),
+                                                               output=_output_tokens(p))),
         ]
         saving = cache_saving(p)
         if saving:
-            rows.append(("cache", saving))
+            rows.append((_("cache"), saving))
         if p.model is None:
-            rows.append(("note", f"{p.model_name} is not in the catalog: its price is unknown"))
+            rows.append((_("note"), _("{model} is not in the catalog: its price is unknown").format(model=p.model_name)))
         if self.window_note:
-            rows.append(("history", self.window_note))
-        rows += [("note", note) for note in self.notes]
+            rows.append((_("history"), self.window_note))
+        rows += [(_("note"), note) for note in self.notes]
         if any(not isinstance(m["content"], str) and any(part.get("type") == "image" for part in m["content"])
                for m in p.messages):
-            rows.append(("images", "not counted locally: the server's usage will include them"))
+            rows.append((_("images"), _("not counted locally: the server's usage will include them")))
         return rows
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
-        lines = ["Dry run: nothing was sent."]
+        lines = [_("Dry run: nothing was sent.")]
         lines += aligned([list(row) for row in self._summary()], "  ")
-        lines.append("Messages:")
+        lines.append(_("Messages:"))
         for message in self.preflight.messages:
             lines.append(f"  [{message['role']}] {content_preview(message['content'])}")
         printer.text("\n".join(lines))
 
     def _repr_html_(self) -> str:
         messages = html_table(
-            [(str(m["role"]), content_preview(m["content"])) for m in self.preflight.messages], ("role", "content")
+            [(str(m["role"]), content_preview(m["content"])) for m in self.preflight.messages],
+            (_("role"), _("content")),
         )
+        title = html.escape(_("Dry run: nothing was sent."))
+        summary = html.escape(_("Messages ({count})").format(count=len(self.preflight.messages)))
         return (
-            f"<strong>Dry run: nothing was sent.</strong>{html_table(self._summary())}"
-            f"<details open><summary>Messages ({len(self.preflight.messages)})</summary>{messages}</details>"
+            f"<strong>{title}</strong>{html_table(self._summary())}"
+            f"<details open><summary>{summary}</summary>{messages}</details>"
         )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .catalog import ModelInfo
 from .client import Usage
+from .i18n import N_
 
 PER_MILLION = 1_000_000
 
@@ -108,7 +109,7 @@ def format_yuan(amount: float | None) -> str:
     return format_money(amount, "CNY")
 
 
-UNKNOWN_PRICE_HINT = (
+UNKNOWN_PRICE_HINT = N_(
     "cost unknown: add the model's price with "
     "%config QwenMagic.models = {{'{model}': {{'input': YUAN_PER_1M, 'output': YUAN_PER_1M}}}}"
 )

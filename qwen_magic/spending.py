@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable
 
 from IPython.core.error import UsageError
 
+from .i18n import N_, _
 from .pricing import format_money
 from .store import Owner, Store, StoreError
 
@@ -45,17 +46,22 @@ PERIODS = ("daily", "monthly")
 # another machine, where its process cannot be checked): longer than any one call.
 DEFAULT_RESERVATION_TIMEOUT = 30 * 60.0
 
-REFUSED = (
-    "Refused, nothing sent: this call could cost up to {worst}, more than is left of your {period} limit of "
+# {period} is the command's word (daily, monthly); {period_name} the same in the current language.
+REFUSED = N_(
+    "Refused, nothing sent: this call could cost up to {worst}, more than is left of your {period_name} limit of "
     "{limit} ({spent} spent {since}, {reserved} reserved by calls in flight, {left} left). To go ahead, "
     "raise the limit (%qwen limit {period} {suggested}), lower --max-tokens, or wait until {resets}."
 )
-UNBOUNDED = (
-    "Refused, nothing sent: a {period} spending limit is set but {model}'s price is unknown, so its cost "
+UNBOUNDED = N_(
+    "Refused, nothing sent: a {period_name} spending limit is set but {model}'s price is unknown, so its cost "
     "cannot be bounded. Add its price with %config QwenMagic.models, or turn the limit off "
     "(%qwen limit {period} off)."
 )
-NOT_CHECKED = "Spending limits not checked: {reason}"
+NOT_CHECKED = N_("Spending limits not checked: {reason}")
+# The periods in sentences ("your daily limit"), and when they began and start again.
+PERIOD_NAMES = {"daily": N_("daily"), "monthly": N_("monthly")}
+_SINCE = {"daily": N_("today"), "monthly": N_("this month")}
+_RESETS = {"daily": N_("tomorrow"), "monthly": N_("next month")}
 
 
 def current_user() -> str:
@@ -75,8 +81,13 @@ def period_start(period: str, now: float) -> float:
     return start.timestamp()
 
 
+def period_name(period: str) -> str:
+    """``daily`` or ``monthly`` in the current language."""
+    return _(PERIOD_NAMES[period])
+
+
 def _resets(period: str, now: float) -> str:
-    return "tomorrow" if period == "daily" else "next month"
+    return _(_RESETS[period])
 
 
 def local_zone() -> str:
@@ -164,7 +175,7 @@ def _live_reservations(store: Store, user: str, currency: str, now: float, timeo
 
 
 def reserve(store: Store, owner: Owner, amount: float | None, currency: str, *, what: str,
-            model: str = "this model", user: str | None = None, now: float | None = None,
+            model: str | None = None, user: str | None = None, now: float | None = None,
             timeout: float = DEFAULT_RESERVATION_TIMEOUT) -> Hold:
     """Hold ``amount`` (the worst case) against every limit in ``currency``, or refuse.
 
@@ -182,7 +193,8 @@ def reserve(store: Store, owner: Owner, amount: float | None, currency: str, *, 
             return Hold(None, 0.0, currency)
         for standing in found:
             if amount is None:
-                raise UsageError(UNBOUNDED.format(period=standing.period, model=model))
+                raise UsageError(_(UNBOUNDED).format(period=standing.period, period_name=period_name(standing.period),
+                                                      model=model or _("this model")))
             if amount > standing.left + 1e-12:
                 raise UsageError(refusal(standing, amount, now))
         return Hold(store.add_reservation(user, owner, currency, amount or 0.0, what), amount or 0.0, currency,
@@ -192,9 +204,10 @@ def reserve(store: Store, owner: Owner, amount: float | None, currency: str, *, 
 def refusal(standing: Standing, worst: float, now: float) -> str:
     money = lambda value: format_money(value, standing.currency)  # noqa: E731
     needed = standing.spent + standing.reserved + worst
-    return REFUSED.format(
-        worst=money(worst), period=standing.period, limit=money(standing.limit), spent=money(standing.spent),
-        since="today" if standing.period == "daily" else "this month", reserved=money(standing.reserved),
+    return _(REFUSED).format(
+        worst=money(worst), period=standing.period, period_name=period_name(standing.period),
+        limit=money(standing.limit), spent=money(standing.spent),
+        since=_(_SINCE[standing.period]), reserved=money(standing.reserved),
         left=money(standing.left), suggested=_round_up(needed), resets=_resets(standing.period, now),
     )
 
@@ -220,7 +233,7 @@ def reserve_call(session: "QwenSession", settings: "Settings", preflight: "Prefl
     try:
         store = session.store(settings)
     except StoreError as error:
-        return Hold(None, 0.0, region.currency.code, [NOT_CHECKED.format(reason=error)])
+        return Hold(None, 0.0, region.currency.code, [_(NOT_CHECKED).format(reason=error)])
     earlier = _call_holds.pop(session, None)
     if earlier is not None and earlier[1].id is not None:
         try:
@@ -235,7 +248,7 @@ def reserve_call(session: "QwenSession", settings: "Settings", preflight: "Prefl
 
 
 def reserve_job(session: "QwenSession", settings: "Settings", amount: float | None, region: "Region", *,
-                what: str, model: str = "this model") -> Hold:
+                what: str, model: str | None = None) -> Hold:
     """Reserve ``amount`` (a call's or a whole job's worst case) in the session's history file.
 
     A refusal is a ``UsageError``; a history file that cannot be used gives a ``Hold`` that
@@ -249,4 +262,4 @@ def reserve_job(session: "QwenSession", settings: "Settings", amount: float | No
         return reserve(store, session.owner, amount, currency, what=what, model=model,
                        timeout=settings.reservation_timeout)
     except StoreError as error:
-        return Hold(None, 0.0, currency, [NOT_CHECKED.format(reason=error)])
+        return Hold(None, 0.0, currency, [_(NOT_CHECKED).format(reason=error)])
