@@ -18,9 +18,14 @@ from typing import Any, Iterator
 
 from IPython.core.error import UsageError
 
-NO_ERROR = "No error to fix: no cell has raised one since the kernel started."
-ERROR_FIXED = "No error to fix: the cell that raised the last one (In [{number}]) has run without error since."
-FIX_SYSTEM = (
+from .i18n import N_, _
+
+NO_ERROR = N_("No error to fix: no cell has raised one since the kernel started.")
+ERROR_FIXED = N_("No error to fix: the cell that raised the last one (In [{number}]) has run without error since.")
+# Sent in the current language, so that the model explains the error in the user's language
+# (a %qwen fix has no question of the user's whose language it would follow). The blocks
+# around the question (the cell, the traceback) are the model's to read and stay in English.
+FIX_SYSTEM = N_(
     "You help fix errors in Jupyter notebook cells. Say briefly what caused the error, then give "
     "the corrected cell as one complete Python code block that can replace the failing cell."
 )
@@ -169,7 +174,7 @@ def traceback_text(shell: Any, error: BaseException, limit: int = TRACEBACK_TOKE
         for text in _frames(shell, exception):
             pieces.append((text, True))
         pieces.append((cut(_exception_only(shell, exception), limit // 3).text, False))
-    counts = [count_text(text) for text, _ in pieces]
+    counts = [count_text(text) for text, _droppable in pieces]
     total, dropped = sum(counts), 0
     for at, (_, droppable) in enumerate(pieces):  # outermost first
         if total <= limit:
@@ -178,7 +183,7 @@ def traceback_text(shell: Any, error: BaseException, limit: int = TRACEBACK_TOKE
             total -= counts[at]
             pieces[at] = ("", False)
             dropped += 1
-    lines = [text for text, _ in pieces if text]
+    lines = [text for text, _droppable in pieces if text]
     if dropped:
         lines.insert(0, f"[… {dropped} outer frame(s) left out …]")
     text = "\n".join(lines)
@@ -303,9 +308,9 @@ class NotebookContext:
         """The line to show instead of asking, when there is no error to fix."""
         error = self.watch.last_error(self.shell)
         if error is None:
-            return NO_ERROR
+            return _(NO_ERROR)
         if self.watch.last is error and self.watch.fixed_by is not None:
-            return ERROR_FIXED.format(number=error.number)
+            return _(ERROR_FIXED).format(number=error.number)
         return None
 
     def attach(self, options: Any, *, max_input: int | None, model_name: str, value_tokens: int) -> Attached:
@@ -322,12 +327,13 @@ class NotebookContext:
         if options.fix:
             error = self.watch.last_error(self.shell)
             if error is None:  # checked before: the magic says so without asking
-                raise UsageError(NO_ERROR)
+                raise UsageError(_(NO_ERROR))
             block, dropped = self.fix_block(error, value_tokens)
             attached.blocks.append(block)
-            attached.system = FIX_SYSTEM
+            attached.system = _(FIX_SYSTEM)
             if dropped:
-                attached.notes.append(f"The traceback's {dropped} outermost frame(s) were left out to keep it short.")
+                attached.notes.append(_("The traceback's {count} outermost frame(s) were left out to keep it short.").format(
+                    count=dropped))
         return attached
 
     def fix_block(self, error: CellError, value_tokens: int) -> tuple[str, int]:
@@ -346,7 +352,7 @@ class NotebookContext:
     def cells_block(self, spec: int | tuple[int, int]) -> str:
         numbers = self._cell_numbers(spec)
         if not numbers:
-            raise UsageError("--cells: there is no earlier code cell to send (%%qwen and %qwen cells are not counted).")
+            raise UsageError(_("--cells: there is no earlier code cell to send (%%qwen and %qwen cells are not counted)."))
         from .values import render
 
         outputs = getattr(getattr(self.shell, "history_manager", None), "output_hist", {}) or {}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from .client import Usage
+from .i18n import N_, _, ngettext
 from .result import COMPLETE, FAILED, INTERRUPTED, QwenResult
 from .tokens import count_message
 
@@ -66,22 +67,22 @@ class Turn:
     def from_record(cls, record: Mapping[str, Any]) -> "Turn":
         """The turn back from ``to_record``'s JSON; ``RecordError`` names a field of the wrong type."""
         if not isinstance(record, Mapping):
-            raise RecordError(f"the turn is {_kind(record)}, not an object")
-        usage = _field(record, "usage", {}, _is_usage, "an object of token counts") or {}
+            raise RecordError(_("the turn is {kind}, not an object").format(kind=_kind(record)))
+        usage = _field(record, "usage", {}, _is_usage, N_("an object of token counts")) or {}
         result = QwenResult(
             text=_field(record, "text", "", _is_text, "text"),
             model=_field(record, "model", "?", _is_text, "text"),
             usage=Usage(**{k: v for k, v in usage.items() if k in Usage.__dataclass_fields__}),
             request_id=_field(record, "request_id", None, _is_optional_text, "text"),
-            elapsed=float(_field(record, "elapsed", 0.0, _is_optional_number, "a number") or 0.0),
-            first_text_after=_field(record, "first_text_after", None, _is_optional_number, "a number"),
-            status=_field(record, "status", COMPLETE, _STATUSES.__contains__, "one of " + ", ".join(_STATUSES)),
+            elapsed=float(_field(record, "elapsed", 0.0, _is_optional_number, N_("a number")) or 0.0),
+            first_text_after=_field(record, "first_text_after", None, _is_optional_number, N_("a number")),
+            status=_field(record, "status", COMPLETE, _STATUSES.__contains__, N_("one of {values}")),
             finish_reason=_field(record, "finish_reason", None, _is_optional_text, "text"),
             reasoning=_field(record, "reasoning", "", _is_text, "text"),
             error=_field(record, "error", None, _is_optional_text, "text"),
-            cost=_field(record, "cost", None, _is_optional_number, "a number of yuan"),
+            cost=_field(record, "cost", None, _is_optional_number, N_("a number of yuan")),
             chat=_field(record, "chat", "default", _is_text, "text"),
-            turn=_field(record, "turn", None, _is_optional_position, "a turn number"),
+            turn=_field(record, "turn", None, _is_optional_position, N_("a turn number")),
             currency=_field(record, "currency", "CNY", _is_text, "text"),
         )
         return cls(
@@ -89,7 +90,7 @@ class Turn:
             result=result,
             cell_id=_field(record, "cell_id", None, _is_optional_text, "text"),
             system=_field(record, "system", None, _is_optional_text, "text"),
-            exchange=list(_field(record, "exchange", [], _is_exchange, "a list of assistant and tool messages")),
+            exchange=list(_field(record, "exchange", [], _is_exchange, N_("a list of assistant and tool messages"))),
         )
 
 
@@ -136,25 +137,28 @@ _STATUSES = (COMPLETE, INTERRUPTED, FAILED)
 
 
 def _field(record: Mapping[str, Any], name: str, default: Any, valid: Callable[[Any], bool], expected: str) -> Any:
+    """The record's ``name``; ``expected`` (marked with ``N_``) says what it should be, in a RecordError."""
     value = record.get(name, default)
     if not valid(value):
-        raise RecordError(f"its {name!r} is {_kind(value)}, not {expected}")
+        expected_shown = _(expected).format(values=", ".join(_STATUSES))
+        raise RecordError(_("its {name!r} is {kind}, not {expected}").format(name=name, kind=_kind(value),
+                                                                            expected=expected_shown))
     return value
 
 
 def _kind(value: Any) -> str:
     if value is None:
-        return "missing (null)"
+        return _("missing (null)")
     if isinstance(value, str):
-        return "text"
+        return _("text")
     if isinstance(value, bool):
-        return "true/false"
+        return _("true/false")
     if isinstance(value, (int, float)):
-        return f"the number {value!r}"
+        return _("the number {value!r}").format(value=value)
     if isinstance(value, list):
-        return "a list"
+        return _("a list")
     if isinstance(value, dict):
-        return "an object"
+        return _("an object")
     return type(value).__name__
 
 
@@ -199,8 +203,9 @@ class Window:
     def note(self) -> str | None:
         if not self.left_out:
             return None
-        turns = "turn" if self.left_out == 1 else "turns"
-        return f"{self.left_out} oldest {turns} of the chat left out of the request ({self.reason})."
+        return ngettext("{count} oldest turn of the chat left out of the request ({reason}).",
+                        "{count} oldest turns of the chat left out of the request ({reason}).",
+                        self.left_out).format(count=self.left_out, reason=self.reason)
 
 
 @dataclass
@@ -285,7 +290,8 @@ def fit_window(
     if max_history_tokens is not None:
         budgets.append((max_history_tokens, f"QwenMagic.max_history_tokens = {max_history_tokens:,}"))
     if input_limit is not None:
-        budgets.append((input_limit - fixed_tokens, f"{model_name}'s input limit of {input_limit:,} tokens"))
+        budgets.append((input_limit - fixed_tokens, _("{model}'s input limit of {limit:,} tokens").format(
+            model=model_name, limit=input_limit)))
     for allowed, why in budgets:
         dropped = 0
         while kept and history > allowed:

@@ -21,6 +21,7 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from .context import fenced
+from .i18n import N_, _
 from .values import WHOLE_TABLE_ROWS, Rendered, Table, cut, summarise_table
 
 MAX_FILE_BYTES = 64 * 1024 * 1024  # read whole at most; a larger CSV or JSONL is streamed
@@ -31,7 +32,7 @@ _LANGUAGES = {
     ".js": "javascript", ".ts": "typescript", ".html": "html", ".yaml": "yaml", ".yml": "yaml",
     ".toml": "toml", ".sh": "bash", ".txt": "text", ".log": "text", ".jsonl": "json", ".ipynb": "json",
 }
-SUMMARISED_FILE = "--file {path} was summarised ({summary})."
+SUMMARISED_FILE = N_("--file {path} was summarised ({summary}).")
 
 
 def file_block(path_text: str, *, max_input: int | None, model_name: str, value_tokens: int) -> tuple[str, str | None]:
@@ -46,12 +47,13 @@ def file_block(path_text: str, *, max_input: int | None, model_name: str, value_
     elif suffix in (".csv", ".tsv", ".jsonl", ".ndjson") and size > value_tokens:
         encoding = _encoding(start, path_text)
         if size > MAX_STREAMED_BYTES:
-            raise UsageError(f"--file {path_text}: {size / 1024**3:.1f} GB is too large to read; nothing was sent.")
+            raise UsageError(_("--file {path}: {size:.1f} GB is too large to read; nothing was sent.").format(
+                path=path_text, size=size / 1024**3))
         summary = _jsonl_summary(path, encoding, value_tokens) if suffix in (".jsonl", ".ndjson") \
             else _csv_summary(path, encoding, value_tokens, "\t" if suffix == ".tsv" else ",")
         if summary.summary is not None:
             return (f"File {path_text}, summarised:\n\n{summary.text}",
-                    SUMMARISED_FILE.format(path=path_text, summary=summary.summary))
+                    _(SUMMARISED_FILE).format(path=path_text, summary=summary.summary))
         text = path.read_text(encoding=encoding, errors="replace")
     else:
         encoding = _encoding(start, path_text)
@@ -69,8 +71,11 @@ def file_block(path_text: str, *, max_input: int | None, model_name: str, value_
 
 
 def _refuse_size(path_text: str, tokens: int, max_input: int | None, model_name: str) -> None:
-    limit = f"{model_name}'s input limit of {max_input:,}" if max_input else "what can be read"
-    raise UsageError(f"--file {path_text}: about {tokens:,} tokens, over {limit}; nothing was sent.")
+    if max_input:
+        raise UsageError(_("--file {path}: about {tokens:,} tokens, over {model}'s input limit of {limit:,}; "
+                           "nothing was sent.").format(path=path_text, tokens=tokens, model=model_name, limit=max_input))
+    raise UsageError(_("--file {path}: about {tokens:,} tokens, over what can be read; nothing was sent.").format(
+        path=path_text, tokens=tokens))
 
 
 def _regular_file(path_text: str) -> Path:
@@ -83,21 +88,23 @@ def _regular_file(path_text: str) -> Path:
         mode = resolved.stat().st_mode
     except (OSError, RuntimeError, ValueError):  # missing, a broken or looping link, a NUL in the name
         shown = path_text if path_text.isprintable() else repr(path_text)
-        raise UsageError(f"--file {shown}: no such file (relative paths are read from {os.getcwd()}).") from None
+        raise UsageError(_("--file {path}: no such file (relative paths are read from {folder}).").format(
+            path=shown, folder=os.getcwd())) from None
     if stat.S_ISDIR(mode):
-        raise UsageError(f"--file {path_text}: a folder, not a file; name the files to send.")
+        raise UsageError(_("--file {path}: a folder, not a file; name the files to send.").format(path=path_text))
     # /proc and /sys hold "regular" files that are views of the process (its environment among them).
     if not stat.S_ISREG(mode) or resolved.parts[1:2] in (("proc",), ("sys",), ("dev",)):
-        raise UsageError(f"--file {path_text}: not a regular file; nothing was sent.")
+        raise UsageError(_("--file {path}: not a regular file; nothing was sent.").format(path=path_text))
     if not os.access(resolved, os.R_OK):
-        raise UsageError(f"--file {path_text}: cannot be read (permission denied).")
+        raise UsageError(_("--file {path}: cannot be read (permission denied).").format(path=path_text))
     return resolved
 
 
 def _encoding(start: bytes, path_text: str) -> str:
     """UTF-8 (with or without a BOM), else GB 18030; a file with NUL bytes is binary."""
+    binary = _("--file {path}: not a text file (its content is binary); nothing was sent.")
     if b"\x00" in start:
-        raise UsageError(f"--file {path_text}: not a text file (its content is binary); nothing was sent.")
+        raise UsageError(binary.format(path=path_text))
     for encoding in ("utf-8-sig", "gb18030"):
         try:
             # The sniffed bytes may end inside a character: an incomplete last one is no error.
@@ -105,19 +112,21 @@ def _encoding(start: bytes, path_text: str) -> str:
             return encoding
         except UnicodeDecodeError:
             continue
-    raise UsageError(f"--file {path_text}: not a text file (its content is binary); nothing was sent.")
+    raise UsageError(binary.format(path=path_text))
 
 
 def _pdf_text(path: Path, path_text: str) -> str:
     try:
         from pypdf import PdfReader
     except ImportError:
-        raise UsageError(f"--file {path_text}: a PDF; install pypdf (pip install pypdf) to send its text.") from None
+        raise UsageError(_("--file {path}: a PDF; install pypdf (pip install pypdf) to send its text.").format(
+            path=path_text)) from None
     try:
         reader = PdfReader(str(path))
         pages = [page.extract_text() or "" for page in reader.pages]
     except Exception as error:  # a damaged or encrypted PDF
-        raise UsageError(f"--file {path_text}: its text cannot be read ({type(error).__name__}).") from None
+        raise UsageError(_("--file {path}: its text cannot be read ({reason}).").format(
+            path=path_text, reason=type(error).__name__)) from None
     return "\n\n".join(f"[page {number}]\n{text.strip()}" for number, text in enumerate(pages, start=1))
 
 
@@ -140,7 +149,7 @@ def _csv_summary(path: Path, encoding: str, value_tokens: int, delimiter: str) -
     def padded(part: list[list[str]]) -> list[list[Any]]:
         return [(row + [""] * width)[:width] for row in part]
 
-    table = Table("CSV file", rows, header, dtypes, lambda n: padded(first[:n]),
+    table = Table(N_("CSV file"), rows, header, dtypes, lambda n: padded(first[:n]),
                   lambda n: padded(list(last)[-n:] if n else []), None)
     return summarise_table(table, value_tokens)
 
@@ -180,5 +189,8 @@ def _jsonl_summary(path: Path, encoding: str, value_tokens: int) -> Rendered:
     shown = first if records <= 10 else first + [f"… ({records - 10:,} records not shown)"] + list(last)
     head = f"JSON Lines file: {records:,} records" + (f"; keys of the first: {', '.join(keys)}" if keys else "")
     text = cut("\n".join([head, *shown]), value_tokens).text
-    sent = "each record cut to 300 characters" if records <= 10 else "the first and last 5 records"
-    return Rendered(text, f"a JSON Lines file of {records:,} records: {sent}")
+    if records <= 10:
+        summary = _("a JSON Lines file of {count:,} records: each record cut to 300 characters")
+    else:
+        summary = _("a JSON Lines file of {count:,} records: the first and last 5 records")
+    return Rendered(text, summary.format(count=records))

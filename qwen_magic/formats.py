@@ -17,9 +17,11 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from .catalog import Catalog, ModelInfo
+from .i18n import _
 from .result import QUIET_STYLE
 from .markdown import escape, render_markdown
 
+# Sent to the model (not shown), so in English whatever the language.
 JSON_HINT = "Answer with one JSON object only."
 MAX_IMAGE_BYTES = 10 * 1024 * 1024  # DashScope's limit for an image sent inline
 _FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
@@ -34,11 +36,11 @@ def check_capabilities(model_name: str, model: ModelInfo | None, catalog: Catalo
         return
     if thinking and model.thinking == "none":
         able = sorted(m.name for m in catalog.models.values() if m.thinking != "none" and not m.retired)
-        raise UsageError(f"{model_name} has no thinking mode; models that do: {', '.join(able)}.")
+        raise UsageError(_("{model} has no thinking mode; models that do: {models}.").format(
+            model=model_name, models=", ".join(able)))
     if images and not model.vision:
-        raise UsageError(
-            f"{model_name} reads text only; --image needs a vision model: {', '.join(sorted(catalog.vision_models()))}."
-        )
+        raise UsageError(_("{model} reads text only; --image needs a vision model: {models}.").format(
+            model=model_name, models=", ".join(sorted(catalog.vision_models()))))
 
 
 def with_json_hint(system: str | None, prompt: str) -> str | None:
@@ -55,9 +57,9 @@ def image_part(source: str) -> dict[str, str]:
     data = _image_bytes(source)
     kind = image_type(data)
     if kind is None:
-        raise UsageError(
-            f"--image {source}: not an image (its content is not PNG, JPEG, GIF, WebP, BMP or TIFF); nothing was sent."
-        )
+        raise UsageError(_(
+            "--image {source}: not an image (its content is not PNG, JPEG, GIF, WebP, BMP or TIFF); nothing was sent."
+        ).format(source=source))
     encoded = base64.b64encode(data).decode("ascii")
     return {"type": "image", "url": f"data:{kind};base64,{encoded}"}
 
@@ -69,18 +71,19 @@ def _image_bytes(source: str) -> bytes:
         resolved = path.resolve(strict=True)
         mode = resolved.stat().st_mode
     except (OSError, RuntimeError):  # missing, a broken or looping link, no permission
-        raise UsageError(f"--image {source}: no such file, and not an http(s) URL.") from None
+        raise UsageError(_("--image {source}: no such file, and not an http(s) URL.").format(source=source)) from None
     # /proc and /sys hold "regular" files that are views of the process (its environment,
     # the key among it): only a file on a real file system is read.
     if not stat.S_ISREG(mode) or resolved.parts[1:2] in (("proc",), ("sys",), ("dev",)):
-        raise UsageError(f"--image {source}: not a regular file; nothing was sent.")
+        raise UsageError(_("--image {source}: not a regular file; nothing was sent.").format(source=source))
     try:
         with open(resolved, "rb") as file:
             data = file.read(MAX_IMAGE_BYTES + 1)
     except OSError as error:
-        raise UsageError(f"--image {source}: cannot be read ({error.strerror or error}).") from None
+        raise UsageError(_("--image {source}: cannot be read ({reason}).").format(
+            source=source, reason=error.strerror or error)) from None
     if len(data) > MAX_IMAGE_BYTES:
-        raise UsageError(f"--image {source}: over the 10 MB an image may be.")
+        raise UsageError(_("--image {source}: over the 10 MB an image may be.").format(source=source))
     return data
 
 
@@ -144,7 +147,8 @@ def _parse_json(text: str) -> Parsed:
     try:
         return Parsed(value=json.loads(candidate))
     except json.JSONDecodeError as error:
-        return Parsed(error=f"the answer is not valid JSON ({error.msg} at line {error.lineno} column {error.colno})")
+        return Parsed(error=_("the answer is not valid JSON ({problem} at line {line} column {column})").format(
+            problem=error.msg, line=error.lineno, column=error.colno))
 
 
 def extract_code(text: str) -> str | None:
@@ -196,13 +200,14 @@ def json_tree(value: Any, key: str | None = None, depth: int = 0) -> str:
 def reasoning_markdown(reasoning: str) -> str:
     """Thinking, as a quoted block above the answer."""
     quoted = "\n".join(f"> {line}" if line else ">" for line in reasoning.splitlines())
-    return f"> **Thinking**\n>\n{quoted}\n\n"
+    heading = _("Thinking")
+    return f"> **{heading}**\n>\n{quoted}\n\n"
 
 
 def reasoning_html(reasoning: str, *, opened: bool, tokens: int | None = None) -> str:
-    counted = f" ({tokens:,} tokens)" if tokens else ""
+    heading = _("Thinking ({tokens:,} tokens)").format(tokens=tokens) if tokens else _("Thinking")
     return (
-        f'<details class="qwen-thinking"{" open" if opened else ""}><summary>Thinking{counted}</summary>'
+        f'<details class="qwen-thinking"{" open" if opened else ""}><summary>{escape(heading)}</summary>'
         f'<div style="white-space: pre-wrap; {QUIET_STYLE}">{escape(reasoning)}</div>'
         "</details>"
     )
@@ -211,7 +216,8 @@ def reasoning_html(reasoning: str, *, opened: bool, tokens: int | None = None) -
 def sources_markdown(results: list[dict[str, Any]]) -> str:
     lines = []
     for number, result in enumerate(results, start=1):
-        title = (result.get("title") or result.get("site_name") or result.get("url") or "source").replace("]", ")")
+        title = (result.get("title") or result.get("site_name") or result.get("url") or _("source")).replace("]", ")")
         url = result.get("url") or ""
         lines.append(f"{number}. [{title}]({url})" if url.startswith(("http://", "https://")) else f"{number}. {title}")
-    return "**Sources**\n\n" + "\n".join(lines) if lines else ""
+    heading = _("Sources")
+    return f"**{heading}**\n\n" + "\n".join(lines) if lines else ""

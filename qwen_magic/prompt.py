@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 
 from IPython.core.error import UsageError
 
+from .i18n import N_, _
 from .values import DEFAULT_VALUE_TOKENS, render, render_full
 
 # {{ ... }} first (kept whole), then a reference with an optional conversion and spec.
@@ -35,7 +36,7 @@ _PLACEHOLDER = re.compile(
 )
 
 
-SUMMARISED = "{placeholder} was summarised ({summary}); {{{name}!full}} sends it whole."
+SUMMARISED = N_("{placeholder} was summarised ({summary}); {{{name}!full}} sends it whole.")
 
 
 def fill(text: str, namespace: Mapping[str, Any], *, value_tokens: int = DEFAULT_VALUE_TOKENS,
@@ -101,9 +102,10 @@ def _replacement(match: re.Match[str], namespace: Mapping[str, Any], value_token
         try:
             rendered = render(value, value_tokens)
         except Exception as error:  # the value's own __str__/__repr__ failed
-            raise UsageError(f"{written}: cannot format the value ({_described(error)}).") from None
+            raise UsageError(_("{placeholder}: cannot format the value ({error}).").format(
+                placeholder=written, error=_described(error))) from None
         if rendered.summary is not None and notes is not None:
-            notes.append(SUMMARISED.format(placeholder=written, summary=rendered.summary, name=expr))
+            notes.append(_(SUMMARISED).format(placeholder=written, summary=rendered.summary, name=expr))
         return rendered.text
     return _formatted(value, written, conversion, spec)
 
@@ -118,10 +120,11 @@ def _formatted(value: Any, written: str, conversion: str | None, spec: str) -> s
             value = ascii(value)
         text = format(value, spec) if spec else str(value)
         if not isinstance(text, str):
-            raise TypeError(f"it gave a {type(text).__name__}, not a str")
+            raise TypeError(_("it gave a {type}, not a str").format(type=type(text).__name__))
         return text
     except Exception as error:  # the value's own __format__/__str__/__repr__ failed
-        raise UsageError(f"{written}: cannot format the value ({_described(error)}).") from None
+        raise UsageError(_("{placeholder}: cannot format the value ({error}).").format(
+            placeholder=written, error=_described(error))) from None
 
 
 def _resolve(expr: str, namespace: Mapping[str, Any], written: str) -> Any:
@@ -145,13 +148,15 @@ def _steps(expr: str, written: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
     try:
         tree = ast.parse(expr, mode="eval").body
     except SyntaxError:
-        raise UsageError(f"{written}: not a variable reference; write {{{{ }}}} to keep braces as they are.") from None
+        raise UsageError(_("{placeholder}: not a variable reference; write {{{{ }}}} to keep braces as they are.").format(
+            placeholder=written)) from None
     steps: list[tuple[str, Any]] = []
     node = tree
     while not isinstance(node, ast.Name):
         if isinstance(node, ast.Attribute):
             if node.attr.startswith("_"):
-                raise UsageError(f"{written}: private attributes ({node.attr}) are not filled in.")
+                raise UsageError(_("{placeholder}: private attributes ({name}) are not filled in.").format(
+                    placeholder=written, name=node.attr))
             steps.append(("attr", node.attr))
             node = node.value
         elif isinstance(node, ast.Subscript):
@@ -159,7 +164,8 @@ def _steps(expr: str, written: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
             steps.append(("item", key))
             node = node.value
         else:
-            raise UsageError(f"{written}: only names, attributes and constant indexes are filled in.")
+            raise UsageError(_("{placeholder}: only names, attributes and constant indexes are filled in.").format(
+                placeholder=written))
     return node.id, tuple(reversed(steps))
 
 
@@ -185,4 +191,4 @@ def _constant(node: ast.AST, written: str) -> Any:
     if isinstance(node, ast.Slice):
         parts = [None if part is None else _constant(part, written) for part in (node.lower, node.upper, node.step)]
         return slice(*parts)
-    raise UsageError(f"{written}: an index must be a number, a quoted key or a slice.")
+    raise UsageError(_("{placeholder}: an index must be a number, a quoted key or a slice.").format(placeholder=written))

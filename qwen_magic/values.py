@@ -1,6 +1,9 @@
 """A notebook value as prompt text that fits: tables, arrays, long strings and collections
 are summarised within a token limit, images are named, rich objects give their text.
 
+The text is what the model reads, in English whatever the language; what was left out of it
+(``Rendered.summary``) is said to the user, in the current language.
+
 pandas, polars and numpy are never imported here: a value of theirs is only recognised by
 its type's module, and read through its own methods.
 """
@@ -12,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from .i18n import N_, _
 from .tokens import count_text
 
 DEFAULT_VALUE_TOKENS = 2000
@@ -192,7 +196,8 @@ def cut(text: str, limit: int) -> Rendered:
     left_out = len(text) - len(head) - len(tail)
     marker = f"[… {left_out:,} characters cut …]"
     return Rendered(f"{head}\n{marker}\n{tail}",
-                    f"{len(text):,} characters, of which the first and last {len(head) + len(tail):,} were sent")
+                    _("{count:,} characters, of which the first and last {sent:,} were sent").format(
+                        count=len(text), sent=len(head) + len(tail)))
 
 
 def _head_within(text: str, tokens: int) -> str:
@@ -221,7 +226,7 @@ def _tail_within(text: str, tokens: int) -> str:
 class Table:
     """What a data frame's summary needs, whichever library holds it."""
 
-    kind: str
+    kind: str  # marked with N_: the model reads it as it is, the user in the current language
     rows: int
     columns: Sequence[str]
     dtypes: Sequence[str]
@@ -234,13 +239,13 @@ def _pandas_frame(frame: Any, limit: int) -> Rendered:
     def rows(part: Any) -> list[list[Any]]:
         return [[index, *values] for index, *values in part.itertuples(index=True, name=None)]
 
-    table = Table("pandas DataFrame", len(frame), [str(c) for c in frame.columns], [str(d) for d in frame.dtypes],
+    table = Table(N_("pandas DataFrame"), len(frame), [str(c) for c in frame.columns], [str(d) for d in frame.dtypes],
                   lambda n: rows(frame.head(n)), lambda n: rows(frame.tail(n)), str(frame.index.name or ""))
     return summarise_table(table, limit)
 
 
 def _polars_frame(frame: Any, limit: int) -> Rendered:
-    table = Table("polars DataFrame", frame.height, list(frame.columns), [str(d) for d in frame.dtypes],
+    table = Table(N_("polars DataFrame"), frame.height, list(frame.columns), [str(d) for d in frame.dtypes],
                   lambda n: [list(r) for r in frame.head(n).rows()], lambda n: [list(r) for r in frame.tail(n).rows()],
                   None)
     return summarise_table(table, limit)
@@ -261,13 +266,27 @@ def summarise_table(table: Table, limit: int) -> Rendered:
                     return Rendered(text)
                 return Rendered(text, _table_summary(table, shape, edge, shown_columns))
     fallback = cut(_table_text(table, shape, 0, len(table.columns)), limit)
-    return Rendered(fallback.text, f"a {table.kind} of {shape}: only its column list, cut")
+    return Rendered(fallback.text, _("a {kind} of {shape}: only its column list, cut").format(
+        kind=_(table.kind), shape=_shape_shown(table)))
+
+
+def _shape_shown(table: Table) -> str:
+    return _("{rows:,} rows × {columns:,} columns").format(rows=table.rows, columns=len(table.columns))
 
 
 def _table_summary(table: Table, shape: str, edge: int | None, shown_columns: int) -> str:
-    rows = "all rows" if edge is None else (f"the first and last {edge} rows" if edge else "no rows")
-    columns = "" if shown_columns == len(table.columns) else f", {shown_columns} of the columns"
-    return f"a {table.kind} of {shape}: {rows}{columns}"
+    """What the user is told was sent of the table (``shape`` is the model's, in English)."""
+    if edge is None:
+        rows = _("all rows")
+    elif edge:
+        rows = _("the first and last {count} rows").format(count=edge)
+    else:
+        rows = _("no rows")
+    if shown_columns == len(table.columns):
+        return _("a {kind} of {shape}: {rows}").format(kind=_(table.kind), shape=_shape_shown(table), rows=rows)
+    # Translators: {rows} is "all rows", "the first and last 5 rows" or "no rows".
+    return _("a {kind} of {shape}: {rows}, {shown} of the columns").format(
+        kind=_(table.kind), shape=_shape_shown(table), rows=rows, shown=shown_columns)
 
 
 def _table_text(table: Table, shape: str, edge: int | None, shown_columns: int) -> str:
@@ -294,7 +313,7 @@ def _table_text(table: Table, shape: str, edge: int | None, shown_columns: int) 
         title = "All rows:"
     else:
         body = [row_line(row) for row in table.head(edge)]
-        body.append("| " + " | ".join("…" for _ in picked) + " |")
+        body.append("| " + " | ".join("…" for _column in picked) + " |")
         body += [row_line(row) for row in table.tail(edge)]
         title = f"First {edge} and last {edge} rows ({table.rows - 2 * edge:,} rows not shown):"
     lines += ["", title, "", "| " + " | ".join(_cell(h) for h in header) + " |",
@@ -344,7 +363,8 @@ def _series(series: Any, limit: int) -> Rendered:
         text = "\n".join(lines)
         if count_text(text) <= limit:
             return Rendered(text, None if edge is None or length <= 2 * edge
-                            else f"a {kind} of {length:,} values: the first and last {edge}")
+                            else _("a {kind} of {count:,} values: the first and last {edge}").format(
+                                kind=kind, count=length, edge=edge))
     return cut(f"{title}: {length:,} values, dtype {series.dtype}", limit)
 
 
@@ -366,7 +386,8 @@ def _array(array: Any, limit: int) -> Rendered:
         values = numpy.array2string(array, threshold=2 * edge, edgeitems=edge, max_line_width=120)
         text = f"{title}{stats}\n{values}"
         if count_text(text) <= limit:
-            return Rendered(text, f"a numpy array of shape {array.shape}: {edge} values from each end of each axis")
+            return Rendered(text, _("a numpy array of shape {shape}: {edge} values from each end of each axis").format(
+                shape=array.shape, edge=edge))
     return cut(f"{title}{stats}", limit)
 
 
@@ -381,9 +402,11 @@ def _collection(value: Any, limit: int) -> Rendered:
         except (TypeError, ValueError):
             break
         if count_text(text) <= limit:
-            return Rendered(text, f"a {kind} of {len(value):,} items, as JSON with at most {items} items per level")
+            return Rendered(text, _("a {kind} of {count:,} items, as JSON with at most {items} items per level").format(
+                kind=kind, count=len(value), items=items))
     shortened = cut(whole, limit)
-    return Rendered(shortened.text, f"a {kind} of {len(value):,} items: {shortened.summary}")
+    return Rendered(shortened.text, _("a {kind} of {count:,} items: {summary}").format(
+        kind=kind, count=len(value), summary=shortened.summary))
 
 
 def _shrunk(value: Any, items: int, depth: int) -> Any:
