@@ -231,11 +231,16 @@ def _jsonable(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def kernel_env(tmp: Path, **extra: str) -> dict[str, str]:
-    """An environment isolated from the developer's own IPython and dashscope settings."""
+    """An environment isolated from the developer's own IPython and dashscope settings.
+
+    The locale is C.UTF-8 (messages in English, as the tests expect them) unless ``extra``
+    sets LANG or another locale variable.
+    """
     env = {
         key: value
         for key, value in os.environ.items()
         if not key.startswith(("DASHSCOPE_", "JPY_", "JUPYTER_", "QWEN_MAGIC_"))
+        and key not in ("LC_ALL", "LC_MESSAGES", "LANGUAGE")
     }
     home = tmp / "home"
     home.mkdir(exist_ok=True)
@@ -246,6 +251,7 @@ def kernel_env(tmp: Path, **extra: str) -> dict[str, str]:
         PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]),
         PYTHONUNBUFFERED="1",
         QWEN_MAGIC_STORE=str(tmp / "history.sqlite3"),
+        LANG="C.UTF-8",
     )
     env.update(extra)
     return env

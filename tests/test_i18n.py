@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+from IPython.lib.pretty import pretty
 
 from qwen_magic import i18n
+from qwen_magic.client import Usage
 from qwen_magic.gateway import Gateway, Reply
+from qwen_magic.result import FAILED, INTERRUPTED, QwenResult
 
-from .conftest import run_cell
+from .conftest import TEST_KEY, run_cell
+from .kernel_harness import KernelSession, kernel_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,3 +112,166 @@ def test_an_error_in_each_language(shell, gateway: Gateway, capsys, monkeypatch)
     monkeypatch.setenv("LANG", "en_US.UTF-8")
     run_cell(shell, "%%qwen --no-history\nhello")
     assert "DashScope error InvalidApiKey" in "".join(capsys.readouterr())
+
+
+# ---- the footer, refusals and errors of a cell, in each language
+
+ZH_FOOTER = re.compile(
+    r"^\*qwen-plus · 输入 1,204 / 输出 310 tokens · ¥0\.0016 · 对话 default 第 1 轮 · 本会话 ¥[\d.]+ · [\d.]+ 秒"
+    r"( · [\d,]+ tokens/秒)?\*$"
+)
+EN_FOOTER = re.compile(
+    r"^\*qwen-plus · 1,204 in / 310 out tokens · ¥0\.0016 · chat default, turn 1 · session ¥[\d.]+ · [\d.]+ s"
+    r"( · [\d,]+ tok/s)?\*$"
+)
+EN_ERROR = (
+    "DashScope error InvalidApiKey: Invalid API-key provided. (request id req-401) Check the key: keys are "
+    "region-specific (mainland vs international), so use the key of the region you call; set it with "
+    "%qwen login or DASHSCOPE_API_KEY."
+)
+ZH_ERROR = (
+    "DashScope 错误 InvalidApiKey：Invalid API-key provided。（请求 ID req-401）请检查 Key：Key 按地域区分"
+    "（中国内地与国际站），请使用所调用地域的 Key；可用 %qwen login 或 DASHSCOPE_API_KEY 设置。"
+)
+
+
+def _a_cell_a_refusal_and_an_error(session: KernelSession, gateway: Gateway) -> tuple[str, str, str]:
+    """The footer of an answer, a --max-cost refusal and a DashScope error, as the kernel shows them."""
+    gateway.script(Reply(text="Five.", usage={"input_tokens": 1_204, "output_tokens": 310}))
+    answered = session.execute("%%qwen -n\nHow many?")  # -n: turn 1 of chat default, in every language
+    assert answered.status == "ok", answered.outputs
+    (shown,) = [o for o in answered.outputs if o["output_type"] == "display_data"]
+    footer = shown["data"]["text/markdown"].splitlines()[-1]
+
+    refused = session.execute("%%qwen --max-cost 0.0001\nHow many?")
+    assert refused.status == "error" and refused.error is None  # one line, no traceback
+    refusal = "".join(o["text"] for o in refused.outputs if o["output_type"] == "stream").strip()
+
+    gateway.script(Reply(status=401, error_code="InvalidApiKey", request_id="req-401"))
+    failed = session.execute("%%qwen --no-history\nHow many?")
+    assert failed.status == "error"
+    assert TEST_KEY not in json.dumps([m.content for m in answered.messages + refused.messages + failed.messages])
+    return footer, refusal, "\n".join(failed.error["traceback"])
+
+
+def _check_chinese(footer: str, refusal: str, error: str) -> None:
+    assert ZH_FOOTER.match(footer), footer
+    assert refusal.startswith("UsageError: 已拒绝，未发送：此次调用最多可能花费 ¥"), refusal
+    assert "超过了单次上限 --max-cost ¥0.0001。如要继续，请调大 --max-cost，或把 --max-tokens 降到" in refusal, refusal
+    assert len(refusal.splitlines()) == 1 and "Refused" not in refusal
+    # The advice in Chinese; the server's own message as it came.
+    assert error == ZH_ERROR
+
+
+@pytest.mark.kernel
+def test_a_cell_a_refusal_and_an_error_in_each_language_in_a_kernel(gateway: Gateway, tmp_path: Path) -> None:
+    set_up = "%load_ext qwen_magic\n%config QwenMagic.display = 'markdown'"
+    (tmp_path / "setting").mkdir()
+    env = kernel_env(tmp_path / "setting", DASHSCOPE_API_KEY=TEST_KEY, DASHSCOPE_BASE_URL=gateway.base_url)
+    session = KernelSession(env, cwd=tmp_path / "setting")  # an English locale: %config decides
+    try:
+        assert session.execute(set_up).status == "ok"
+        assert session.execute("%config QwenMagic.language = 'zh'").status == "ok"
+        _check_chinese(*_a_cell_a_refusal_and_an_error(session, gateway))
+
+        assert session.execute("%config QwenMagic.language = 'en'").status == "ok"
+        footer, refusal, error = _a_cell_a_refusal_and_an_error(session, gateway)
+        assert EN_FOOTER.match(footer), footer
+        assert refusal.startswith("UsageError: Refused, nothing sent: this call could cost up to ¥"), refusal
+        assert "more than --max-cost ¥0.0001. To go ahead, raise --max-cost, or lower --max-tokens to" in refusal
+        assert error == EN_ERROR
+    finally:
+        session.shutdown()
+
+    # auto (the default, set here all the same) with a kernel started under a Chinese locale.
+    (tmp_path / "locale").mkdir()
+    env = kernel_env(tmp_path / "locale", DASHSCOPE_API_KEY=TEST_KEY, DASHSCOPE_BASE_URL=gateway.base_url,
+                     LANG="zh_CN.UTF-8")
+    session = KernelSession(env, cwd=tmp_path / "locale")
+    try:
+        assert session.execute(set_up + "\n%config QwenMagic.language = 'auto'").status == "ok"
+        _check_chinese(*_a_cell_a_refusal_and_an_error(session, gateway))
+    finally:
+        session.shutdown()
+
+
+def _footer(printed: str) -> str:
+    (line,) = [line for line in printed.splitlines() if line.startswith("[qwen-plus · ")]
+    return line
+
+
+def test_switching_the_language_changes_the_very_next_footer(shell, gateway: Gateway, capsys) -> None:
+    gateway.script(Reply(text="Five.", usage={"input_tokens": 1_204, "output_tokens": 310}), times=None)
+    run_cell(shell, "%%qwen\nHow many?")
+    assert " · 1,204 in / 310 out tokens · ¥0.0016 · chat default, turn 1 · " in _footer(capsys.readouterr().out)
+
+    shell.run_line_magic("config", "QwenMagic.language = 'zh'")
+    run_cell(shell, "%%qwen\nAnd now?")
+    footer = _footer(capsys.readouterr().out)
+    assert " · 输入 1,204 / 输出 310 tokens · ¥0.0016 · 对话 default 第 2 轮 · 本会话 ¥0.0032 · " in footer, footer
+    assert " 秒" in footer and "out tokens" not in footer
+
+    shell.run_line_magic("config", "QwenMagic.language = 'en'")
+    run_cell(shell, "%%qwen\nAnd in English?")
+    footer = _footer(capsys.readouterr().out)
+    assert " · 1,204 in / 310 out tokens · ¥0.0016 · chat default, turn 3 · session ¥0.0047 · " in footer, footer
+
+
+def test_every_part_of_the_footer_in_chinese() -> None:
+    result = QwenResult(
+        text="", model="qwen-plus", elapsed=2.34, status=INTERRUPTED, cost=0.0016, session_cost=0.0121,
+        chat="default", turn=3, tool_calls=["first", "second"],
+        usage=Usage(input_tokens=1_204, output_tokens=310, reasoning_tokens=100, cached_tokens=1_000,
+                    cache_creation_tokens=200, searches=2),
+    )
+    english = result.footer()
+    i18n.use("zh")
+    try:
+        chinese = result.footer()
+        one_off = dataclasses.replace(result, chat=None, turn=None, cost=None, status=FAILED, error="StreamCut",
+                                      tool_calls=[], usage=Usage(input_tokens=5, output_tokens=1)).footer()
+    finally:
+        i18n.use("en")
+    assert english == (
+        "qwen-plus · 1,204 in (1,000 cached, 200 written to cache) / 310 out tokens (100 thinking) · 2 searches · "
+        "¥0.0016 · chat default, turn 3 · session ¥0.0121 · 2.3 s · interrupted: partial answer · 2 tool calls"
+    )
+    assert chinese == (
+        "qwen-plus · 输入 1,204（缓存命中 1,000，写入缓存 200） / 输出 310 tokens（其中思考 100） · 联网搜索 2 次 · "
+        "¥0.0016 · 对话 default 第 3 轮 · 本会话 ¥0.0121 · 2.3 秒 · 已中断：部分回答 · 工具调用 2 次"
+    )
+    assert one_off == "qwen-plus · 输入 5 / 输出 1 tokens · 费用未知 · 单次提问，不在对话中 · 本会话 ¥0.0121 · 2.3 秒 · 失败：StreamCut"
+
+
+def test_refusals_the_dry_run_and_the_usage_table_in_chinese(shell, gateway: Gateway, capsys) -> None:
+    shell.run_line_magic("config", "QwenMagic.language = 'zh'")
+    run_cell(shell, "%%qwen --dry-run\nHow many?")
+    dry_run = capsys.readouterr().out
+    assert "试运行：未发送任何内容。" in dry_run and "最坏情况" in dry_run and "消息：" in dry_run
+    assert gateway.requests == []
+
+    gateway.script(Reply(text="Five.", usage={"input_tokens": 1_204, "output_tokens": 310}))
+    assert run_cell(shell, "%%qwen\nHow many?").success
+    capsys.readouterr()
+
+    # A spending limit: the period in Chinese, the command as it is typed.
+    shell.run_line_magic("qwen", "limit daily 0.001")
+    capsys.readouterr()
+    outcome = run_cell(shell, "%%qwen\nAgain?")
+    said = capsys.readouterr()
+    refusal = (said.out + said.err).strip()
+    assert not outcome.success and refusal.startswith("UsageError: 已拒绝，未发送："), refusal
+    assert "超过了每日支出限额 ¥0.001 的剩余部分（今天已花费 ¥0.0016" in refusal, refusal
+    assert "（%qwen limit daily " in refusal and refusal.endswith("或等到明天。")
+    shell.run_line_magic("qwen", "limit daily off")
+
+    shell.run_line_magic("qwen", "budget 0.001")
+    capsys.readouterr()
+    assert not run_cell(shell, "%%qwen\nAgain?").success
+    said = capsys.readouterr()
+    refusal = (said.out + said.err).strip()
+    assert "超过了本会话预算（已用完：¥0.001 中已花费 ¥0.0016）。如要继续，请调高预算（%qwen budget " in refusal, refusal
+    assert len(gateway.requests) == 1  # the refusals sent nothing
+
+    usage = pretty(shell.run_line_magic("qwen", "usage"))
+    assert "合计：¥0.0016，共 1 次调用" in usage and "完成" in usage and "状态" in usage, usage
