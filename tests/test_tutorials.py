@@ -204,3 +204,54 @@ def test_tutorials_cover_the_magic() -> None:
     for setting in ("QwenMagic.model ", "QwenMagic.models", "QwenMagic.stream"):
         assert f"%config {setting}" in sources, setting
     assert sources.count("%load_ext qwen_magic") == len(NOTEBOOKS), "each tutorial loads the extension once"
+
+
+FOOTER_ZH = re.compile(r"输入 [\d,]+ / 输出 [\d,]+ tokens.*(¥\d|费用未知)")
+# One tutorial is run in Chinese: the language is chosen once, from the kernel's locale, the same
+# way for every notebook; this one shows the most of what is said under a cell (priced and
+# unpriced footers, a dry run, a budget and a --max-cost refusal, the usage table), and its
+# Chinese half shows the footer as it is printed.
+CHINESE_RUN = NOTEBOOK_DIR / "03-tokens-and-money.ipynb"
+_NUMBERS = re.compile(r"\d[\d,.]*")
+
+
+def _footer_shape(footer: str) -> str:
+    """A footer with its figures blanked and without the speed (which a quick answer may lack)."""
+    return re.sub(r" · N tokens/秒$", "", _NUMBERS.sub("N", footer.strip("*` ")))
+
+
+def test_a_tutorial_run_with_a_chinese_locale_shows_chinese_footers(gateway: Gateway, tmp_path: Path) -> None:
+    path = CHINESE_RUN
+    nb = nbformat.read(path, as_version=4)
+    env = kernel_env(tmp_path, DASHSCOPE_API_KEY=TEST_KEY, DASHSCOPE_BASE_URL=gateway.base_url,
+                     JPY_SESSION_NAME=path.name, LANG="zh_CN.UTF-8")
+    NotebookClient(nb, timeout=120, store_widget_state=True).execute(env=env, cwd=str(tmp_path))
+
+    footers, refusals, unpriced = [], 0, 0
+    for cell in (cell for cell in nb.cells if cell.cell_type == "code"):
+        where = f"{path.name}: {_first_line(cell)!r}"
+        if _sends(cell):
+            (shown,) = [o for o in cell.outputs if o.output_type == "display_data"]
+            markdown, html = shown.data["text/markdown"], shown.data["text/html"]
+            footer = [line for line in markdown.splitlines() if FOOTER_ZH.search(line)]
+            assert footer, f"{where}: no Chinese footer in\n{markdown}"
+            assert not FOOTER.search(markdown) and "out tokens" not in html, f"{where}: an English footer"
+            assert 'class="qwen-footer"' in html and "输入 " in html
+            footers.append(footer[0])
+            unpriced += "费用未知" in footer[0]
+        elif RAISES in _tags(cell):
+            report = _shown(cell).strip()
+            assert report.startswith("UsageError: 已拒绝，未发送："), f"{where}: {report}"
+            assert len(report.splitlines()) == 1 and "Refused" not in report
+            refusals += 1
+        elif "--dry-run" in _first_line(cell):
+            assert "试运行：未发送任何内容。" in _shown(cell), where
+        elif _line_magic(cell, "usage"):
+            shown_text = _shown(cell)
+            assert "合计：¥" in shown_text and "完成" in shown_text and "总计" not in shown_text, shown_text
+    assert refusals == 2 and unpriced == 1 and len(footers) == sum(_sends(cell) for cell in nb.cells)
+
+    # The Chinese half of "The footer, field by field" shows a footer the way the run printed one.
+    documented = re.search(r"`(qwen-plus · 输入[^`]+)`", "".join(c.source for c in nb.cells if c.cell_type == "markdown"))
+    assert documented, "the tutorial shows no Chinese footer"
+    assert _footer_shape(documented.group(1)) in {_footer_shape(footer) for footer in footers}
