@@ -154,6 +154,8 @@ def parse_cell_line(magic: Callable[..., Any], line: str) -> argparse.Namespace:
         raise UsageError(_("The %%qwen line has a broken character (half of a surrogate pair); retype it.")) from None
     try:
         return parse_argstring(magic, line)
+    except UsageError as error:  # argparse's own refusal, in English: said in the current language
+        raise UsageError(argparse_refusal(str(error))) from None
     except ValueError as error:  # shlex: "No closing quotation", "No escaped character"
         raise UsageError(_("The %%qwen line cannot be read: {error} (quote values with spaces in matching "
                            "quotes).").format(error=error)) from None
@@ -439,3 +441,28 @@ def parse_cells(spec: str) -> int | tuple[int, int]:
         pass
     raise UsageError(_("--cells takes a number of cells (e.g. --cells 3) or a range of prompt numbers "
                        "(e.g. --cells 3-7), not {value}.").format(value=_shown(spec)))
+
+
+# ---- argparse's own refusals (an unknown option, a value of the wrong type), translated
+
+_ARGPARSE_REFUSALS = (
+    (r"unrecognized arguments: (?P<arguments>.*)", N_("unrecognized arguments: {arguments}")),
+    (r"argument (?P<option>\S+): invalid (?P<type>\w+) value: (?P<value>.*)",
+     N_("argument {option}: invalid {type} value: {value}")),
+    (r"argument (?P<option>\S+): expected one argument", N_("argument {option}: expected one argument")),
+    (r"argument (?P<option>\S+): invalid choice: (?P<value>.*) \(choose from (?P<choices>.*)\)",
+     N_("argument {option}: invalid choice: {value} (choose from {choices})")),
+    (r"ambiguous option: (?P<option>\S+) could match (?P<matches>.*)",
+     N_("ambiguous option: {option} could match {matches}")),
+)
+
+
+def argparse_refusal(message: str) -> str:
+    """argparse's message in the current language (as it came, if it is not one of those known)."""
+    import re
+
+    for pattern, translated in _ARGPARSE_REFUSALS:
+        found = re.fullmatch(pattern, message, re.DOTALL)
+        if found:
+            return _(translated).format(**found.groupdict())
+    return message

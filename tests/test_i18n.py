@@ -171,11 +171,17 @@ def test_a_bad_option_refused_in_each_language(shell, capsys) -> None:
     assert refusal(shell, capsys, "%%qwen -t 5\nhello") == \
         "UsageError: -t/--temperature must be in [0, 2), not 5.0."
     assert refusal(shell, capsys, "%qwen reset a b") == "UsageError: %qwen reset takes at most one chat name."
+    assert refusal(shell, capsys, "%%qwen -t hot\nhello") == \
+        "UsageError: argument -t/--temperature: invalid float value: 'hot'"
 
     shell.run_line_magic("config", "QwenMagic.language = 'zh'")
     assert refusal(shell, capsys, "%%qwen -t 5\nhello") == \
         "UsageError: -t/--temperature 必须在 [0, 2) 之内，而不是 5.0。"
     assert refusal(shell, capsys, "%qwen reset a b") == "UsageError: %qwen reset 最多接受一个对话名。"
+    # argparse's own refusals too (it has no Chinese of its own).
+    assert refusal(shell, capsys, "%%qwen -t hot\nhello") == \
+        "UsageError: 参数 -t/--temperature：'hot' 不是有效的 float 值"
+    assert refusal(shell, capsys, "%%qwen --frobnicate\nhello") == "UsageError: 无法识别的参数：--frobnicate"
 
 
 def test_a_bad_setting_refused_in_chinese(shell, capsys, caplog) -> None:
