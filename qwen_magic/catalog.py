@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from .i18n import N_, _
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -87,6 +89,7 @@ class ModelInfo:
         return 0 if thinking else self.template_extra_tokens
 
 
+NOT_A_BOOLEAN = N_("{where}: {name}.{key} must be true or false, not {value}")
 _MODEL_FIELDS = {f.name for f in fields(ModelInfo)} - {"name", "tiers"}
 _SHORTHAND = {"input", "output", "thinking_output"}  # one flat tier, for user additions
 _TIER_FIELDS = {f.name for f in fields(PriceTier)}
@@ -95,34 +98,40 @@ _TIER_FIELDS = {f.name for f in fields(PriceTier)}
 def _model_from(name: str, data: Mapping[str, Any], base: ModelInfo | None, where: str) -> ModelInfo:
     unknown = set(data) - _MODEL_FIELDS - _SHORTHAND - {"tiers"}
     if unknown:
-        raise CatalogError(f"{where}: model {name!r} has unknown keys {sorted(unknown)}")
+        raise CatalogError(_("{where}: model {name} has unknown keys {keys}").format(
+            where=where, name=repr(name), keys=sorted(unknown)))
     values: dict[str, Any] = {key: data[key] for key in data if key in _MODEL_FIELDS}
     for key in ("context", "max_input", "max_output", "free_quota", "free_quota_days", "qpm", "tpm",
                 "template_extra_tokens"):
         if key in values and values[key] is not None:
             if not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 0:
-                raise CatalogError(f"{where}: {name}.{key} must be a whole number >= 0, not {values[key]!r}")
+                raise CatalogError(_("{where}: {name}.{key} must be a whole number >= 0, not {value}").format(
+                    where=where, name=name, key=key, value=repr(values[key])))
     for key in ("vision", "retired", "json_schema"):
         if key in values and not isinstance(values[key], bool):
-            raise CatalogError(f"{where}: {name}.{key} must be true or false, not {values[key]!r}")
+            raise CatalogError(_(NOT_A_BOOLEAN).format(where=where, name=name, key=key, value=repr(values[key])))
     if "batch_regions" in values:
         regions = values["batch_regions"]
         if not isinstance(regions, (list, tuple)) or not all(isinstance(r, str) and r for r in regions):
-            raise CatalogError(f"{where}: {name}.batch_regions must be a list of region names, e.g. [\"cn-beijing\"]")
+            raise CatalogError(_("{where}: {name}.batch_regions must be a list of region names, e.g. "
+                                 "[\"cn-beijing\"]").format(where=where, name=name))
         values["batch_regions"] = tuple(regions)
     for key in ("implicit_cache", "explicit_cache", "free_quota_each_way"):
         if key in values and not isinstance(values[key], bool):
-            raise CatalogError(f"{where}: {name}.{key} must be true or false, not {values[key]!r}")
+            raise CatalogError(_(NOT_A_BOOLEAN).format(where=where, name=name, key=key, value=repr(values[key])))
     price = values.get("search_price")
     if price is not None and (not isinstance(price, (int, float)) or isinstance(price, bool) or price < 0):
-        raise CatalogError(f"{where}: {name}.search_price must be a number >= 0 (per 1,000 searches)")
+        raise CatalogError(_("{where}: {name}.search_price must be a number >= 0 (per 1,000 searches)").format(
+            where=where, name=name))
     if values.get("thinking", "none") not in THINKING_MODES:
-        raise CatalogError(f"{where}: {name}.thinking must be one of {THINKING_MODES}")
+        raise CatalogError(_("{where}: {name}.thinking must be one of {modes}").format(
+            where=where, name=name, modes=THINKING_MODES))
     if "tiers" in data:
         values["tiers"] = _tiers_from(name, data["tiers"], where)
     elif _SHORTHAND & set(data):
         if not {"input", "output"} <= set(data):
-            raise CatalogError(f"{where}: {name} needs both 'input' and 'output' prices (yuan per 1M tokens)")
+            raise CatalogError(_("{where}: {name} needs both 'input' and 'output' prices (yuan per 1M tokens)").format(
+                where=where, name=name))
         values["tiers"] = _tiers_from(name, [{k: data[k] for k in _SHORTHAND if k in data}], where)
     if base is not None:
         return replace(base, **values)
@@ -131,22 +140,24 @@ def _model_from(name: str, data: Mapping[str, Any], base: ModelInfo | None, wher
 
 def _tiers_from(name: str, raw: Any, where: str) -> tuple[PriceTier, ...]:
     if not isinstance(raw, list) or not raw:
-        raise CatalogError(f"{where}: {name}.tiers must be a non-empty list")
+        raise CatalogError(_("{where}: {name}.tiers must be a non-empty list").format(where=where, name=name))
     tiers = []
     for index, item in enumerate(raw):
         if not isinstance(item, Mapping) or set(item) - _TIER_FIELDS or not {"input", "output"} <= set(item):
-            raise CatalogError(f"{where}: {name}.tiers[{index}] needs input and output prices, and nothing else "
-                               f"but up_to and thinking_output")
+            raise CatalogError(_("{where}: {name}.tiers[{index}] needs input and output prices, and nothing else "
+                                 "but up_to and thinking_output").format(where=where, name=name, index=index))
         prices = [item["input"], item["output"], item.get("thinking_output", 0)]
         if any(not isinstance(p, (int, float)) or isinstance(p, bool) or p < 0 for p in prices):
-            raise CatalogError(f"{where}: {name}.tiers[{index}] prices must be numbers >= 0")
+            raise CatalogError(_("{where}: {name}.tiers[{index}] prices must be numbers >= 0").format(
+                where=where, name=name, index=index))
         tiers.append(PriceTier(input=float(item["input"]), output=float(item["output"]),
                                up_to=item.get("up_to"),
                                thinking_output=None if item.get("thinking_output") is None
                                else float(item["thinking_output"])))
     bounds = [t.up_to for t in tiers]
     if bounds[-1] is not None or any(b is None for b in bounds[:-1]) or bounds[:-1] != sorted(bounds[:-1]):
-        raise CatalogError(f"{where}: {name}.tiers need rising up_to bounds, and none on the last tier")
+        raise CatalogError(_("{where}: {name}.tiers need rising up_to bounds, and none on the last tier").format(
+            where=where, name=name))
     return tuple(tiers)
 
 
@@ -165,7 +176,8 @@ class Catalog:
         models = dict(self.models)
         for name, data in overrides.items():
             if not isinstance(data, Mapping):
-                raise CatalogError(f"{where}: {name!r} must map to a table of figures")
+                raise CatalogError(_("{where}: {name} must map to a table of figures").format(
+                    where=where, name=repr(name)))
             models[name] = _model_from(name, data, models.get(name), where)
         return Catalog(models, (*self.sources, where))
 
@@ -178,10 +190,10 @@ def _read(path: Path) -> Mapping[str, Mapping[str, Any]]:
         with path.open("rb") as handle:
             document = tomllib.load(handle)
     except tomllib.TOMLDecodeError as error:
-        raise CatalogError(f"{path}: not valid TOML ({error})") from None
+        raise CatalogError(_("{path}: not valid TOML ({error})").format(path=path, error=error)) from None
     models = document.get("models", {})
     if not isinstance(models, Mapping):
-        raise CatalogError(f"{path}: [models] must be a table of model names")
+        raise CatalogError(_("{path}: [models] must be a table of model names").format(path=path))
     return _with_cache_lists(models, document.get("cache", {}), path)
 
 
@@ -190,12 +202,12 @@ def _with_cache_lists(models: Mapping[str, Mapping[str, Any]], cache: Any, path:
     if not cache:
         return models
     if not isinstance(cache, Mapping) or set(cache) - {"implicit", "explicit"}:
-        raise CatalogError(f"{path}: [cache] holds only the lists implicit and explicit")
+        raise CatalogError(_("{path}: [cache] holds only the lists implicit and explicit").format(path=path))
     merged = {name: dict(data) if isinstance(data, Mapping) else data for name, data in models.items()}
     for kind in ("implicit", "explicit"):
         names = cache.get(kind, [])
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise CatalogError(f"{path}: [cache].{kind} must be a list of model names")
+            raise CatalogError(_("{path}: [cache].{kind} must be a list of model names").format(path=path, kind=kind))
         for name in names:
             entry = merged.get(name)
             if isinstance(entry, dict):
@@ -209,7 +221,7 @@ def builtin_catalog(path: Path = BUILTIN_PATH) -> Catalog:
     catalog = Catalog({}, ()).with_overrides(_read(path), str(path))
     for model in catalog.models.values():
         if not model.priced or model.max_input is None:
-            raise CatalogError(f"{path}: {model.name} lacks prices or limits")
+            raise CatalogError(_("{path}: {model} lacks prices or limits").format(path=path, model=model.name))
     return Catalog(catalog.models, (f"built-in {path.name}",))
 
 

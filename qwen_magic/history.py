@@ -10,11 +10,12 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from .conversation import Chat, RecordError, Turn
+from .i18n import N_, _
 from .markdown import escape, render_markdown
 from .pricing import format_money
 from .result import COMPLETE, QUIET_STYLE, text_from_markdown
 
-_MARKS = {"interrupted": "⚠ interrupted", "failed": "✖ failed"}
+_MARKS = {"interrupted": N_("⚠ interrupted"), "failed": N_("✖ failed")}
 
 
 def shortened(text: object, limit: int = 120) -> str:
@@ -28,10 +29,12 @@ def shortened(text: object, limit: int = 120) -> str:
 def _turn_line(number: int, turn: Turn) -> str:
     result = turn.result
     usage = result.usage
-    parts = [f"turn {number}", result.model, f"{usage.input_tokens:,} in / {usage.output_tokens:,} out",
-             format_money(result.cost, result.currency) if result.cost is not None else "cost unknown"]
+    parts = [_("turn {number}").format(number=number), result.model,
+             _("{input} in / {output} out").format(input=f"{usage.input_tokens:,}", output=f"{usage.output_tokens:,}"),
+             format_money(result.cost, result.currency) if result.cost is not None else _("cost unknown")]
     if result.status != COMPLETE:
-        parts.append(_MARKS.get(result.status, result.status) + (f" ({result.error})" if result.error else ""))
+        mark = _(_MARKS[result.status]) if result.status in _MARKS else result.status
+        parts.append(_("{mark} ({error})").format(mark=mark, error=result.error) if result.error else mark)
     return " · ".join(parts)
 
 
@@ -42,33 +45,37 @@ class ChatHistory:
     chat: Chat
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
-        lines = [f"Chat {self.chat.name!r}: {len(self.chat.turns)} turn(s)"]
+        lines = [_("Chat {chat}: {turns} turn(s)").format(chat=repr(self.chat.name), turns=len(self.chat.turns))]
         if self.chat.system:
-            lines.append(f"system: {self.chat.system}")
+            lines.append(_("system: {system}").format(system=self.chat.system))
         for number, turn in enumerate(self.chat.turns, start=1):
-            lines += ["", f"── {_turn_line(number, turn)}", f"you: {turn.prompt}", f"{turn.result.model}: {turn.result.text}"]
+            lines += ["", f"── {_turn_line(number, turn)}", _("you: {prompt}").format(prompt=turn.prompt),
+                      f"{turn.result.model}: {turn.result.text}"]
         printer.text("\n".join(lines))
 
     def _repr_html_(self) -> str:
-        parts = [f"<strong>Chat {escape(self.chat.name)}</strong>: {len(self.chat.turns)} turn(s)"]
+        parts = [_("<strong>Chat {chat}</strong>: {turns} turn(s)").format(
+            chat=escape(self.chat.name), turns=len(self.chat.turns))]
         if self.chat.system:
-            parts.append(f"<p><em>system:</em> {escape(self.chat.system)}</p>")
+            parts.append(_("<p><em>system:</em> {system}</p>").format(system=escape(self.chat.system)))
+        you = escape(_("You"))
         for number, turn in enumerate(self.chat.turns, start=1):
             parts.append(
                 "<div style='border-left:3px solid var(--jp-border-color1,#ccc);padding-left:0.6em;margin:0.6em 0'>"
                 f"<div style='{QUIET_STYLE} font-size:0.85em'>{escape(_turn_line(number, turn))}</div>"
-                f"<div><strong>You</strong></div>{render_markdown(turn.prompt)}"
+                f"<div><strong>{you}</strong></div>{render_markdown(turn.prompt)}"
                 f"<div><strong>{escape(turn.result.model)}</strong></div>{render_markdown(turn.result.text)}</div>"
             )
         return "".join(parts)
 
 
 def chat_to_markdown(chat: Chat) -> str:
-    lines = [f"# Chat: {chat.name}", ""]
+    lines = [_("# Chat: {chat}").format(chat=chat.name), ""]
     if chat.system:
-        lines += [f"*System:* {chat.system}", ""]
+        lines += [_("*System:* {system}").format(system=chat.system), ""]
     for number, turn in enumerate(chat.turns, start=1):
-        lines += [f"## Turn {number}", "", f"*{_turn_line(number, turn)}*", "", "**You:**", "", turn.prompt, "",
+        lines += [_("## Turn {number}").format(number=number), "", f"*{_turn_line(number, turn)}*", "",
+                  _("**You:**"), "", turn.prompt, "",
                   f"**{turn.result.model}:**", "", turn.result.text, ""]
     return "\n".join(lines)
 
@@ -94,13 +101,15 @@ def turns_from_notebook(path: Path, chat: str) -> list[Turn]:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
         if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
-            raise UsageError(f"{shortened(path)} is not a notebook ({type(error).__name__}).") from None
+            raise UsageError(_("{path} is not a notebook ({error}).").format(
+                path=shortened(path), error=type(error).__name__)) from None
         reason = getattr(error, "strerror", None) or error
-        raise UsageError(f"Cannot read {shortened(path)}: {reason}") from None
+        raise UsageError(_("Cannot read {path}: {error}").format(path=shortened(path), error=reason)) from None
     try:
         return _turns_of(document, chat)
     except NotebookShapeError as error:
-        raise UsageError(f"{shortened(path)} cannot be resumed: {error}; nothing was changed.") from None
+        raise UsageError(_("{path} cannot be resumed: {error}; nothing was changed.").format(
+            path=shortened(path), error=error)) from None
 
 
 class NotebookShapeError(ValueError):
@@ -109,27 +118,27 @@ class NotebookShapeError(ValueError):
 
 def _turns_of(document: Any, chat: str) -> list[Turn]:
     if not isinstance(document, dict) or not isinstance(document.get("cells", []), list):
-        raise NotebookShapeError("it is not a notebook (no list of cells)")
+        raise NotebookShapeError(_("it is not a notebook (no list of cells)"))
     turns: list[Turn] = []
     for cell_number, cell in enumerate(document.get("cells", []), start=1):
-        where = f"cell {cell_number}"
+        where = _("cell {cell}").format(cell=cell_number)
         if not isinstance(cell, dict):
-            raise NotebookShapeError(f"{where} is not an object")
+            raise NotebookShapeError(_("{where} is not an object").format(where=where))
         outputs = cell.get("outputs", [])
         if not isinstance(outputs, list):
-            raise NotebookShapeError(f"the outputs of {where} are not a list")
+            raise NotebookShapeError(_("the outputs of {where} are not a list").format(where=where))
         for output_number, output in enumerate(outputs, start=1):
-            where = f"output {output_number} of cell {cell_number}"
+            where = _("output {output} of cell {cell}").format(output=output_number, cell=cell_number)
             if not isinstance(output, dict):
-                raise NotebookShapeError(f"{where} is not an object")
+                raise NotebookShapeError(_("{where} is not an object").format(where=where))
             metadata = output.get("metadata") or {}
             if not isinstance(metadata, dict):
-                raise NotebookShapeError(f"the metadata of {where} is not an object")
+                raise NotebookShapeError(_("the metadata of {where} is not an object").format(where=where))
             record = metadata.get("qwen_magic")
             if record is None:
                 continue
             if not isinstance(record, dict):
-                raise NotebookShapeError(f"the qwen_magic record of {where} is not an object")
+                raise NotebookShapeError(_("the qwen_magic record of {where} is not an object").format(where=where))
             if record.get("chat") != chat or "prompt" not in record:
                 continue
             turn = _turn_of(record, output, cell, where)
@@ -149,24 +158,24 @@ def _turn_of(record: dict[str, Any], output: dict[str, Any], cell: dict[str, Any
         data = output.get("data") or {}
         footer = record.get("footer") or []
         if not isinstance(data, dict):
-            raise NotebookShapeError(f"the data of {where} is not an object")
+            raise NotebookShapeError(_("the data of {where} is not an object").format(where=where))
         markdown = data.get("text/markdown", "")
         if isinstance(markdown, list) and all(isinstance(line, str) for line in markdown):
             markdown = "".join(markdown)  # nbformat may store text as a list of lines
         if not isinstance(markdown, str):
-            raise NotebookShapeError(f"the Markdown of {where} is not text")
+            raise NotebookShapeError(_("the Markdown of {where} is not text").format(where=where))
         if not (isinstance(footer, list) and all(isinstance(line, str) for line in footer)):
-            raise NotebookShapeError(f"the footer of {where} is not a list of lines")
+            raise NotebookShapeError(_("the footer of {where} is not a list of lines").format(where=where))
         text = text_from_markdown(markdown, footer)
         if text is None:
             return None
     try:
         turn = Turn.from_record({**record, "text": text})
     except RecordError as error:
-        raise NotebookShapeError(f"the turn in {where}: {error}") from None
+        raise NotebookShapeError(_("the turn in {where}: {error}").format(where=where, error=error)) from None
     cell_id = cell.get("id")
     if turn.cell_id is None and cell_id is not None:
         if not isinstance(cell_id, str):
-            raise NotebookShapeError(f"the id of the cell of {where} is not text")
+            raise NotebookShapeError(_("the id of the cell of {where} is not text").format(where=where))
         turn.cell_id = cell_id
     return turn

@@ -7,8 +7,11 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import kwds
 from traitlets import Bool, Dict, Enum, Float, Int, TraitError, Unicode, observe, validate
 
+from . import magic_help
+from .i18n import _
 from .i18n import use as use_language
 from .options import CellOptions, cell_arguments, has_control_characters, parse_cell_line, url_problem
 
@@ -91,7 +94,7 @@ class QwenMagic(Magics):
     @validate("max_value_tokens")
     def _valid_value_tokens(self, proposal: dict[str, Any]) -> int:
         if not 50 <= proposal["value"] <= 1_000_000:
-            raise TraitError("QwenMagic.max_value_tokens must be between 50 and 1,000,000.")
+            raise TraitError(_("QwenMagic.max_value_tokens must be between 50 and 1,000,000."))
         return proposal["value"]
 
     concurrency = Int(8, help="--map: most requests in flight at once (--concurrency N for one cell).").tag(config=True)
@@ -101,7 +104,7 @@ class QwenMagic(Magics):
         from .options import MAX_CONCURRENCY
 
         if not 1 <= proposal["value"] <= MAX_CONCURRENCY:
-            raise TraitError(f"QwenMagic.concurrency must be from 1 to {MAX_CONCURRENCY}.")
+            raise TraitError(_("QwenMagic.concurrency must be from 1 to {most}.").format(most=MAX_CONCURRENCY))
         return proposal["value"]
 
     region = Unicode(
@@ -134,13 +137,14 @@ class QwenMagic(Magics):
             return None
         region = region_named(value)
         if region is None:
-            raise TraitError(f"QwenMagic.region must be one of {', '.join(REGIONS)} (or None), not {value!r}.")
+            raise TraitError(_("QwenMagic.region must be one of {regions} (or None), not {value}.").format(
+                regions=", ".join(REGIONS), value=repr(value)))
         return region.key
 
     @validate("reservation_timeout")
     def _valid_reservation_timeout(self, proposal: dict[str, Any]) -> float:
         if not 0 < proposal["value"] < math.inf:
-            raise TraitError("QwenMagic.reservation_timeout must be a positive, finite number of seconds.")
+            raise TraitError(_("QwenMagic.reservation_timeout must be a positive, finite number of seconds."))
         return proposal["value"]
 
     language = Enum(
@@ -155,18 +159,21 @@ class QwenMagic(Magics):
 
     @observe("language")
     def _use_language(self, change: dict[str, Any]) -> None:
-        # At once, so that the next output (a command's table too) is in the new language.
-        from .i18n import use
+        # At once, so that the next output (a command's table, %%qwen? too) is in the new language.
+        self._speak(change["new"])
 
-        use(change["new"])
+    def _speak(self, setting: str) -> None:
+        """Print in the language ``setting`` names, and show ``%%qwen?`` in it."""
+        magic_help.document(QwenMagic.qwen, use_language(setting))
 
     @validate("model")
     def _valid_model(self, proposal: dict[str, Any]) -> str:
         value = proposal["value"].strip()
         if not value:
-            raise TraitError("QwenMagic.model needs a model name, such as 'qwen-plus'.")
+            raise TraitError(_("QwenMagic.model needs a model name, such as 'qwen-plus'."))
         if has_control_characters(value):
-            raise TraitError(f"QwenMagic.model: {value!r} has control characters; no model name does.")
+            raise TraitError(_("QwenMagic.model: {value} has control characters; no model name does.").format(
+                value=repr(value)))
         return value
 
     @validate("base_url")
@@ -174,26 +181,27 @@ class QwenMagic(Magics):
         value = proposal["value"]
         problem = None if value is None else url_problem(value)
         if problem:
-            raise TraitError(f"QwenMagic.base_url {value!r}: {problem}.")
+            raise TraitError(_("QwenMagic.base_url {value}: {problem}.").format(value=repr(value), problem=problem))
         return value
 
     @validate("timeout", "budget")
     def _valid_positive(self, proposal: dict[str, Any]) -> float | None:
         value = proposal["value"]
         if value is not None and not (0 < value < math.inf):  # nan, inf and 0 too
-            raise TraitError(f"QwenMagic.{proposal['trait'].name} must be a positive, finite number.")
+            raise TraitError(_("QwenMagic.{name} must be a positive, finite number.").format(
+                name=proposal["trait"].name))
         return value
 
     @validate("max_history_tokens")
     def _valid_history_tokens(self, proposal: dict[str, Any]) -> int | None:
         if proposal["value"] is not None and proposal["value"] < 0:
-            raise TraitError("QwenMagic.max_history_tokens must be 0 or more.")
+            raise TraitError(_("QwenMagic.max_history_tokens must be 0 or more."))
         return proposal["value"]
 
     @validate("max_retries")
     def _valid_retries(self, proposal: dict[str, Any]) -> int:
         if not 0 <= proposal["value"] <= 10:
-            raise TraitError("QwenMagic.max_retries must be between 0 and 10.")
+            raise TraitError(_("QwenMagic.max_retries must be between 0 and 10."))
         return proposal["value"]
 
     @validate("models")
@@ -216,6 +224,8 @@ class QwenMagic(Magics):
         self.errors = ErrorWatch()
         if shell is not None:
             shell.events.register("post_run_cell", self.errors)
+        # %%qwen? in the locale's language from the start (English needs no catalog: nothing is loaded).
+        self._speak(self.language)
 
     @property
     def session(self) -> "QwenSession":
@@ -251,76 +261,11 @@ class QwenMagic(Magics):
         )
 
     @cell_arguments
+    @kwds(description=magic_help.description())
     @line_cell_magic
     def qwen(self, line: str, cell: str | None = None) -> Any:
-        """Ask a Qwen model; the answer streams into the cell's output.
-
-        As a cell magic, the cell's text is the question; {name} is filled in from the
-        notebook's variables (attributes and indexes too; {{ }} and unknown names stay)::
-
-            %%qwen
-            用一句话解释什么是 Transformer。
-
-            %%qwen -m qwen-max -t 0.2 --max-tokens 300 -o answer
-            Summarise {report.title} in three bullet points.
-
-            %%qwen -c review -s "You are a strict code reviewer."
-            Review this function: {source}
-
-            %%qwen -f json -o facts
-            List three facts about Hangzhou as JSON with keys fact and source.
-
-            %%qwen -f code
-            Write a pandas one-liner that counts rows per city in df.
-
-            %%qwen --thinking -m qwen-plus
-            How many r's are in "strawberry"?
-
-            %%qwen -m qwen-vl-plus --image chart.png
-            What does this chart show?
-
-            %%qwen --dry-run --max-cost 0.05
-            (shows the messages, tokens and cost range; sends nothing)
-
-            %%qwen --tools get_current_weather -o r
-            杭州和上海现在的天气如何？
-
-            %%qwen --schema Invoice -o inv
-            Extract the invoice: {text}
-
-            %%qwen --map reviews -o labels -m qwen-flash
-            Classify this review as positive, negative or neutral: {item}
-            (one request per element of reviews, concurrently; labels[i] is row i's)
-
-            %%qwen -m qwen-plus --cache
-            (a long chat re-reads its marked history at 10% of the input price)
-
-        Every cell continues the notebook's chat (-c NAME for another, -n to start it
-        afresh, --no-history for a one-off); re-running a cell replaces its turn. Under
-        the answer, a footer gives the model, the tokens (the server's figures), the cost
-        in yuan, the chat and turn, the session's total and the time. ``-o VAR`` keeps a
-        result object (.text, .value for JSON, .code, .usage, .cost, .request_id;
-        .tool_calls with --tools, .value an instance of the class with --schema).
-
-        As a line magic: %qwen help | models | usage | budget | count | chats | history |
-        reset | undo | export | resume | repair | config | login | fix | jobs | limit.
-        Costs, budgets and limits are in the region's currency (yuan in Beijing, US dollars in
-        Singapore).
-
-        The notebook as context: ``%qwen fix`` (or ``%%qwen --fix``) sends the last error with
-        its cell and traceback and puts the corrected cell below; ``--cells 3`` sends the
-        last three code cells with their outputs; ``--file data.csv`` a file. ``{df}`` sends
-        a compact summary of a DataFrame (``{df!full}``: all of it); ``{Out[3]}`` an output's text::
-
-            %qwen fix
-
-            %%qwen --cells 2 --file notes.md
-            Why is the total in the last cell lower than in the notes?
-
-        Settings: %config QwenMagic (model, system, display, budget, stream, ...).
-        The key comes from %qwen login, DASHSCOPE_API_KEY, or ~/.dashscope/config.toml.
-        """
-        use_language(self.language)  # auto follows the locale, which %env may have changed
+        # Its help (%%qwen?) is magic_help.description() and the options, in the current language.
+        self._speak(self.language)  # auto follows the locale, which %env may have changed
         self.session.notebook = self.notebook_key()
         if cell is None:
             from .commands import run_command

@@ -15,6 +15,8 @@ from typing import Any, Callable, TypeVar
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from .i18n import N_, _
+
 F = TypeVar("F", bound=Callable[..., Any])
 FORMATS = ("markdown", "text", "code", "json")
 # The largest token count a request parameter may carry (DashScope reads them as int32).
@@ -23,113 +25,114 @@ MAX_TOKENS_PARAMETER = 2**31 - 1
 MAX_CONCURRENCY = 256
 
 _CELL_ARGUMENTS = (
-    argument("-m", "--model", help="Model to ask (default: QwenMagic.model), e.g. qwen-max."),
-    argument("-s", "--system", help="System prompt of the chat, kept for its later turns."),
-    argument("-c", "--chat", default=None, metavar="NAME", help="The named chat to continue (default: default)."),
-    argument("-n", "--new", action="store_true", help="Start the chat afresh with this cell."),
+    argument("-m", "--model", help=N_("Model to ask (default: QwenMagic.model), e.g. qwen-max.")),
+    argument("-s", "--system", help=N_("System prompt of the chat, kept for its later turns.")),
+    argument("-c", "--chat", default=None, metavar="NAME", help=N_("The named chat to continue (default: default).")),
+    argument("-n", "--new", action="store_true", help=N_("Start the chat afresh with this cell.")),
     argument(
         "--no-history",
         action="store_true",
         dest="no_history",
-        help="A one-off question: not given the chat's history, not recorded in it.",
+        help=N_("A one-off question: not given the chat's history, not recorded in it."),
     ),
     argument(
         "--max-history",
         type=int,
         metavar="N",
         dest="max_history",
-        help="Send at most the last N turns of the chat as context.",
+        help=N_("Send at most the last N turns of the chat as context."),
     ),
-    argument("-t", "--temperature", type=float, help="Sampling temperature, 0 <= T < 2."),
-    argument("--top-p", type=float, dest="top_p", help="Nucleus sampling, 0 < P <= 1."),
-    argument("--max-tokens", type=int, dest="max_tokens", help="Longest answer, in tokens."),
-    argument("--seed", type=int, help="Seed for repeatable sampling."),
+    argument("-t", "--temperature", type=float, help=N_("Sampling temperature, 0 <= T < 2.")),
+    argument("--top-p", type=float, dest="top_p", help=N_("Nucleus sampling, 0 < P <= 1.")),
+    argument("--max-tokens", type=int, dest="max_tokens", help=N_("Longest answer, in tokens.")),
+    argument("--seed", type=int, help=N_("Seed for repeatable sampling.")),
     argument(
         "--stop",
         action="append",
         default=None,
-        help="Stop the answer at this string (repeat the option for several).",
+        help=N_("Stop the answer at this string (repeat the option for several)."),
     ),
     argument(
         "--no-stream",
         action="store_false",
         dest="stream",
-        help="Wait for the whole answer instead of streaming it.",
+        help=N_("Wait for the whole answer instead of streaming it."),
     ),
-    argument("-o", "--out", metavar="VAR", help="Store the result object in this variable."),
+    argument("-o", "--out", metavar="VAR", help=N_("Store the result object in this variable.")),
     argument(
         "-f",
         "--format",
         choices=FORMATS,
         default=None,
-        help="markdown (default), text (plain), code (the answer's code goes into a new cell below) "
-        "or json (asks for JSON, parses it, shows it as a tree).",
+        help=N_("markdown (default), text (plain), code (the answer's code goes into a new cell below) "
+           "or json (asks for JSON, parses it, shows it as a tree)."),
     ),
-    argument("--no-interp", action="store_false", dest="interpolate", help="Send {name} as written."),
-    argument("--thinking", action="store_true", help="Think before answering (models that can)."),
-    argument("--thinking-budget", type=int, metavar="N", dest="thinking_budget", help="Most thinking tokens."),
-    argument("--search", action="store_true", help="Let the model search the web; its sources are listed."),
+    argument("--no-interp", action="store_false", dest="interpolate", help=N_("Send {name} as written.")),
+    argument("--thinking", action="store_true", help=N_("Think before answering (models that can).")),
+    argument("--thinking-budget", type=int, metavar="N", dest="thinking_budget", help=N_("Most thinking tokens.")),
+    argument("--search", action="store_true", help=N_("Let the model search the web; its sources are listed.")),
     argument(
         "--image",
         action="append",
         metavar="PATH_OR_URL",
         dest="images",
-        help="An image for a vision model (repeatable): a URL or a local file.",
+        help=N_("An image for a vision model (repeatable): a URL or a local file."),
     ),
-    argument("--protocol", choices=("native", "openai"), help="DashScope native, or the OpenAI-compatible mode."),
-    argument("--base-url", dest="base_url", metavar="URL", help="Another endpoint, e.g. a vLLM server's /v1."),
+    argument("--protocol", choices=("native", "openai"), help=N_("DashScope native, or the OpenAI-compatible mode.")),
+    argument("--base-url", dest="base_url", metavar="URL", help=N_("Another endpoint, e.g. a vLLM server's /v1.")),
     argument(
         "--dry-run",
         action="store_true",
-        help="Show what would be sent, its tokens and its cost range; send nothing.",
+        help=N_("Show what would be sent, its tokens and its cost range; send nothing."),
     ),
     argument(
         "--max-cost",
         type=float,
         metavar="YUAN",
-        help="Refuse this call if its worst case (with the longest answer) could cost more "
-        "(in the region's currency: yuan in Beijing, US dollars in Singapore).",
+        help=N_("Refuse this call if its worst case (with the longest answer) could cost more "
+           "(in the region's currency: yuan in Beijing, US dollars in Singapore)."),
     ),
     argument(
         "--cache",
         action="store_true",
         default=None,
-        help="Mark the chat's stable prefix (system prompt, earlier turns) for the explicit context "
-        "cache: re-read at 10%% of the input price, written once at 125%% (models that have it).",
+        help=N_("Mark the chat's stable prefix (system prompt, earlier turns) for the explicit context "
+           "cache: re-read at 10%% of the input price, written once at 125%% (models that have it)."),
     ),
     # ---- the notebook as context
     argument(
         "--fix",
         action="store_true",
-        help="Send the last error (its cell, message and traceback) and ask for its cause and a corrected "
-        "cell, which goes into a new cell below; the cell's text is added to the question.",
+        help=N_("Send the last error (its cell, message and traceback) and ask for its cause and a corrected "
+           "cell, which goes into a new cell below; the cell's text is added to the question."),
     ),
     argument(
         "--cells",
         metavar="N|A-B",
-        help="Send the last N code cells before this one (or cells In [A] to In [B]) with their outputs.",
+        help=N_("Send the last N code cells before this one (or cells In [A] to In [B]) with their outputs."),
     ),
     argument(
         "--file",
         action="append",
         metavar="PATH",
         dest="files",
-        help="A text file sent before the question (repeatable); a large CSV or JSONL is summarised.",
+        help=N_("A text file sent before the question (repeatable); a large CSV or JSONL is summarised."),
     ),
     # ---- tools and structured answers
     argument(
         "--tools",
         action="append",
         metavar="NAME[,NAME]",
-        help="Notebook functions the model may call (repeatable, or comma-separated).",
+        help=N_("Notebook functions the model may call (repeatable, or comma-separated)."),
     ),
     argument("--max-rounds", type=int, metavar="N", dest="max_rounds", default=5,
-             help="With --tools: most requests in one cell's exchange of calls (default 5)."),
-    argument("--confirm", action="store_true", help="With --tools: ask y/n before each call runs."),
+             help=N_("With --tools: most requests in one cell's exchange of calls (default 5).")),
+    argument("--confirm", action="store_true", help=N_("With --tools: ask y/n before each call runs.")),
     argument("--schema", metavar="NAME",
-             help="Answer as this Pydantic model, TypedDict, dataclass or JSON Schema dict; .value is the instance."),
+             help=N_("Answer as this Pydantic model, TypedDict, dataclass or JSON Schema dict; "
+                     ".value is the instance.")),
     argument("--retries", type=int, metavar="N", default=1,
-             help="With --schema: ask again this many times when the answer does not validate (default 1)."),
+             help=N_("With --schema: ask again this many times when the answer does not validate (default 1).")),
     # ---- jobs over rows (--map)
     argument(
         "--map",
@@ -148,11 +151,14 @@ def parse_cell_line(magic: Callable[..., Any], line: str) -> argparse.Namespace:
     try:
         line.encode()
     except UnicodeEncodeError:  # a lone surrogate: no error message that quoted it could be shown
-        raise UsageError("The %%qwen line has a broken character (half of a surrogate pair); retype it.") from None
+        raise UsageError(_("The %%qwen line has a broken character (half of a surrogate pair); retype it.")) from None
     try:
         return parse_argstring(magic, line)
+    except UsageError as error:  # argparse's own refusal, in English: said in the current language
+        raise UsageError(argparse_refusal(str(error))) from None
     except ValueError as error:  # shlex: "No closing quotation", "No escaped character"
-        raise UsageError(f"The %%qwen line cannot be read: {error} (quote values with spaces in matching quotes).") from None
+        raise UsageError(_("The %%qwen line cannot be read: {error} (quote values with spaces in matching "
+                           "quotes).").format(error=error)) from None
 
 
 def cell_arguments(func: F) -> F:
@@ -251,64 +257,74 @@ class CellOptions:
     def validate(self) -> None:
         """Refuse values DashScope would reject, before anything is sent."""
         if self.model is not None and not self.model.strip():
-            raise UsageError("-m/--model needs a model name, e.g. -m qwen-plus.")
+            raise UsageError(_("-m/--model needs a model name, e.g. -m qwen-plus."))
         if self.model is not None and has_control_characters(self.model):
-            raise UsageError(f"-m/--model: {self.model!r} has control characters; no model name does.")
+            raise UsageError(_("-m/--model: {model} has control characters; no model name does.").format(
+                model=repr(self.model)))
         if not self.chat.strip() or len(self.chat) > 100:
-            raise UsageError("-c/--chat needs a name of 1 to 100 characters.")
+            raise UsageError(_("-c/--chat needs a name of 1 to 100 characters."))
         if has_control_characters(self.chat):
-            raise UsageError(f"-c/--chat: {_shown(self.chat)} has control characters; a chat name has none.")
+            raise UsageError(_("-c/--chat: {chat} has control characters; a chat name has none.").format(
+                chat=_shown(self.chat)))
         if self.new and self.no_history:
-            raise UsageError("-n/--new starts a chat and --no-history stays out of chats: use one of them.")
+            raise UsageError(_("-n/--new starts a chat and --no-history stays out of chats: use one of them."))
         if self.max_history is not None and self.max_history < 0:
-            raise UsageError(f"--max-history must be 0 or more turns, not {self.max_history}.")
+            raise UsageError(_("--max-history must be 0 or more turns, not {value}.").format(value=self.max_history))
         if self.temperature is not None and not 0 <= self.temperature < 2:
-            raise UsageError(f"-t/--temperature must be in [0, 2), not {self.temperature}.")
+            raise UsageError(_("-t/--temperature must be in [0, 2), not {value}.").format(value=self.temperature))
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UsageError(f"--top-p must be in (0, 1], not {self.top_p}.")
+            raise UsageError(_("--top-p must be in (0, 1], not {value}.").format(value=self.top_p))
         if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_TOKENS_PARAMETER:
-            raise UsageError(f"--max-tokens must be from 1 to {MAX_TOKENS_PARAMETER:,}, not {_shown(self.max_tokens)}.")
+            raise UsageError(_("--max-tokens must be from 1 to {most}, not {value}.").format(
+                most=f"{MAX_TOKENS_PARAMETER:,}", value=_shown(self.max_tokens)))
         if self.seed is not None and not 0 <= self.seed < 2**31:
-            raise UsageError(f"--seed must be in [0, 2**31), not {self.seed}.")
+            raise UsageError(_("--seed must be in [0, 2**31), not {value}.").format(value=self.seed))
         if any(not s for s in self.stop):
-            raise UsageError("--stop needs a non-empty string.")
+            raise UsageError(_("--stop needs a non-empty string."))
         if self.max_cost is not None and not 0 < self.max_cost < math.inf:  # nan and inf guard nothing
-            raise UsageError(f"--max-cost must be a positive, finite amount of yuan, not {self.max_cost}.")
+            raise UsageError(_("--max-cost must be a positive, finite amount of yuan, not {value}.").format(
+                value=self.max_cost))
         if self.thinking_budget is not None and not 1 <= self.thinking_budget <= MAX_TOKENS_PARAMETER:
-            raise UsageError(
-                f"--thinking-budget must be from 1 to {MAX_TOKENS_PARAMETER:,} tokens, not {_shown(self.thinking_budget)}."
-            )
+            raise UsageError(_("--thinking-budget must be from 1 to {most} tokens, not {value}.").format(
+                most=f"{MAX_TOKENS_PARAMETER:,}", value=_shown(self.thinking_budget)))
         if self.max_history is not None and self.max_history > MAX_TOKENS_PARAMETER:
-            raise UsageError(f"--max-history must be at most {MAX_TOKENS_PARAMETER:,} turns, not {_shown(self.max_history)}.")
+            raise UsageError(_("--max-history must be at most {most} turns, not {value}.").format(
+                most=f"{MAX_TOKENS_PARAMETER:,}", value=_shown(self.max_history)))
         if self.base_url is not None:
             problem = url_problem(self.base_url)
             if problem:
-                raise UsageError(f"--base-url {_shown(self.base_url)}: {problem}.")
+                raise UsageError(_("--base-url {url}: {problem}.").format(url=_shown(self.base_url), problem=problem))
         if self.out is not None and (not self.out.isidentifier() or keyword.iskeyword(self.out)):
-            raise UsageError(f"-o/--out needs a variable name (not a Python keyword), not {_shown(self.out)}.")
+            raise UsageError(_("-o/--out needs a variable name (not a Python keyword), not {value}.").format(
+                value=_shown(self.out)))
         if any(not path.strip() for path in self.files):
-            raise UsageError("--file needs a path, e.g. --file notes.md.")
+            raise UsageError(_("--file needs a path, e.g. --file notes.md."))
         self._validate_tools_and_schema()
 
     def _validate_tools_and_schema(self) -> None:
         for name in self.tools:
             if not name.isidentifier():
-                raise UsageError(f"--tools needs names of the notebook's functions, not {_shown(name)}.")
+                raise UsageError(_("--tools needs names of the notebook's functions, not {value}.").format(
+                    value=_shown(name)))
         if len(set(self.tools)) != len(self.tools):
-            raise UsageError("--tools names a function twice; name each once.")
+            raise UsageError(_("--tools names a function twice; name each once."))
         if not 1 <= self.max_rounds <= 50:
-            raise UsageError(f"--max-rounds must be from 1 to 50 requests, not {_shown(self.max_rounds)}.")
+            raise UsageError(_("--max-rounds must be from 1 to 50 requests, not {value}.").format(
+                value=_shown(self.max_rounds)))
         if self.confirm and not self.tools:
-            raise UsageError("--confirm asks before each tool call: it needs --tools.")
+            raise UsageError(_("--confirm asks before each tool call: it needs --tools."))
         if self.schema is not None and not self.schema.isidentifier():
-            raise UsageError(f"--schema needs the name of a class or dict in the notebook, not {_shown(self.schema)}.")
+            raise UsageError(_("--schema needs the name of a class or dict in the notebook, not {value}.").format(
+                value=_shown(self.schema)))
         if not 0 <= self.retries <= 5:
-            raise UsageError(f"--retries must be from 0 to 5, not {_shown(self.retries)}.")
+            raise UsageError(_("--retries must be from 0 to 5, not {value}.").format(value=_shown(self.retries)))
         if self.schema is not None and self.format not in (None, "json"):
-            raise UsageError(f"--schema answers in JSON: -f {self.format} cannot apply; leave -f out.")
+            raise UsageError(_("--schema answers in JSON: -f {format} cannot apply; leave -f out.").format(
+                format=self.format))
         if self.thinking and (self.schema is not None or self.format == "json"):
             given = "--schema" if self.schema is not None else "-f json"
-            raise UsageError(f"--thinking and {given} do not mix: DashScope has no JSON mode while thinking; drop one.")
+            raise UsageError(_("--thinking and {given} do not mix: DashScope has no JSON mode while thinking; "
+                               "drop one.").format(given=given))
 
     def validate_job(self) -> None:
         """--map's own options, and the cell options that mean nothing for independent rows."""
@@ -364,18 +380,18 @@ def url_problem(url: str) -> str | None:
     from urllib.parse import urlsplit
 
     if has_control_characters(url) or any(char.isspace() for char in url):
-        return "a URL has no spaces or control characters"
+        return _("a URL has no spaces or control characters")
     try:
         parts = urlsplit(url)
         port = parts.port  # raises for a port that is not a number from 0 to 65535
     except ValueError as error:
-        return f"not a valid URL ({error})"
+        return _("not a valid URL ({error})").format(error=error)
     if parts.scheme.lower() not in ("http", "https"):
-        return "an endpoint needs an http:// or https:// URL"
+        return _("an endpoint needs an http:// or https:// URL")
     if not parts.hostname:
-        return "the URL names no host"
+        return _("the URL names no host")
     if port == 0:
-        return "the URL's port must be from 1 to 65535"
+        return _("the URL's port must be from 1 to 65535")
     host = parts.netloc.rpartition("@")[2]
     if host.startswith("["):
         import ipaddress
@@ -383,22 +399,23 @@ def url_problem(url: str) -> str | None:
         try:
             ipaddress.IPv6Address(parts.hostname.split("%", 1)[0])
         except ValueError:
-            return f"[{parts.hostname}] is not an IPv6 address"
+            return _("[{host}] is not an IPv6 address").format(host=parts.hostname)
     elif "[" in host or "]" in host:
-        return "brackets in a URL may only enclose an IPv6 address"
+        return _("brackets in a URL may only enclose an IPv6 address")
     try:  # what the HTTP client itself will make of it
         import httpx
 
         httpx.URL(url)
     except Exception as error:
-        return f"not a valid URL ({error})"
+        return _("not a valid URL ({error})").format(error=error)
     return None
 
 
 def _shown(value: Any, limit: int = 60) -> str:
     """A value for an error line: its repr, shortened so that the line stays one line."""
     text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+    return text if len(text) <= limit else _("{start}… ({length} characters)").format(
+        start=text[:limit], length=f"{len(text):,}")
 
 
 def _strip_quotes(value: str | None) -> str | None:
@@ -422,5 +439,30 @@ def parse_cells(spec: str) -> int | tuple[int, int]:
                 return start, end
     except ValueError:
         pass
-    raise UsageError(f"--cells takes a number of cells (e.g. --cells 3) or a range of prompt numbers "
-                     f"(e.g. --cells 3-7), not {_shown(spec)}.")
+    raise UsageError(_("--cells takes a number of cells (e.g. --cells 3) or a range of prompt numbers "
+                       "(e.g. --cells 3-7), not {value}.").format(value=_shown(spec)))
+
+
+# ---- argparse's own refusals (an unknown option, a value of the wrong type), translated
+
+_ARGPARSE_REFUSALS = (
+    (r"unrecognized arguments: (?P<arguments>.*)", N_("unrecognized arguments: {arguments}")),
+    (r"argument (?P<option>\S+): invalid (?P<type>\w+) value: (?P<value>.*)",
+     N_("argument {option}: invalid {type} value: {value}")),
+    (r"argument (?P<option>\S+): expected one argument", N_("argument {option}: expected one argument")),
+    (r"argument (?P<option>\S+): invalid choice: (?P<value>.*) \(choose from (?P<choices>.*)\)",
+     N_("argument {option}: invalid choice: {value} (choose from {choices})")),
+    (r"ambiguous option: (?P<option>\S+) could match (?P<matches>.*)",
+     N_("ambiguous option: {option} could match {matches}")),
+)
+
+
+def argparse_refusal(message: str) -> str:
+    """argparse's message in the current language (as it came, if it is not one of those known)."""
+    import re
+
+    for pattern, translated in _ARGPARSE_REFUSALS:
+        found = re.fullmatch(pattern, message, re.DOTALL)
+        if found:
+            return _(translated).format(**found.groupdict())
+    return message

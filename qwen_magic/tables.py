@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import html
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+
+def width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: Chinese characters take two."""
+    if text.isascii():
+        return len(text)
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
 
 
 def aligned(rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
     """Rows of cells as lines of text, each column padded to its widest cell."""
     if not rows:
         return []
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    widths = [max(width(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(cell + " " * (most - width(cell)) for cell, most in zip(row, widths)).rstrip()
+            for row in rows]
 
 
 def html_table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = None) -> str:

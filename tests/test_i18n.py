@@ -275,3 +275,124 @@ def test_refusals_the_dry_run_and_the_usage_table_in_chinese(shell, gateway: Gat
 
     usage = pretty(shell.run_line_magic("qwen", "usage"))
     assert "合计：¥0.0016，共 1 次调用" in usage and "完成" in usage and "状态" in usage, usage
+
+
+# ---- %%qwen?, %qwen help, %qwen config and refusals in each language
+
+
+def _help_shown(shell, capsys) -> str:
+    run_cell(shell, "%%qwen?")
+    return "".join(capsys.readouterr())
+
+
+def test_the_cell_magic_help_in_each_language(shell, capsys) -> None:
+    english = _help_shown(shell, capsys)
+    assert "Ask a Qwen model; the answer streams into the cell's output." in english
+    assert "Sampling temperature, 0 <= T < 2." in english and "options:" in english
+
+    shell.run_line_magic("config", "QwenMagic.language = 'zh'")
+    chinese = _help_shown(shell, capsys)
+    assert "向 Qwen 模型提问" in chinese and "Ask a Qwen model" not in chinese
+    assert "采样温度，0 <= T < 2。" in chinese and "Sampling temperature" not in chinese
+    assert "选项:" in chinese
+    # argparse's own %-formatting still applies to the translated help texts.
+    assert "输入价格的 10% 计费" in chinese and "10%%" not in chinese
+    # The examples are code: the same in both languages.
+    assert "%%qwen -m qwen-max -t 0.2 --max-tokens 300 -o answer" in chinese
+    assert "--max-tokens MAX_TOKENS" in chinese
+
+    shell.run_line_magic("config", "QwenMagic.language = 'en'")
+    assert _help_shown(shell, capsys) == english
+
+
+def test_the_help_follows_the_locale_from_load(shell, capsys, monkeypatch) -> None:
+    shell.run_line_magic("unload_ext", "qwen_magic")
+    monkeypatch.setenv("LANG", "zh_CN.UTF-8")
+    shell.run_line_magic("load_ext", "qwen_magic")
+    assert "向 Qwen 模型提问" in _help_shown(shell, capsys)
+
+
+def test_commands_help_and_config_in_each_language(shell, capsys) -> None:
+    from .conftest import TEST_KEY
+
+    run_cell(shell, "%qwen help")
+    run_cell(shell, "%qwen config")
+    english = "".join(capsys.readouterr())
+    assert "%qwen commands" in english and "the effective settings, the key masked" in english
+    assert "qwen_magic settings (change with %config QwenMagic.<name> = ...)" in english
+    assert "(the model's default)" in english
+
+    shell.run_line_magic("config", "QwenMagic.language = 'zh'")
+    run_cell(shell, "%qwen help")
+    run_cell(shell, "%qwen config")
+    chinese = "".join(capsys.readouterr())
+    assert "%qwen 命令" in chinese and "当前生效的设置（Key 已遮盖）" in chinese
+    assert "qwen_magic 设置（用 %config QwenMagic.<name> = ... 修改）" in chinese
+    assert "（模型的默认值）" in chinese and "300 秒" in chinese
+    assert "the effective settings" not in chinese and "(the model's default)" not in chinese
+    # The usage column is code, the same in both; the key stays masked in both.
+    assert "%qwen limit [daily|monthly AMOUNT|off]" in chinese
+    assert TEST_KEY not in english + chinese
+
+
+def test_a_bad_option_refused_in_each_language(shell, capsys) -> None:
+    from .conftest import refusal
+
+    assert refusal(shell, capsys, "%%qwen -t 5\nhello") == \
+        "UsageError: -t/--temperature must be in [0, 2), not 5.0."
+    assert refusal(shell, capsys, "%qwen reset a b") == "UsageError: %qwen reset takes at most one chat name."
+    assert refusal(shell, capsys, "%%qwen -t hot\nhello") == \
+        "UsageError: argument -t/--temperature: invalid float value: 'hot'"
+
+    shell.run_line_magic("config", "QwenMagic.language = 'zh'")
+    assert refusal(shell, capsys, "%%qwen -t 5\nhello") == \
+        "UsageError: -t/--temperature 必须在 [0, 2) 之内，而不是 5.0。"
+    assert refusal(shell, capsys, "%qwen reset a b") == "UsageError: %qwen reset 最多接受一个对话名。"
+    # argparse's own refusals too (it has no Chinese of its own).
+    assert refusal(shell, capsys, "%%qwen -t hot\nhello") == \
+        "UsageError: 参数 -t/--temperature：'hot' 不是有效的 float 值"
+    assert refusal(shell, capsys, "%%qwen --frobnicate\nhello") == "UsageError: 无法识别的参数：--frobnicate"
+
+
+def test_a_bad_setting_refused_in_chinese(shell, capsys, caplog) -> None:
+    shell.run_line_magic("config", "QwenMagic.language = 'zh'")
+    run_cell(shell, "%config QwenMagic.max_retries = 99")
+    said = "".join(capsys.readouterr()) + caplog.text  # %config logs what the setting refused
+    assert "QwenMagic.max_retries 必须在 0 到 10 之间。" in said
+    assert shell.find_magic("qwen").__self__.max_retries == 3
+
+
+def test_a_chinese_table_lines_up() -> None:
+    from qwen_magic.tables import aligned
+
+    lines = aligned([("上下文", "1,000,000"), ("max", "8")])
+    # A Chinese character takes two columns: the second column starts at the same column on both lines.
+    assert lines == ["上下文  1,000,000", "max     8"]
+
+
+def test_load_ext_in_english_does_not_read_the_chinese_catalog(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    program = (
+        "import json, sys\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "shell = InteractiveShell.instance()\n"
+        "shell.run_line_magic('load_ext', 'qwen_magic')\n"
+        "from qwen_magic import i18n\n"
+        "doc = shell.find_cell_magic('qwen').__doc__\n"
+        "print(json.dumps({'catalogs': sorted(i18n._translations), 'language': i18n.current_language(),\n"
+        "                  'english_help': 'Ask a Qwen model' in doc}))\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if k not in ("LC_ALL", "LC_MESSAGES", "LANGUAGE")}
+    environ.update(LANG="en_US.UTF-8", IPYTHONDIR=str(tmp_path / "ipython"), PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=environ,
+                          cwd=ROOT, timeout=60, check=True)
+    assert json.loads(done.stdout.splitlines()[-1]) == {"catalogs": [], "language": "en", "english_help": True}
+
+    environ["LANG"] = "zh_CN.UTF-8"  # the same program, with a Chinese locale, does read it
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=environ,
+                          cwd=ROOT, timeout=60, check=True)
+    assert json.loads(done.stdout.splitlines()[-1]) == {"catalogs": ["zh"], "language": "zh", "english_help": False}
