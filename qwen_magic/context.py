@@ -339,9 +339,10 @@ class NotebookContext:
     def fix_block(self, error: CellError, value_tokens: int) -> tuple[str, int]:
         from .values import cut
 
-        where = f"cell In [{error.number}]" if error.number is not None else "a cell"
+        # What the model reads stays English (a question costs and answers the same in both languages).
+        where = f"Cell In [{error.number}]" if error.number is not None else "A cell"
         trace, dropped = traceback_text(self.shell, error.error)
-        parts = [f"The {where} raised an error."]
+        parts = [f"{where} raised an error."]
         if error.source:
             parts.append(f"The cell:\n\n{fenced(cut(error.source, value_tokens).text, 'python')}")
         parts.append(f"The error: {error.line}")

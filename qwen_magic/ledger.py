@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .client import Usage
-from .i18n import N_, _
+from .i18n import N_, _, ngettext
 from .pricing import format_money
 from .result import status_label
 from .tables import aligned, html_table
@@ -89,7 +89,7 @@ class Ledger:
 
 def _chat_column(record: CallRecord) -> str:
     if record.rows is not None:
-        return _("(map, {rows:,} rows)").format(rows=record.rows)
+        return ngettext("(map, {rows:,} row)", "(map, {rows:,} rows)", record.rows).format(rows=record.rows)
     return _(ONE_OFF) if record.chat is None else record.chat
 
 
@@ -167,7 +167,8 @@ class UsageReport:
 
     def _total_line(self) -> str:
         count = len(self.ledger.records)
-        return _("total: {cost} in {count} calls").format(cost=self._total(), count=count)
+        return ngettext("total: {cost} in {count} call", "total: {cost} in {count} calls", count).format(
+            cost=self._total(), count=count)
 
     def _total(self) -> str:
         # Yuan and dollars are never added: each currency's total, listed.

@@ -59,7 +59,7 @@ def test_fix_sends_the_failing_cell_its_error_and_traceback_and_puts_the_fix_bel
     system, user = request.messages
     assert system == {"role": "system", "content": FIX_SYSTEM}
     text = user["content"]
-    assert f"The cell In [{failed}] raised an error." in text
+    assert f"Cell In [{failed}] raised an error." in text
     assert "```python\nrows = [1, 2]\npick(rows, 5)\n```" in text
     assert "The error: IndexError: list index out of range" in text
     # The traceback, innermost frame last, cells named as IPython names them, without colours.
@@ -92,7 +92,7 @@ def test_an_error_before_the_extension_was_loaded_is_found_through_ipython(
     assert gateway.requests == []
     cell(shell, "%qwen fix")
     text = gateway.requests[-1].messages[-1]["content"]
-    assert f"The cell In [{failed}] raised an error." in text and "```python\nint('twelve')\n```" in text
+    assert f"Cell In [{failed}] raised an error." in text and "```python\nint('twelve')\n```" in text
     assert "ValueError: invalid literal for int() with base 10: 'twelve'" in text
 
 
@@ -104,7 +104,7 @@ def test_a_failed_qwen_cell_does_not_replace_the_error_to_fix(shell, gateway: Ga
     shell.run_cell("%%qwen --max-cost 0.0000001\nAgain, numbered", store_history=True)
     assert shell.run_cell("%qwen budget nonsense", store_history=True).error_in_exec is not None
     cell(shell, "%qwen fix")
-    assert f"The cell In [{failed}] raised an error." in gateway.requests[-1].messages[-1]["content"]
+    assert f"Cell In [{failed}] raised an error." in gateway.requests[-1].messages[-1]["content"]
     assert "KeyError: 'b'" in gateway.requests[-1].messages[-1]["content"]
 
 
@@ -471,7 +471,7 @@ def test_kernel_fix_after_an_index_error_and_none_before(kernel, gateway: Gatewa
     (request,) = gateway.requests
     text = request.messages[-1]["content"]
     assert request.messages[0]["content"] == FIX_SYSTEM
-    assert f"The cell In [{number}] raised an error.\n\nThe cell:\n\n```python\nrows = [1, 2]\nrows[5]\n```" in text
+    assert f"Cell In [{number}] raised an error.\n\nThe cell:\n\n```python\nrows = [1, 2]\nrows[5]\n```" in text
     assert (f"```text\nCell In [{number}], line 2, in <module>\n    rows[5]\nIndexError: list index out of range\n```"
             in text), text
     assert "ipykernel" not in text and "\x1b[" not in text
@@ -571,3 +571,11 @@ def test_a_pdf_without_pypdf_is_refused_in_one_line(shell, gateway: Gateway, fol
     assert "--file report.pdf: a PDF; install pypdf (pip install pypdf) to send its text." in \
         refusal(shell, capsys, "%%qwen --file report.pdf\nWhat rose?")
     assert gateway.requests == []
+
+
+def test_a_cell_without_a_prompt_number_is_named_plainly(shell, gateway: Gateway, no_earlier_error) -> None:
+    # A cell run outside the history (as a tool or an extension may run one) has no In [n].
+    assert not shell.run_cell("[1, 2, 3][10]", store_history=False).success
+    cell(shell, "%qwen fix")
+    text = gateway.requests[-1].messages[-1]["content"]
+    assert text.startswith("A cell raised an error.") and "IndexError: list index out of range" in text

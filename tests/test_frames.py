@@ -116,7 +116,7 @@ def test_cached_input_is_billed_at_a_fifth_and_shown_everywhere_the_same(shell, 
     assert f"{usage.input_tokens:,} in (1,024 cached) / {usage.output_tokens:,} out tokens · {format_yuan(cost)} · " in footer
     # The session's ledger, %qwen usage and the all-time store add up to the same figure.
     assert session_of(shell).ledger.total_cost == pytest.approx(cost)
-    assert f"total: {format_yuan(cost)} in 1 calls" in pretty(shell.run_line_magic("qwen", "usage"))
+    assert f"total: {format_yuan(cost)} in 1 call" in pretty(shell.run_line_magic("qwen", "usage"))
     (row,) = session_of(shell).store(shell.magics_manager.registry["QwenMagic"].settings()).totals_by_model()
     assert row[4] == pytest.approx(cost)
 
