@@ -18,27 +18,39 @@ import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from . import i18n
+from .i18n import N_, _
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 OFFLINE_ENV = "QWEN_MAGIC_OFFLINE_GATEWAY"  # set for kernels that talk to the offline gateway
+# The module's docstring, as --help shows it.
+DESCRIPTION = N_(
+    "qwen-magic: the demo (JupyterLab on the tutorials) and the offline gateway.\n"
+    "\n"
+    "    qwen-magic demo              JupyterLab open on the tutorials (offline gateway unless a key is set)\n"
+    "    qwen-magic demo --headless   execute every tutorial offline; write notebooks and HTML\n"
+    "    qwen-magic gateway           serve the offline DashScope gateway on 127.0.0.1"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qwen-magic", description=__doc__,
+    i18n.use("auto")  # no kernel here: the terminal's locale decides
+    parser = argparse.ArgumentParser(prog="qwen-magic", description=_(DESCRIPTION),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gateway = commands.add_parser("gateway", help="serve the offline DashScope gateway on 127.0.0.1")
+    gateway = commands.add_parser("gateway", help=_("serve the offline DashScope gateway on 127.0.0.1"))
     gateway.add_argument("--port", type=int, default=8765)
 
-    demo = commands.add_parser("demo", help="JupyterLab on the tutorials (or --headless: execute them)")
+    demo = commands.add_parser("demo", help=_("JupyterLab on the tutorials (or --headless: execute them)"))
     demo.add_argument("--headless", action="store_true",
-                      help="execute every tutorial against the offline gateway and write notebooks and HTML")
-    demo.add_argument("--offline", action="store_true", help="use the offline gateway even with a key")
+                      help=_("execute every tutorial against the offline gateway and write notebooks and HTML"))
+    demo.add_argument("--offline", action="store_true", help=_("use the offline gateway even with a key"))
     demo.add_argument("--out", type=Path, default=Path("qwen-magic-demo"),
-                      help="the folder for the tutorials' working copies (default: ./qwen-magic-demo)")
-    demo.add_argument("--port", type=int, default=8888, help="JupyterLab's port on 127.0.0.1")
-    demo.add_argument("--no-browser", action="store_true", help="do not open a browser")
-    demo.add_argument("--timeout", type=int, default=120, help="--headless: seconds a cell may take")
+                      help=_("the folder for the tutorials' working copies (default: ./qwen-magic-demo)"))
+    demo.add_argument("--port", type=int, default=8888, help=_("JupyterLab's port on 127.0.0.1"))
+    demo.add_argument("--no-browser", action="store_true", help=_("do not open a browser"))
+    demo.add_argument("--timeout", type=int, default=120, help=_("--headless: seconds a cell may take"))
 
     args = parser.parse_args(argv)
     if args.command == "gateway":
@@ -54,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _tutorials() -> list[Path]:
     notebooks = sorted(NOTEBOOKS.glob("*.ipynb"))
     if not notebooks:
-        raise SystemExit(f"qwen-magic: no tutorials found in {NOTEBOOKS}")
+        raise SystemExit(_("qwen-magic: no tutorials found in {folder}").format(folder=NOTEBOOKS))
     return notebooks
 
 
@@ -84,13 +96,13 @@ def run_headless(*, out: Path, timeout: int) -> int:
         from nbclient import NotebookClient
         from nbconvert import HTMLExporter
     except ImportError:
-        print('The demo needs its extras: python -m pip install -e ".[demo]"', file=sys.stderr)
+        print(_('The demo needs its extras: python -m pip install -e ".[demo]"'), file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
     with offline_backend() as backend:
-        print(f"Offline demo: answers come from the qwen_magic offline gateway at {backend['DASHSCOPE_BASE_URL']}, "
-              "not from a model.")
+        print(_("Offline demo: answers come from the qwen_magic offline gateway at {url}, not from a model.")
+              .format(url=backend["DASHSCOPE_BASE_URL"]))
         env = {**os.environ, **backend, "QWEN_MAGIC_STORE": str(out.resolve() / "history.sqlite3")}
         for source in _tutorials():
             notebook = nbformat.read(source, as_version=4)
@@ -101,12 +113,14 @@ def run_headless(*, out: Path, timeout: int) -> int:
                 NotebookClient(notebook, timeout=timeout, store_widget_state=False).execute(env=env, cwd=str(out))
             except Exception as error:  # report it, write what ran, go on to the next tutorial
                 failures += 1
-                print(f"FAILED {source.name}: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+                print(_("FAILED {notebook}: {error}").format(notebook=source.name, error=str(error).strip().splitlines()[-1]),
+                      file=sys.stderr)
             executed = out / source.name
             nbformat.write(notebook, executed)
-            html, _ = HTMLExporter().from_notebook_node(notebook)
+            html, _resources = HTMLExporter().from_notebook_node(notebook)
             executed.with_suffix(".html").write_text(html, encoding="utf-8")
-            print(f"executed {source.name}: {executed.resolve()} and {executed.with_suffix('.html').resolve()}")
+            print(_("executed {notebook}: {path} and {html}").format(
+                notebook=source.name, path=executed.resolve(), html=executed.with_suffix(".html").resolve()))
     return 1 if failures else 0
 
 
@@ -115,7 +129,7 @@ def run_lab(*, out: Path, port: int, offline: bool, open_browser: bool) -> int:
     if shutil.which("jupyter") is None or subprocess.run(
         [sys.executable, "-c", "import jupyterlab"], capture_output=True
     ).returncode:
-        print('JupyterLab is not installed: python -m pip install -e ".[demo]"', file=sys.stderr)
+        print(_('JupyterLab is not installed: python -m pip install -e ".[demo]"'), file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     for source in _tutorials():
@@ -128,12 +142,14 @@ def run_lab(*, out: Path, port: int, offline: bool, open_browser: bool) -> int:
         if offline or not _has_key():
             backend = stack.enter_context(offline_backend())
             env.update(backend)
-            print("No DashScope API key found" if not offline else "--offline given",
-                  f"-> the tutorials run against the qwen_magic offline gateway at {backend['DASHSCOPE_BASE_URL']}:",
-                  "answers are canned, nothing is billed. Set DASHSCOPE_API_KEY and run again for real answers.")
+            said = _("--offline given -> the tutorials run against the qwen_magic offline gateway at {url}: "
+                     "answers are canned, nothing is billed. Set DASHSCOPE_API_KEY and run again for real answers.") if offline else _(
+                     "No DashScope API key found -> the tutorials run against the qwen_magic offline gateway at {url}: "
+                     "answers are canned, nothing is billed. Set DASHSCOPE_API_KEY and run again for real answers.")
+            print(said.format(url=backend["DASHSCOPE_BASE_URL"]))
         else:
-            print("Using DashScope with your API key: calls are billed to your account. "
-                  "Each tutorial shows what it spends under every answer.")
+            print(_("Using DashScope with your API key: calls are billed to your account. "
+                    "Each tutorial shows what it spends under every answer."))
         command = [sys.executable, "-m", "jupyterlab", "--ip=127.0.0.1", f"--port={port}",
                    f"--ServerApp.root_dir={out.resolve()}", f"--IdentityProvider.token={token}",
                    "--ServerApp.port_retries=0", "--LabApp.default_url=/lab/tree/" + _tutorials()[0].name]
@@ -142,8 +158,8 @@ def run_lab(*, out: Path, port: int, offline: bool, open_browser: bool) -> int:
         if os.geteuid() == 0:
             command.append("--allow-root")
         lab = subprocess.Popen(command, env=env)
-        print(f"JupyterLab: http://127.0.0.1:{port}/lab?token={token}  (Ctrl-C stops JupyterLab and the gateway)",
-              flush=True)
+        print(_("JupyterLab: {url}  (Ctrl-C stops JupyterLab and the gateway)").format(
+            url=f"http://127.0.0.1:{port}/lab?token={token}"), flush=True)
         try:
             while True:
                 # Waited on in short steps: Ctrl-C may reach one of the gateway's threads, and
@@ -153,7 +169,7 @@ def run_lab(*, out: Path, port: int, offline: bool, open_browser: bool) -> int:
                 except subprocess.TimeoutExpired:
                     continue
         except KeyboardInterrupt:
-            print("\nStopping JupyterLab and the gateway…", flush=True)
+            print("\n" + _("Stopping JupyterLab and the gateway…"), flush=True)
             lab.send_signal(signal.SIGTERM)
             try:
                 lab.wait(timeout=15)

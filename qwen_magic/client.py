@@ -359,23 +359,23 @@ def secret(key: str | None) -> Secret | None:
 def key_source(session_key: str | None) -> tuple[Secret | None, str]:
     """The key the SDK would use and where it comes from (same order as dashscope 2.0)."""
     if session_key:
-        return secret(session_key), "%qwen login (this session only)"
+        return secret(session_key), _("%qwen login (this session only)")
     if os.environ.get("DASHSCOPE_API_KEY"):
-        return secret(os.environ["DASHSCOPE_API_KEY"]), "environment variable DASHSCOPE_API_KEY"
+        return secret(os.environ["DASHSCOPE_API_KEY"]), _("environment variable DASHSCOPE_API_KEY")
     from dashscope.v2._config import resolve_config
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="no workspace configured")
         found = secret(resolve_config().api_key)
     if found:
-        return found, "~/.dashscope (config.toml or api_key file)"
-    return None, "set it with %qwen login or DASHSCOPE_API_KEY"
+        return found, _("~/.dashscope (config.toml or api_key file)")
+    return None, _("set it with %qwen login or DASHSCOPE_API_KEY")
 
 
 def mask_key(key: str | None) -> str:
     """Enough to tell two keys apart, never enough to use one."""
     if not key:
-        return "(not set)"
+        return _("(not set)")
     return f"{key[:3]}…{key[-4:]}" if len(key) > 12 else "…"
 
 

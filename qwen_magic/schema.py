@@ -16,8 +16,11 @@ from typing import Any, Mapping
 
 from IPython.core.error import UsageError
 
+from .i18n import _
 from .tools import ToolSchemaError, _is_pydantic_model, _is_typed_dict, json_schema_of
 
+# Instructions to the model, not to the user: in English whatever the cell's language (the
+# problem a retry names is the one the cell shows, in the cell's language).
 SCHEMA_PROMPT = "Answer with one JSON object only, matching this JSON Schema:\n{schema}"
 RETRY_PROMPT = (
     "That answer does not match the schema: {error}. "
@@ -85,32 +88,38 @@ def _pydantic(build: Any) -> tuple[Any, str | None]:
         if errors is None:
             raise
         first = errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ())) or "the answer"
-        return None, f"field {where}: {first.get('msg')}"
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        # Pydantic's own message stays as it came, as a server's does.
+        if where:
+            return None, _("field {field}: {problem}").format(field=where, problem=first.get("msg"))
+        return None, _("the answer: {problem}").format(problem=first.get("msg"))
 
 
 def schema_from(name: str, namespace: Mapping[str, Any]) -> AnswerSchema:
     """The schema a cell named; a ``UsageError`` says why it cannot be one."""
     if name not in namespace:
-        raise UsageError(f"--schema {name}: nothing of that name is defined in the notebook.")
+        raise UsageError(_("--schema {name}: nothing of that name is defined in the notebook.").format(name=name))
     found = namespace[name]
     if isinstance(found, Mapping):
         if not isinstance(found.get("type"), str) and "properties" not in found:
-            raise UsageError(f"--schema {name}: this dict is not a JSON Schema (it has no 'type' or 'properties').")
+            raise UsageError(_("--schema {name}: this dict is not a JSON Schema (it has no 'type' or 'properties').")
+                             .format(name=name))
         try:
             schema = json.loads(json.dumps(found))
         except (TypeError, ValueError):
-            raise UsageError(f"--schema {name}: this dict is not a JSON Schema (it is not plain JSON).") from None
+            raise UsageError(_("--schema {name}: this dict is not a JSON Schema (it is not plain JSON).")
+                             .format(name=name)) from None
         return AnswerSchema(name, schema)
     if isinstance(found, type) and (_is_pydantic_model(found) or _is_typed_dict(found) or dataclasses.is_dataclass(found)):
         try:
             return AnswerSchema(name, json_schema_of(found), found)
         except (ToolSchemaError, NameError, TypeError) as error:
-            raise UsageError(f"--schema {name}: it cannot be written as JSON Schema ({error}).") from None
-    raise UsageError(
-        f"--schema {name}: a Pydantic model class, a TypedDict, a dataclass or a JSON Schema dict is needed, "
-        f"not {type(found).__name__}."
-    )
+            raise UsageError(_("--schema {name}: it cannot be written as JSON Schema ({error}).")
+                             .format(name=name, error=error)) from None
+    raise UsageError(_(
+        "--schema {name}: a Pydantic model class, a TypedDict, a dataclass or a JSON Schema dict is needed, "
+        "not {type}."
+    ).format(name=name, type=type(found).__name__))
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -121,23 +130,27 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 def first_problem(value: Any, schema: Mapping[str, Any], where: str = "") -> str | None:
     """The first place ``value`` breaks ``schema`` (the common keywords), as ``field x: why``."""
-    label = f"field {where}" if where else "the answer"
     if "anyOf" in schema:
         if all(first_problem(value, option, where) for option in schema["anyOf"]):
-            return f"{label}: matches none of the allowed forms"
+            return _problem(where, _("field {field}: matches none of the allowed forms"),
+                            _("the answer: matches none of the allowed forms"))
         return None
     if "enum" in schema and value not in schema["enum"]:
-        return f"{label}: {value!r} is not one of {schema['enum']}"
+        return _problem(where, _("field {field}: {value} is not one of {allowed}"),
+                        _("the answer: {value} is not one of {allowed}"), value=repr(value), allowed=schema["enum"])
     kinds = schema.get("type")
     if kinds is not None:
         kinds = [kinds] if isinstance(kinds, str) else list(kinds)
         allowed = tuple(t for kind in kinds for t in _TYPES.get(kind, (object,)))
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            return f"{label}: expected {' or '.join(kinds)}, got {type(value).__name__}"
+            # Translators: between JSON type names (string or null).
+            expected = _(" or ").join(kinds)
+            return _problem(where, _("field {field}: expected {expected}, got {got}"),
+                            _("the answer: expected {expected}, got {got}"), expected=expected, got=type(value).__name__)
     if isinstance(value, dict):
         for required in schema.get("required", ()):
             if required not in value:
-                return f"field {_join(where, required)}: missing"
+                return _("field {field}: missing").format(field=_join(where, required))
         properties = schema.get("properties", {})
         for key, child in value.items():
             if key in properties:
@@ -145,13 +158,18 @@ def first_problem(value: Any, schema: Mapping[str, Any], where: str = "") -> str
                 if problem:
                     return problem
             elif schema.get("additionalProperties") is False:
-                return f"field {_join(where, key)}: not allowed"
+                return _("field {field}: not allowed").format(field=_join(where, key))
     if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
         for index, item in enumerate(value):
             problem = first_problem(item, schema["items"], _join(where, str(index)))
             if problem:
                 return problem
     return None
+
+
+def _problem(where: str, at_field: str, at_answer: str, **fields: Any) -> str:
+    """A problem at a field, or with the answer as a whole (each a sentence of its own)."""
+    return at_field.format(field=where, **fields) if where else at_answer.format(**fields)
 
 
 def _join(where: str, key: str) -> str:

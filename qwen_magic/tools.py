@@ -21,6 +21,12 @@ from typing import Any, Callable, Mapping
 
 from IPython.core.error import UsageError
 
+from .i18n import _, ngettext
+
+# The lines a call's errors are written in are the cell's language: the cell shows them, they
+# stay under the answer with the call, and the model is told the same words (Qwen reads both
+# languages), so that what the user reads is what the model read.
+#
 # What the model is told back, and what the cell shows, is cut here: a tool that returns a
 # DataFrame's whole text should not cost a fortune in the next request.
 RESULT_LIMIT = 20_000
@@ -126,7 +132,7 @@ def json_schema_of(hint: Any) -> dict[str, Any]:
                 required={f.name for f in dataclasses.fields(hint)
                           if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING},
             )
-    raise ToolSchemaError(f"its type {_hint_name(hint)} has no JSON form")
+    raise ToolSchemaError(_("its type {type} has no JSON form").format(type=_hint_name(hint)))
 
 
 _SIMPLE: dict[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
@@ -187,27 +193,31 @@ class Tool:
 def describe(name: str, function: Any) -> Tool:
     """The tool definition of ``function``; a ``UsageError`` says why one cannot be made."""
     if not callable(function) or isinstance(function, type):
-        raise UsageError(f"--tools {name}: {name!r} is not a function (it is {type(function).__name__}).")
+        raise UsageError(_("--tools {name}: {quoted} is not a function (it is {type}).").format(
+            name=name, quoted=repr(name), type=type(function).__name__))
     if name in RESERVED_NAMES or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,63}", name):
-        raise UsageError(f"--tools {name}: DashScope does not accept a tool of this name; define it under another.")
+        raise UsageError(_("--tools {name}: DashScope does not accept a tool of this name; define it under another.")
+                         .format(name=name))
     try:
         signature = inspect.signature(function)
         hints = typing.get_type_hints(function, include_extras=True)
     except (TypeError, ValueError, NameError) as error:
-        raise UsageError(f"--tools {name}: its signature cannot be read ({error}).") from None
+        raise UsageError(_("--tools {name}: its signature cannot be read ({error}).").format(name=name, error=error)) from None
     description, described = _docstring_parts(inspect.getdoc(function))
     properties: dict[str, Any] = {}
     required: list[str] = []
     for parameter in signature.parameters.values():
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            raise UsageError(f"--tools {name}: *{parameter.name} cannot be described to the model; "
-                             "give the function named parameters.")
+            raise UsageError(_("--tools {name}: *{parameter} cannot be described to the model; "
+                               "give the function named parameters.").format(name=name, parameter=parameter.name))
         if parameter.kind is parameter.POSITIONAL_ONLY:
-            raise UsageError(f"--tools {name}: {parameter.name} is positional-only; the model passes arguments by name.")
+            raise UsageError(_("--tools {name}: {parameter} is positional-only; the model passes arguments by name.")
+                             .format(name=name, parameter=parameter.name))
         try:
             schema = dict(json_schema_of(hints.get(parameter.name, parameter.annotation)))
         except ToolSchemaError as error:
-            raise UsageError(f"--tools {name}: parameter {parameter.name!r} cannot be described: {error}.") from None
+            raise UsageError(_("--tools {name}: parameter {parameter} cannot be described: {error}.").format(
+                name=name, parameter=repr(parameter.name), error=error)) from None
         if parameter.name in described:
             schema["description"] = described[parameter.name]
         if parameter.default is parameter.empty:
@@ -233,7 +243,7 @@ def tools_from(names: tuple[str, ...], namespace: Mapping[str, Any]) -> dict[str
     found: dict[str, Tool] = {}
     for name in names:
         if name not in namespace:
-            raise UsageError(f"--tools {name}: no function of that name is defined in the notebook.")
+            raise UsageError(_("--tools {name}: no function of that name is defined in the notebook.").format(name=name))
         found[name] = describe(name, namespace[name])
     return found
 
@@ -322,15 +332,17 @@ def prepare_call(call_id: str, name: str, arguments: str, tools: Mapping[str, To
         parsed = json.loads(arguments) if arguments.strip() else {}
     except json.JSONDecodeError as error:
         call = ToolCall(call_id, name, arguments)
-        call.error = f"the arguments are not valid JSON ({error.msg} at column {error.colno}); send a JSON object"
+        call.error = _("the arguments are not valid JSON ({problem} at column {column}); send a JSON object").format(
+            problem=error.msg, column=error.colno)
         return call, None
     call = ToolCall(call_id, name, parsed)
     tool = tools.get(name)
     if tool is None:
-        call.error = f"there is no tool named {name!r}; the tools are: {', '.join(tools) or 'none'}"
+        call.error = (_("there is no tool named {name}; the tools are: {tools}").format(name=repr(name), tools=", ".join(tools))
+                      if tools else _("there is no tool named {name}, and the cell named no tools").format(name=repr(name)))
         return call, None
     if not isinstance(parsed, dict):
-        call.error = "the arguments must be a JSON object of named parameters"
+        call.error = _("the arguments must be a JSON object of named parameters")
         return call, None
     from .schema import first_problem
 
@@ -338,14 +350,16 @@ def prepare_call(call_id: str, name: str, arguments: str, tools: Mapping[str, To
     unexpected = [key for key in parsed if key not in signature.parameters]
     problem = first_problem(parsed, tool.parameters)
     if unexpected or problem:
-        wrong = f"unexpected argument(s) {', '.join(map(repr, unexpected))}" if unexpected else problem
-        call.error = f"the arguments do not fit {name}{signature}: {wrong}"
+        wrong = ngettext("unexpected argument {names}", "unexpected arguments {names}", len(unexpected)).format(
+            names=", ".join(map(repr, unexpected))) if unexpected else problem
+        call.error = _("the arguments do not fit {function}: {problem}").format(function=f"{name}{signature}", problem=wrong)
         return call, None
     try:
         bound = signature.bind(**{key: _converted(value, tool.hints.get(key))
                                                           for key, value in parsed.items()})
     except TypeError as error:
-        call.error = f"the arguments do not fit {name}{inspect.signature(tool.function)}: {error}"
+        call.error = _("the arguments do not fit {function}: {problem}").format(
+            function=f"{name}{inspect.signature(tool.function)}", problem=error)
         return call, None
     return call, lambda: tool.function(*bound.args, **bound.kwargs)
 
@@ -363,7 +377,8 @@ def _converted(value: Any, hint: Any) -> Any:
             try:
                 return hint(value)
             except ValueError:
-                raise TypeError(f"{value!r} is not one of {[m.value for m in hint]}") from None
+                raise TypeError(_("{value} is not one of {allowed}").format(
+                    value=repr(value), allowed=[m.value for m in hint])) from None
         if _is_pydantic_model(hint) and isinstance(value, dict):
             try:
                 return hint.model_validate(value)
@@ -390,5 +405,5 @@ def run_call(call: ToolCall, runner: Callable[[], Any]) -> None:
 
 def ask_confirmation(call: ToolCall, ask: Callable[[str], str]) -> bool:
     """y/n through the front end's input; anything but yes declines."""
-    answer = ask(f"{call.shown()} — run it? [y/N] ")
+    answer = ask(_("{call} — run it? [y/N] ").format(call=call.shown()))
     return answer.strip().lower() in ("y", "yes", "是", "好")

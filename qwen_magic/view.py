@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, TextIO
 from .client import mend
 from .markdown import BlockSplitter, close_open_markers, escape, render_markdown
 from .formats import preformatted, reasoning_html
+from .i18n import N_, _
 from .result import markdown_with_footer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -88,7 +89,7 @@ def durable_bundle(
 
 def _drain(pending: "deque[str]") -> str:
     """Everything appended so far, removed; appends from the stream may go on meanwhile."""
-    return "".join([pending.popleft() for _ in range(len(pending))])
+    return "".join([pending.popleft() for _piece in range(len(pending))])
 
 
 class _AnswerReader:
@@ -221,7 +222,7 @@ function saveState(model, notebook) {
     const state = {};
     SAVED.forEach((key) => { if (model.get(key) !== undefined) state[key] = model.get(key); });
     state.ended = true;
-    state.after += `<p><em>${STREAMING_NOTE}</em></p>`;
+    state.after += `<p><em>${model.get("streaming_note")}</em></p>`;
     states[id] = { model_name: state._model_name, model_module: state._model_module,
                    model_module_version: state._model_module_version, state };
   } else if (id in states) {
@@ -306,14 +307,14 @@ _CSS = """
 .jupyter-widgets-disconnected:has(> .qwen-live)::before { display: none; }
 """
 WIDGET_VIEW_MIME = "application/vnd.jupyter.widget-view+json"
-RESTARTED_NOTE = "The kernel restarted: the answer stopped here."
+# Both notes go to the page in the widget's state (escaped HTML), in the language of the
+# answer's cell: the browser code has no words of its own.
+RESTARTED_NOTE = N_("The kernel restarted: the answer stopped here.")
 # Kept in a saved notebook beside the live view, for readers that cannot show it.
-STREAMING_NOTE = "The answer was still streaming when this output was saved."
+STREAMING_NOTE = N_("The answer was still streaming when this output was saved.")
 # Sent with every answer's widget: without its indentation and comments.
 _ESM = "\n".join(
     line.strip() for line in _ESM_SOURCE.splitlines() if line.strip() and not line.strip().startswith("//")
-).replace(
-    "${STREAMING_NOTE}", escape(STREAMING_NOTE)
 )
 # Finished answers whose widget stays open, so that a page reloaded later still shows them
 # from the widget's state (its display id is lost). Older ones are closed: their outputs on
@@ -342,7 +343,8 @@ def _answer_widget_class() -> type:
         layout = traitlets.Instance(ipywidgets.Layout, allow_none=True, default_value=None).tag(
             sync=True, **ipywidgets.widget_serialization
         )
-        restarted_note = traitlets.Unicode(RESTARTED_NOTE).tag(sync=True)
+        restarted_note = traitlets.Unicode(escape(RESTARTED_NOTE)).tag(sync=True)
+        streaming_note = traitlets.Unicode(escape(STREAMING_NOTE)).tag(sync=True)
         reasoning = traitlets.Unicode("").tag(sync=True)
         body = traitlets.Unicode("").tag(sync=True)
         open_block = traitlets.Unicode("").tag(sync=True)
@@ -374,7 +376,8 @@ def _answer_widget_class() -> type:
                 cls = type(self)
                 if cls.opening_state is None:
                     cls.opening_state = super().get_state()
-                state = {**cls.opening_state, "answer_id": self.answer_id, **self._parts()}
+                state = {**cls.opening_state, "answer_id": self.answer_id, "restarted_note": self.restarted_note,
+                         "streaming_note": self.streaming_note, **self._parts()}
                 return state
             state = super().get_state(key=key, drop_defaults=drop_defaults)
             wanted = None if key is None else {key} if isinstance(key, str) else set(key)
@@ -424,7 +427,7 @@ class LiveWidgets:
         """Close the finished widgets past the bound: called as the next request is sent, so that
         their close messages go out while the kernel waits for the answer, not after one."""
         with self._lock:
-            evicted = [self._finished.popleft() for _ in range(max(len(self._finished) - self._keep, 0))]
+            evicted = [self._finished.popleft() for _old in range(max(len(self._finished) - self._keep, 0))]
         for old in evicted:
             old.close()
 
@@ -506,18 +509,21 @@ class WidgetView:
         self._pacer.spent()
 
     def _show(self) -> None:
-        self._widget = self._widget_class(self._parts)
+        streaming_note = _(STREAMING_NOTE)
+        self._widget = self._widget_class(
+            self._parts, restarted_note=escape(_(RESTARTED_NOTE)), streaming_note=escape(streaming_note)
+        )
         text = "\n\n".join([*self._frozen_text, self._splitter.open_block]).strip() if self._has_text else ""
         # The widget's own bundle, published as is, with text beside the view for whatever
         # cannot show it (the notebook saved mid-stream and read elsewhere, or untrusted).
         self._handle = self._display(
             {
                 WIDGET_VIEW_MIME: {"version_major": 2, "version_minor": 0, "model_id": self._widget.model_id},
-                "text/markdown": f"{text}\n\n*{STREAMING_NOTE}*".lstrip(),
+                "text/markdown": f"{text}\n\n*{streaming_note}*".lstrip(),
                 # What the widget shows: the blocks and the open block as rendered for it.
                 "text/html": f"{''.join(self._frozen_html) + self._open_html if text else ''}"
-                             f"<p><em>{escape(STREAMING_NOTE)}</em></p>",
-                "text/plain": f"{text}\n\n[{STREAMING_NOTE}]".lstrip(),
+                             f"<p><em>{escape(streaming_note)}</em></p>",
+                "text/plain": f"{text}\n\n[{streaming_note}]".lstrip(),
             },
             raw=True,
             display_id=True,
@@ -750,14 +756,14 @@ class TerminalView:
         """Thinking is printed as it comes, under a heading, before the answer."""
         if not self._thinking_shown:
             self._thinking_shown = True
-            self._thinking.append("[thinking]\n")
+            self._thinking.append(_("[thinking]") + "\n")
         self._thinking.append(delta)
         if self._pacer.due():
             self.tick()
 
     def show_answer(self, answer: list[str]) -> None:
         if self._thinking_shown:
-            self._thinking.append("\n[answer]\n")
+            self._thinking.append("\n" + _("[answer]") + "\n")
         self._unread.answer = answer
         self.tick()
 
@@ -830,8 +836,8 @@ def make_view(
         if mode == "widget":
             from IPython.core.error import UsageError
 
-            raise UsageError(
+            raise UsageError(_(
                 "QwenMagic.display is 'widget' but anywidget cannot be imported; "
                 "pip install anywidget, or set QwenMagic.display = 'auto'."
-            ) from None
+            )) from None
         return MarkdownView(display, render=render)

@@ -37,6 +37,7 @@ from IPython.core.error import UsageError
 
 from ..catalog import Catalog, load_catalog
 from ..client import Connection, QwenAPIError, Usage, _shortened
+from ..i18n import N_, _
 from ..pricing import batch_line_cost
 from ..store import Store
 from .batch_api import ENDPOINT, BatchAPIError, BatchClient, batch_client
@@ -56,23 +57,23 @@ TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 # Where a job is, from the least to the most advanced; a job is where its least advanced batch is.
 _STAGES = ("submitting", "validating", "in_progress", "finalizing", "cancelling")
 
-REGION_NAMES = {"cn-beijing": "Beijing", "ap-southeast-1": "Singapore"}
+REGION_NAMES = {"cn-beijing": N_("Beijing"), "ap-southeast-1": N_("Singapore")}
 
 # --------------------------------------------------------------------------- messages
 
-BAD_WINDOW = ("The batch completion window must be whole hours from 24h to 336h (or days, 1d to 14d), "
+BAD_WINDOW = N_("The batch completion window must be whole hours from 24h to 336h (or days, 1d to 14d), "
               "not {window!r}.")
-MIXED_MODELS = "One batch job takes one model, and these rows ask for {count}: {models}. Run one job per model."
-NOT_IN_CATALOG = ("The catalog does not say whether DashScope's Batch API serves {model!r}; if it does, add "
+MIXED_MODELS = N_("One batch job takes one model, and these rows ask for {count}: {models}. Run one job per model.")
+NOT_IN_CATALOG = N_("The catalog does not say whether DashScope's Batch API serves {model!r}; if it does, add "
                   "batch_regions = [\"cn-beijing\"] to its entry (%config QwenMagic.models), or run without --batch.")
-NOT_SERVED = ("DashScope's Batch API does not serve {model} in {region}; there it serves {served}. "
+NOT_SERVED = N_("DashScope's Batch API does not serve {model} in {region}; there it serves {served}. "
               "Pick one of those with -m, or run without --batch.")
-NO_BATCH_REGION = ("DashScope's Batch API is offered in Beijing and Singapore only, not in {region}; "
+NO_BATCH_REGION = N_("DashScope's Batch API is offered in Beijing and Singapore only, not in {region}; "
                    "run without --batch, or use a key and base URL of one of those regions.")
-NO_ROWS = "A batch job needs at least one row."
-DUPLICATE_KEY = "Two rows share the key {key!r}; every row of a batch job needs a key of its own."
-LINE_TOO_LARGE = "Row {key!r} makes a request of {size:,} bytes; a batch request may be at most 6 MB."
-NOT_FINISHED = "Job {job} is still {status}; its results can be read once it has finished (%qwen jobs wait {job})."
+NO_ROWS = N_("A batch job needs at least one row.")
+DUPLICATE_KEY = N_("Two rows share the key {key!r}; every row of a batch job needs a key of its own.")
+LINE_TOO_LARGE = N_("Row {key!r} makes a request of {size:,} bytes; a batch request may be at most 6 MB.")
+NOT_FINISHED = N_("Job {job} is still {status}; its results can be read once it has finished (%qwen jobs wait {job}).")
 
 # --------------------------------------------------------------------------- data
 
@@ -146,9 +147,12 @@ class BatchJob:
         return self.status in TERMINAL
 
     def state(self) -> str:
-        """Where the job is: ``in_progress, 40/100 done, 2 failed``."""
-        said = f"{self.status}, {self.completed + self.failed:,}/{self.rows:,} done"
-        return said + (f", {self.failed:,} failed" if self.failed else "")
+        """Where the job is: ``in_progress, 40/100 done, 2 failed`` (the status as the service names it)."""
+        done = f"{self.completed + self.failed:,}/{self.rows:,}"
+        if self.failed:
+            return _("{status}, {done} done, {failed} failed").format(status=self.status, done=done,
+                                                                      failed=f"{self.failed:,}")
+        return _("{status}, {done} done").format(status=self.status, done=done)
 
     def progress(self) -> str:
         """One line: the job and where it is (``job-…: in_progress, 40/100 done, 2 failed``)."""
@@ -217,7 +221,7 @@ def window_hours(window: str) -> int:
     found = re.fullmatch(r"\s*(\d{1,4})\s*([hd])\s*", str(window).lower())
     hours = int(found.group(1)) * (24 if found.group(2) == "d" else 1) if found else 0
     if not WINDOW_HOURS[0] <= hours <= WINDOW_HOURS[1]:
-        raise UsageError(BAD_WINDOW.format(window=_shortened(str(window), 40)))
+        raise UsageError(_(BAD_WINDOW).format(window=_shortened(str(window), 40)))
     return hours
 
 
@@ -226,17 +230,17 @@ def check_model(lines: Sequence[BatchLine], catalog: Catalog, region: str) -> st
     models = sorted({line.model for line in lines})
     if len(models) > 1:
         shown = ", ".join(models[:5]) + (", …" if len(models) > 5 else "")
-        raise UsageError(MIXED_MODELS.format(count=len(models), models=shown))
+        raise UsageError(_(MIXED_MODELS).format(count=len(models), models=shown))
     model = models[0]
     if region not in REGION_NAMES:
-        raise UsageError(NO_BATCH_REGION.format(region=region))
+        raise UsageError(_(NO_BATCH_REGION).format(region=region))
     info = catalog.get(model)
     if info is None:
-        raise UsageError(NOT_IN_CATALOG.format(model=_shortened(model, 60)))
+        raise UsageError(_(NOT_IN_CATALOG).format(model=_shortened(model, 60)))
     if region not in info.batch_regions:
         served = sorted(m.name for m in catalog.models.values() if region in m.batch_regions and not m.retired)
-        raise UsageError(NOT_SERVED.format(model=model, region=REGION_NAMES[region],
-                                           served=", ".join(served) or "no model the catalog knows"))
+        raise UsageError(_(NOT_SERVED).format(model=model, region=_(REGION_NAMES[region]),
+                                              served=", ".join(served) or _("no model the catalog knows")))
     return model
 
 
@@ -279,19 +283,19 @@ def submit_job(
     ``BatchAPIError`` is raised.
     """
     if not lines:
-        raise UsageError(NO_ROWS)
+        raise UsageError(_(NO_ROWS))
     window_hours(window)
     keys: set[str] = set()
     for line in lines:
         if str(line.custom_id) in keys:
-            raise UsageError(DUPLICATE_KEY.format(key=_shortened(str(line.custom_id), 60)))
+            raise UsageError(_(DUPLICATE_KEY).format(key=_shortened(str(line.custom_id), 60)))
         keys.add(str(line.custom_id))
     client, region = batch_client(connection)
     model = check_model(lines, catalog or load_catalog(), region)
     encoded = [line.encoded() for line in lines]
     for line, data in zip(lines, encoded):
         if len(data) > MAX_LINE_BYTES:
-            raise UsageError(LINE_TOO_LARGE.format(key=_shortened(str(line.custom_id), 60), size=len(data)))
+            raise UsageError(_(LINE_TOO_LARGE).format(key=_shortened(str(line.custom_id), 60), size=len(data)))
     files = split(encoded, max_lines=max_lines, max_bytes=max_bytes)
 
     job = BatchJob(id=f"job-{uuid.uuid4().hex[:10]}", notebook=notebook, cell_key=cell_key,
@@ -353,7 +357,7 @@ def load_job(store: Store, job_or_batch_id: str) -> BatchJob | None:
 def refresh(connection: Connection, job: BatchJob, store: Store | None = None) -> bool:
     """Ask the service where the job's running batches are; return True if anything changed."""
     before = (job.status, [dataclasses.astuple(part) for part in job.parts])
-    client, _ = batch_client(connection)
+    client, _region = batch_client(connection)
     for part in job.parts:
         if not part.terminal:
             _read_batch(part, client.retrieve(part.batch_id))
@@ -366,7 +370,7 @@ def refresh(connection: Connection, job: BatchJob, store: Store | None = None) -
 
 def cancel(connection: Connection, job: BatchJob, store: Store | None = None) -> BatchJob:
     """Cancel the job's running batches (cancelling -> cancelled); finished lines are kept and billed."""
-    client, _ = batch_client(connection)
+    client, _region = batch_client(connection)
     for part in job.parts:
         if not part.terminal:
             _read_batch(part, client.cancel(part.batch_id))
@@ -442,8 +446,8 @@ def collect(
     recorded. A job still running is a ``UsageError``.
     """
     if not job.terminal:
-        raise UsageError(NOT_FINISHED.format(job=job.id, status=job.status))
-    client, _ = batch_client(connection)
+        raise UsageError(_(NOT_FINISHED).format(job=job.id, status=job.status))
+    client, _region = batch_client(connection)
     info = (catalog or load_catalog()).get(job.model)
     outcomes: dict[str, BatchOutcome] = {}
     for part in job.parts:
@@ -482,7 +486,7 @@ def parse_line(line: str, model: Any = None) -> BatchOutcome | None:
         error = error or {}
         return BatchOutcome(custom_id, ok=False, request_id=request_id,
                             error_code=str(error.get("code") or f"HTTP{response.get('status_code')}"),
-                            error_message=str(error.get("message") or "no message"))
+                            error_message=str(error.get("message") or _("no message")))
     choices = body.get("choices") if isinstance(body.get("choices"), list) else []
     first = choices[0] if choices and isinstance(choices[0], dict) else {}
     message = first.get("message") if isinstance(first.get("message"), dict) else {}

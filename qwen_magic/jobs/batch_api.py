@@ -17,21 +17,23 @@ from IPython.core.error import UsageError
 
 from ..client import NO_KEY_HELP, Connection, QwenAPIError, Secret, _resolved_config, _shortened, \
     dashscope_root_for, redact
+from ..i18n import N_, _
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
 
 ENDPOINT = "/v1/chat/completions"
 
-# What to do about a failure to create a batch, by code or, failing that, by HTTP status.
+# What to do about a failure to create a batch, by code or, failing that, by HTTP status
+# (translated where the error line is written, as the client's advice is).
 _ADVICE_ON_CREATE: dict[str | int, str] = {
-    "model_not_found": ("This model is not offered in the Batch API of this region: pick another with -m, "
+    "model_not_found": N_("This model is not offered in the Batch API of this region: pick another with -m, "
                         "or run without --batch."),
-    429: "DashScope's Batch API is at capacity: try again in a few minutes.",
+    429: N_("DashScope's Batch API is at capacity: try again in a few minutes."),
 }
 _ADVICE_BY_CODE = {
-    "mismatched_model": "One batch takes one model: run one job per model.",
-    "duplicate_custom_id": "Every row of a batch job needs a key of its own.",
+    "mismatched_model": N_("One batch takes one model: run one job per model."),
+    "duplicate_custom_id": N_("Every row of a batch job needs a key of its own."),
 }
 
 
@@ -97,10 +99,10 @@ class BatchClient:
         try:
             response = self._http.request(method, path, **arguments)
         except httpx.TimeoutException:
-            raise BatchAPIError("Timeout", f"no answer from {where} in time") from None
+            raise BatchAPIError("Timeout", _("no answer from {url} in time").format(url=where)) from None
         except httpx.HTTPError as error:
             reason = redact(str(error) or type(error).__name__, self._key)
-            raise BatchAPIError("ConnectionError", f"cannot reach {where} ({reason})") from None
+            raise BatchAPIError("ConnectionError", _("cannot reach {url} ({reason})").format(url=where, reason=reason)) from None
         request_id = response.headers.get("x-request-id")
         if response.status_code >= 400:
             raise self._failure(response, request_id, advice or {}) from None
@@ -111,8 +113,8 @@ class BatchClient:
         except ValueError:
             answer = None
         if not isinstance(answer, dict):
-            raise BatchAPIError("NotDashScope", f"the server at {where} did not answer with DashScope's JSON "
-                                f"(HTTP {response.status_code})", request_id=request_id) from None
+            raise BatchAPIError("NotDashScope", _("the server at {url} did not answer with DashScope's JSON (HTTP {status})")
+                                .format(url=where, status=response.status_code), request_id=request_id) from None
         return answer
 
     def _failure(self, response: "httpx.Response", request_id: str | None,
@@ -125,13 +127,14 @@ class BatchClient:
         if not isinstance(answer, dict):
             said = response.text[:300].lower()
             if "<html" in said or "<!doctype" in said:
-                return BatchAPIError("NotDashScope", f"the server at {_shortened(self.base_url, 60)} answered with "
-                                     f"an HTML page (HTTP {status}), not DashScope's API", status=status)
-            return BatchAPIError(f"HTTP{status}", redact(response.text or "no message", self._key),
+                return BatchAPIError("NotDashScope", _("the server at {url} answered with an HTML page (HTTP {status}), "
+                                                       "not DashScope's API").format(url=_shortened(self.base_url, 60),
+                                                                                     status=status), status=status)
+            return BatchAPIError(f"HTTP{status}", redact(response.text or _("no message"), self._key),
                                  request_id=request_id, status=status, advice=advice.get(status))
         error = answer.get("error") if isinstance(answer.get("error"), dict) else answer
         code = str(error.get("code") or f"HTTP{status}")
-        message = redact(str(error.get("message") or "no message"), self._key)
+        message = redact(str(error.get("message") or _("no message")), self._key)
         return BatchAPIError(code, message, request_id=answer.get("request_id") or request_id, status=status,
                              advice=advice.get(code) or advice.get(status))
 
@@ -149,9 +152,9 @@ def batch_client(connection: Connection) -> tuple[BatchClient, str]:
     try:
         config = _resolved_config(dataclasses.replace(connection, protocol="openai"))
     except ValueError as error:
-        raise UsageError(f"dashscope's configuration cannot be used: {error}") from None
+        raise UsageError(_("dashscope's configuration cannot be used: {error}").format(error=error)) from None
     if not config.api_key:
-        raise UsageError(NO_KEY_HELP)
+        raise UsageError(_(NO_KEY_HELP))
     root = dashscope_root_for(config.protocol_base_url, "openai")
     identity = (root, str(config.api_key), config.timeout)
     with _clients_lock:
