@@ -119,3 +119,20 @@ def document(magic: Any, language: str) -> None:
     if language not in docs:
         docs[language] = translated_help(function.parser)
     function.__doc__ = docs[language]
+
+
+def describe_settings(configurable: type, language: str) -> None:
+    """The settings' descriptions (what ``%config QwenMagic`` lists) in ``language``.
+
+    Each trait's English help is kept the first time, and its help replaced by the
+    translation; IPython reads ``trait.help`` when it lists the settings.
+    """
+    if _settings_language.get(configurable) == language:  # every cell asks; most find it done
+        return
+    for trait in configurable.class_traits(config=True).values():
+        english = trait.metadata.setdefault("english_help", trait.help)
+        trait.help = english if language == "en" else _(english)
+    _settings_language[configurable] = language
+
+
+_settings_language: dict[type, str] = {}

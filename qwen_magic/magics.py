@@ -11,7 +11,7 @@ from IPython.core.magic_arguments import kwds
 from traitlets import Bool, Dict, Enum, Float, Int, TraitError, Unicode, observe, validate
 
 from . import magic_help
-from .i18n import _
+from .i18n import N_, _
 from .i18n import use as use_language
 from .options import CellOptions, cell_arguments, has_control_characters, parse_cell_line, url_problem
 
@@ -23,14 +23,14 @@ if TYPE_CHECKING:  # pragma: no cover
 class QwenMagic(Magics):
     """Ask Qwen models from IPython and Jupyter (settings: ``%config QwenMagic``)."""
 
-    model = Unicode("qwen-plus", help="Model used when a cell gives no -m/--model.").tag(config=True)
+    model = Unicode("qwen-plus", help=N_("Model used when a cell gives no -m/--model.")).tag(config=True)
     system = Unicode(
-        None, allow_none=True, help="Default system prompt of a new chat (None: the model's own)."
+        None, allow_none=True, help=N_("Default system prompt of a new chat (None: the model's own).")
     ).tag(config=True)
     display = Enum(
         ["auto", "widget", "markdown", "text"],
         default_value="auto",
-        help=(
+        help=N_(
             "How answers stream: auto (a widget in JupyterLab and Notebook 7, Markdown updates "
             "where no front end sent the cell, text in a terminal), widget, "
             "markdown (plain display updates, no widgets) or text (printed)."
@@ -39,46 +39,46 @@ class QwenMagic(Magics):
     timeout = Float(
         None,
         allow_none=True,
-        help="Seconds to wait for data before giving up (None: dashscope's setting, 300 s).",
+        help=N_("Seconds to wait for data before giving up (None: dashscope's setting, 300 s)."),
     ).tag(config=True)
     base_url = Unicode(
         None,
         allow_none=True,
-        help="DashScope endpoint, e.g. http://127.0.0.1:8765/api/v1 (None: dashscope's setting).",
+        help=N_("DashScope endpoint, e.g. http://127.0.0.1:8765/api/v1 (None: dashscope's setting)."),
     ).tag(config=True)
     protocol = Enum(
         ["native", "openai"],
         default_value="native",
-        help="Wire protocol: DashScope native, or the OpenAI-compatible mode.",
+        help=N_("Wire protocol: DashScope native, or the OpenAI-compatible mode."),
     ).tag(config=True)
     budget = Float(
         None,
         allow_none=True,
-        help="Session budget in the region's currency (yuan in Beijing, US dollars in Singapore): a call "
-        "whose worst case would pass it is refused (None: no budget).",
+        help=N_("Session budget in the region's currency (yuan in Beijing, US dollars in Singapore): a call "
+        "whose worst case would pass it is refused (None: no budget)."),
     ).tag(config=True)
     max_retries = Int(
-        3, help="Retries of a rate-limited or failed call before any text was shown (0: none)."
+        3, help=N_("Retries of a rate-limited or failed call before any text was shown (0: none).")
     ).tag(config=True)
     max_history_tokens = Int(
         None,
         allow_none=True,
-        help="Most tokens of chat history a request carries; older turns are left out (None: the model's limit).",
+        help=N_("Most tokens of chat history a request carries; older turns are left out (None: the model's limit)."),
     ).tag(config=True)
     store_path = Unicode(
         None,
         allow_none=True,
-        help="The history file (SQLite). None: QWEN_MAGIC_STORE, or history.sqlite3 in the user data directory.",
+        help=N_("The history file (SQLite). None: QWEN_MAGIC_STORE, or history.sqlite3 in the user data directory."),
     ).tag(config=True)
-    stream = Bool(True, help="Stream answers as they come (False: wait for the whole answer).").tag(config=True)
+    stream = Bool(True, help=N_("Stream answers as they come (False: wait for the whole answer).")).tag(config=True)
     model_aliases = Dict(
-        help=(
+        help=N_(
             "Names of models on other servers mapped to catalog entries for limits and prices, "
             "e.g. {'Qwen/Qwen2.5-7B-Instruct': 'my-vllm-qwen'} (add that entry with QwenMagic.models)."
         ),
     ).tag(config=True)
     models = Dict(
-        help=(
+        help=N_(
             "Catalog overrides and additions, e.g. {'my-model': {'input': 1.0, 'output': 2.0, "
             "'max_input': 30000}} (prices per 1M tokens in the region's currency, yuan in Beijing and US "
             "dollars in Singapore; qpm/tpm set rate limits)."
@@ -87,8 +87,8 @@ class QwenMagic(Magics):
 
     max_value_tokens = Int(
         2000,
-        help="Most tokens a {name} in a cell is filled with: a larger DataFrame, array, string or collection "
-        "is summarised ({name!full} sends it whole).",
+        help=N_("Most tokens a {name} in a cell is filled with: a larger DataFrame, array, string or collection "
+        "is summarised ({name!full} sends it whole)."),
     ).tag(config=True)
 
     @validate("max_value_tokens")
@@ -97,7 +97,7 @@ class QwenMagic(Magics):
             raise TraitError(_("QwenMagic.max_value_tokens must be between 50 and 1,000,000."))
         return proposal["value"]
 
-    concurrency = Int(8, help="--map: most requests in flight at once (--concurrency N for one cell).").tag(config=True)
+    concurrency = Int(8, help=N_("--map: most requests in flight at once (--concurrency N for one cell).")).tag(config=True)
 
     @validate("concurrency")
     def _valid_concurrency(self, proposal: dict[str, Any]) -> int:
@@ -110,7 +110,7 @@ class QwenMagic(Magics):
     region = Unicode(
         None,
         allow_none=True,
-        help=(
+        help=N_(
             "The DashScope region whose prices and currency apply: 'beijing' (yuan) or 'singapore' "
             "(US dollars). None: from the base URL's host (dashscope-intl.aliyuncs.com is Singapore), "
             "else DASHSCOPE_REGION, else Beijing."
@@ -118,11 +118,11 @@ class QwenMagic(Magics):
     ).tag(config=True)
     cache = Bool(
         False,
-        help="Mark each chat's stable prefix for the explicit context cache, as --cache does (models that have it).",
+        help=N_("Mark each chat's stable prefix for the explicit context cache, as --cache does (models that have it)."),
     ).tag(config=True)
     reservation_timeout = Float(
         1800.0,
-        help=(
+        help=N_(
             "Seconds after which a spending-limit reservation that no kernel settled is released "
             "(a kernel that died on another machine; on this one, a dead kernel's is released at once)."
         ),
@@ -150,7 +150,7 @@ class QwenMagic(Magics):
     language = Enum(
         ["auto", "zh", "en"],
         default_value="auto",
-        help=(
+        help=N_(
             "Language of what qwen_magic prints (footers, refusals, errors, tables, help): "
             "zh (Simplified Chinese), en (English), or auto (the kernel's locale: any zh* in "
             "LC_ALL, LC_MESSAGES, LANG or LANGUAGE is Chinese, anything else English)."
@@ -164,7 +164,9 @@ class QwenMagic(Magics):
 
     def _speak(self, setting: str) -> None:
         """Print in the language ``setting`` names, and show ``%%qwen?`` in it."""
-        magic_help.document(QwenMagic.qwen, use_language(setting))
+        language = use_language(setting)
+        magic_help.document(QwenMagic.qwen, language)
+        magic_help.describe_settings(QwenMagic, language)
 
     @validate("model")
     def _valid_model(self, proposal: dict[str, Any]) -> str:

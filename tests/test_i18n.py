@@ -553,3 +553,17 @@ def test_the_command_line_follows_the_terminals_locale(tmp_path: Path, monkeypat
         i18n.use("en")
     assert str(stopped.value) == f"qwen-magic：在 {empty} 中找不到教程"
     assert "离线演示：回答来自 qwen_magic 的离线网关 http://127.0.0.1:" in capsys.readouterr().out
+
+
+def test_the_settings_descriptions_follow_the_language(shell, capsys) -> None:
+    # %config QwenMagic lists every setting with its description, which IPython reads from the trait.
+    shell.run_line_magic("config", "QwenMagic")
+    english = capsys.readouterr().out
+    assert "Model used when a cell gives no -m/--model." in english
+    shell.run_line_magic("config", "QwenMagic.language = 'zh'")
+    shell.run_line_magic("config", "QwenMagic")
+    chinese = capsys.readouterr().out
+    assert "单元格未给出 -m/--model 时使用的模型。" in chinese and "Model used when" not in chinese
+    shell.run_line_magic("config", "QwenMagic.language = 'en'")
+    shell.run_line_magic("config", "QwenMagic")
+    assert "Model used when a cell gives no -m/--model." in capsys.readouterr().out
