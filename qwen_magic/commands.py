@@ -491,10 +491,13 @@ def _wait_for_job(magics: "QwenMagic", job: "BatchJob") -> Message:
         sys.stdout.write("\n")
         return Message(JOB_WAIT_STOPPED.format(job=job.id, progress=job.state()))
     sys.stdout.write("\n")
-    catalog = magics.session.catalog(magics.settings())
-    _reading(lambda: batch.collect(connection, job, store, catalog=catalog))
+    from .jobs.batched import settle_job
+
+    # The rows are stored and the cost counted (once), as when the cell's own result fills in.
+    _reading(lambda: settle_job(magics.session, magics.settings(), connection, job))
+    currency = magics.session.region(magics.settings()).currency.code
     return Message(JOB_FINISHED.format(job=job.id, status=job.status, completed=job.completed, failed=job.failed,
-                                       cost=format_yuan(job.cost)))
+                                       cost=format_money(job.cost, currency)))
 
 
 def _jobs_table(magics: "QwenMagic") -> Table:
@@ -512,6 +515,7 @@ def _jobs_table(magics: "QwenMagic") -> Table:
                 batch.refresh(connection, job, store)
         except (QwenAPIError, UsageError, StoreError) as error:
             notes.append(f"{JOB_REFRESH_FAILED.format(error=str(error).rstrip('.'))}.")
+    currency = magics.session.region(magics.settings()).currency.code
     rows = tuple(
         (
             job.id,
@@ -520,7 +524,7 @@ def _jobs_table(magics: "QwenMagic") -> Table:
             job.status,
             f"{job.completed:,} done, {job.failed:,} failed",
             time.strftime("%Y-%m-%d %H:%M", time.localtime(job.submitted_at)),
-            format_yuan(job.cost) if job.cost is not None else "—",
+            format_money(job.cost, currency) if job.cost is not None else "—",
         )
         for job in jobs
     )

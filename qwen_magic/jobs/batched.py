@@ -106,8 +106,9 @@ def run_batch(session: "QwenSession", setup: JobSetup, options: "CellOptions", s
     if not plan.todo:  # every row has its answer (from a batch or a real-time run): shown as they are
         result = setup.result(_rows(setup, store, session, settings), resumed=plan.resumed, job=None)
         result.session_cost = session.ledger.total_in(setup.currency)
+        result.notes = list(dict.fromkeys(setup.notes))
         shown = TerminalProgress() if settings.display == "text" or not in_kernel else ProgressView(display)
-        shown.finish(JobSummary.of(result, tuple(setup.notes)))
+        shown.finish(result.summary())
         return result
 
     client, region = batch.batch_client(connection)  # no key: one line, before anything
@@ -201,7 +202,8 @@ class BatchRun:
             view.update(self)
 
     def _summary(self) -> JobSummary:
-        return JobSummary.of(self.result, tuple(dict.fromkeys(self.setup.notes)))
+        self.result.notes = list(dict.fromkeys(self.setup.notes))
+        return self.result.summary()
 
     # ---- following
 
@@ -355,6 +357,7 @@ def settle_job(session: "QwenSession", settings: "Settings", connection: Connect
         run.finish(job)
         if run.error is not None:
             raise run.error
+        job.cost = run.job.cost if job.cost is None else job.cost  # read by the run's own copy of the job
         return
     region = session.region(settings)
     outcomes = batch.collect(connection, job, None, catalog=session.catalog(settings, region))

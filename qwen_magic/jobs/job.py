@@ -314,7 +314,8 @@ def _run(session: "QwenSession", settings: "Settings", runner: Runner, setup: Jo
             result.stopped = _(STOPPED_LINE).format(error=runner.fatal.line(), done=f"{result.done:,}",
                                                     total=f"{len(result):,}", left=f"{len(result) - result.done:,}")
         _account(session, settings, result, setup, hold, cell_label=cell_label, interrupted=interrupted)
-        view.finish(JobSummary.of(result, tuple(dict.fromkeys(notes))))
+        result.notes = list(dict.fromkeys(notes))
+        view.finish(result.summary())
     if interrupted:
         raise MapInterrupted(result.stopped or "stopped", result)
     if runner.fatal is not None:

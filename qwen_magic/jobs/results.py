@@ -119,6 +119,7 @@ class MapResult(Sequence[RowResult]):
     currency: str = "CNY"  # the region's, which every cost is in
     fields: tuple[str, ...] | None = None  # --schema: the answer's top-level fields, to_frame's columns
     job: str | None = None  # --batch: the DashScope Batch job's id
+    notes: list[str] = field(default_factory=list)  # said under the summary (history, resume, the job's end)
     _waiter: Any = field(default=None, repr=False, compare=False)  # --batch: what wait() waits for
 
     def wait(self) -> "MapResult":
@@ -227,7 +228,7 @@ class MapResult(Sequence[RowResult]):
     def summary(self) -> "JobSummary":
         from .progress import JobSummary
 
-        return JobSummary.of(self)
+        return JobSummary.of(self, tuple(dict.fromkeys(self.notes)))
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         if cycle:
