@@ -317,7 +317,7 @@ def _run(session: "QwenSession", settings: "Settings", runner: Runner, setup: Jo
         result.notes = list(dict.fromkeys(notes))
         view.finish(result.summary())
     if interrupted:
-        raise MapInterrupted(result.stopped or "stopped", result)
+        raise MapInterrupted(result.stopped or _("stopped"), result)
     if runner.fatal is not None:
         raise MapStopped(result.stopped or runner.fatal.line(), result)
     return result

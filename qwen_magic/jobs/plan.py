@@ -13,7 +13,7 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from ..catalog import ModelInfo
-from ..i18n import N_, _, ngettext
+from ..i18n import N_, _
 from ..preflight import content_preview, prepare
 from ..pricing import format_money
 from ..markdown import escape
@@ -222,16 +222,16 @@ class JobDryRun:
         lines += aligned([list(row) for row in self._summary()], "  ")
         if self.plan.todo:
             shown = min(PROMPTS_SHOWN, len(self.plan.todo))
-            lines.append(ngettext("First prompt:", "First {count} prompts:", shown).format(count=shown))
+            lines.append(_("First prompts ({count}):").format(count=shown))
             for key, prompt in self._prompts():
                 lines.append(f"  [{key}] {prompt}")
         printer.text("\n".join(lines))
 
     def _repr_html_(self) -> str:
         prompts = html_table(self._prompts(), (_("row"), _("prompt"))) if self.plan.todo else ""
-        return (f"<strong>{escape(_('Dry run: nothing was sent.'))}</strong>{html_table(self._summary())}"
-                + (f"<details open><summary>{escape(_('First prompts'))}</summary>{prompts}</details>"
-                   if prompts else ""))
+        headline, first = escape(_("Dry run: nothing was sent.")), escape(_("First prompts"))
+        return (f"<strong>{headline}</strong>{html_table(self._summary())}"
+                + (f"<details open><summary>{first}</summary>{prompts}</details>" if prompts else ""))
 
 
 def _half(amount: float | None) -> float | None:

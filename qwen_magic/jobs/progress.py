@@ -236,8 +236,9 @@ class JobSummary:
         if self.failures:
             rows = "".join(f"<tr><td>{escape(key)}</td><td>{escape(code)}</td><td>{escape(message)}</td></tr>"
                            for key, code, message in self.failures)
-            failures = (f"<details><summary>{escape(_('Failed rows'))}</summary><table><tr><th>{escape(_('row'))}</th>"
-                        f"<th>{escape(_('code'))}</th><th>{escape(_('message'))}</th></tr>{rows}</table></details>")
+            title, row, code, message = (escape(text) for text in (_("Failed rows"), _("row"), _("code"), _("message")))
+            failures = (f"<details><summary>{title}</summary><table><tr><th>{row}</th><th>{code}</th>"
+                        f"<th>{message}</th></tr>{rows}</table></details>")
         footer = "".join(f'<div class="qwen-footer" style="{FOOTER_STYLE}"><small><em>{escape(line)}</em></small></div>'
                          for line in (self.footer, *self.notes))
         return f'<div class="qwen-map-summary"><strong>{escape(self.headline)}</strong>{failures}{footer}</div>'

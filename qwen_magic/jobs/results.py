@@ -101,7 +101,11 @@ class RowResult:
         if self.ok:
             printer.text(self.text)
         else:
-            printer.text(f"[row {self.key!r} {self.status}{': ' + self.error if self.error else ''}]")
+            if self.error:
+                printer.text(_("[row {key} {status}: {error}]").format(key=repr(self.key), status=self.status,
+                                                                       error=self.error))
+            else:
+                printer.text(_("[row {key} {status}]").format(key=repr(self.key), status=self.status))
 
 
 @dataclass
@@ -240,8 +244,9 @@ class MapResult(Sequence[RowResult]):
         return self.summary().html()
 
     def __repr__(self) -> str:
-        return (f"<MapResult {len(self.rows):,} rows on {self.model}: {self.done:,} done, "
-                f"{len(self.failed):,} failed, {format_money(self.cost, self.currency)}>")
+        return "<MapResult {said}>".format(said=_("{rows} rows on {model}: {done} done, {failed} failed, {cost}").format(
+            rows=f"{len(self.rows):,}", model=self.model, done=f"{self.done:,}", failed=f"{len(self.failed):,}",
+            cost=format_money(self.cost, self.currency)))
 
 
 def _fields_of(value: Any) -> dict[str, Any]:
