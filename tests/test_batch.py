@@ -625,3 +625,48 @@ def test_after_a_kernel_restart_the_cell_attaches_to_its_job(gw, tmp_path):
         assert any("3 rows on qwen-flash: 3 done" in m.content["data"]["text/plain"] for m in summaries)
     finally:
         kernel.shutdown()
+
+
+def test_a_daily_limit_holds_a_batch_jobs_worst_case_until_it_ends(shell, gw, capsys, quick_polls):
+    from .conftest import refusal
+
+    gw.configure_batches(stage_seconds=0.3)
+    magics = _magics(shell)
+    store = magics.session.store(magics.settings())
+    shell.user_ns["reviews"] = [f"review {n}" for n in range(30)]
+    run_cell(shell, "%qwen limit daily 0.0001")
+    line = refusal(shell, capsys, "%%qwen --map reviews --batch -m qwen-plus\nClassify {item}")
+    assert "more than is left of your daily limit" in line and uploads(gw) == []
+    run_cell(shell, "%qwen limit daily 5")
+    assert run_cell(shell, "%%qwen --map reviews --batch -o labels -m qwen-plus --max-tokens 300\n"
+                           "Classify {item}").success
+    [(amount, what)] = store._db.execute("SELECT amount, what FROM reservations").fetchall()
+    assert what == "--map reviews --batch (30 rows)" and amount > 0
+    labels = shell.user_ns["labels"].wait()
+    assert store._db.execute("SELECT COUNT(*) FROM reservations").fetchone()[0] == 0
+    assert labels.cost < amount and store.spent_since("CNY", 0) == pytest.approx(labels.cost)
+
+
+def test_an_interrupt_stops_waiting_for_a_batch_cell_with_one_line(shell, gw, capsys, quick_polls):
+    import os
+    import signal
+
+    from qwen_magic.jobs.batched import BatchWaitStopped
+
+    gw.configure_batches(stage_seconds=30)
+    shell.user_ns["reviews"] = ["a", "b"]
+    assert run_cell(shell, BATCH_CELL).success
+    labels = shell.user_ns["labels"]
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(BatchWaitStopped) as stopped:
+            labels.wait()
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    [line] = stopped.value._render_traceback_()
+    assert line.startswith(f"KeyboardInterrupt: Stopped waiting: batch job {labels.job} goes on at DashScope")
+    assert "labels.wait() waits again" in line and labels.pending == [0, 1]
+    assert not any(r.path.endswith("/cancel") for r in gw.all_requests)
