@@ -203,7 +203,8 @@ class JobDryRun:
             summary.append((_("batch (50%)"), _("{input} for the input, up to {worst}").format(
                 input=money(_half(plan.input_cost)), worst=money(_half(plan.worst_cost)))))
         if self.batch is not None:
-            size = f"{self.batch.size / 1e6:,.1f} MB"
+            size = (f"{self.batch.size / 1e6:,.1f} MB" if self.batch.size >= 1e6
+                    else f"{max(self.batch.size / 1e3, 0.1):,.1f} KB")
             if self.batch.batches > 1:
                 said = _("{requests} requests ({size}), split into {batches} batches: a batch takes at most "
                          "50,000 requests and 500 MB").format(requests=f"{self.batch.requests:,}", size=size,
