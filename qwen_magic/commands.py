@@ -531,10 +531,13 @@ def _wait_for_job(magics: "QwenMagic", job: "BatchJob") -> Message:
         sys.stdout.write("\n")
         return Message(_(JOB_WAIT_STOPPED).format(job=job.id, progress=job.state()))
     sys.stdout.write("\n")
-    catalog = magics.session.catalog(magics.settings())
-    _reading(lambda: batch.collect(connection, job, store, catalog=catalog))
+    from .jobs.batched import settle_job
+
+    # The rows are stored and the cost counted (once), as when the cell's own result fills in.
+    _reading(lambda: settle_job(magics.session, magics.settings(), connection, job))
+    currency = magics.session.region(magics.settings()).currency.code
     return Message(_(JOB_FINISHED).format(job=job.id, status=job.status, completed=job.completed, failed=job.failed,
-                                       cost=format_yuan(job.cost)))
+                                       cost=format_money(job.cost, currency)))
 
 
 def _jobs_table(magics: "QwenMagic") -> Table:
@@ -552,6 +555,7 @@ def _jobs_table(magics: "QwenMagic") -> Table:
                 batch.refresh(connection, job, store)
         except (QwenAPIError, UsageError, StoreError) as error:
             notes.append(_(JOB_REFRESH_FAILED).format(error=str(error).rstrip(".")))
+    currency = magics.session.region(magics.settings()).currency.code
     rows = tuple(
         (
             job.id,
@@ -560,7 +564,7 @@ def _jobs_table(magics: "QwenMagic") -> Table:
             job.status,
             _("{completed} done, {failed} failed").format(completed=f"{job.completed:,}", failed=f"{job.failed:,}"),
             time.strftime("%Y-%m-%d %H:%M", time.localtime(job.submitted_at)),
-            format_yuan(job.cost) if job.cost is not None else "—",
+            format_money(job.cost, currency) if job.cost is not None else "—",
         )
         for job in jobs
     )

@@ -143,6 +143,12 @@ _CELL_ARGUMENTS = (
     ),
     argument("--concurrency", type=int, metavar="N", help="--map: most requests in flight (default: QwenMagic.concurrency)."),
     argument("--fresh", action="store_true", help="--map: ask every row again, not only those without a result."),
+    # ---- DashScope Batch (--map ... --batch)
+    argument("--batch", action="store_true",
+             help="--map: send the rows as one DashScope Batch job (half price, answers within the window); "
+             "the cell returns at once and -o fills in when the job completes."),
+    argument("--batch-window", dest="batch_window", metavar="WINDOW",
+             help="--batch: the completion window, 24h (default) to 336h, or 1d to 14d."),
 )
 
 
@@ -209,6 +215,9 @@ class CellOptions:
     concurrency: int | None = None
     fresh: bool = False
     cache: bool | None = None  # None: the QwenMagic.cache setting
+    # DashScope Batch (--map ... --batch)
+    batch: bool = False
+    batch_window: str | None = None
 
     @classmethod
     def from_namespace(cls, namespace: argparse.Namespace) -> "CellOptions":
@@ -249,6 +258,8 @@ class CellOptions:
             concurrency=namespace.concurrency,
             fresh=namespace.fresh,
             cache=getattr(namespace, "cache", None),
+            batch=getattr(namespace, "batch", False),
+            batch_window=_strip_quotes(getattr(namespace, "batch_window", None)),
         )
         options.validate()
         options.validate_job()
@@ -328,8 +339,11 @@ class CellOptions:
 
     def validate_job(self) -> None:
         """--map's own options, and the cell options that mean nothing for independent rows."""
+        if self.batch_window is not None and not self.batch:
+            raise UsageError("--batch-window is the completion window of a batch job: add --batch (with --map NAME).")
         if self.map is None:
-            for given, name in ((self.concurrency is not None, "--concurrency"), (self.fresh, "--fresh")):
+            for given, name in ((self.concurrency is not None, "--concurrency"), (self.fresh, "--fresh"),
+                                (self.batch, "--batch")):
                 if given:
                     raise UsageError(f"{name} is for jobs over rows: add --map NAME.")
             return
@@ -343,10 +357,17 @@ class CellOptions:
             (self.max_history is not None, "--max-history", "each row is a one-off question, with no history"),
             (self.format == "code", "-f code", "it puts one answer's code in a new cell; use -f text or -f json"),
             (not self.interpolate, "--no-interp", "each row's {item} must be filled in"),
+            (self.fix, "--fix", "it asks about one error, not about rows"),
+            (self.cells is not None, "--cells", "each row is asked on its own, without the notebook's cells"),
+            (bool(self.files), "--file", "each row is asked on its own, without files"),
+            (bool(self.tools), "--tools", "each row is one request, with no calls to run in between"),
         )
         for given, name, why in refused:
             if given:
                 raise UsageError(f"{name} cannot be used with --map: {why}.")
+        if self.batch and self.concurrency is not None:
+            raise UsageError("--concurrency cannot be used with --batch: the service runs a batch's rows at its own "
+                             "pace.")
 
     def parameters(self) -> dict[str, Any]:
         """The request parameters that were given, as the SDK names them."""

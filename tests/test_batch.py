@@ -407,3 +407,266 @@ def test_an_older_history_file_gains_the_jobs_table_and_keeps_its_turns(tmp_path
         assert batch.load_job(upgraded, "batch_1") == job
     finally:
         upgraded.close()
+
+
+# --------------------------------------------------------------------------- %%qwen --map ... --batch
+
+
+BATCH_CELL = "%%qwen --map reviews --batch -o labels -m qwen-flash\nClassify: {item}"
+
+
+@pytest.fixture
+def quick_polls(monkeypatch):
+    monkeypatch.setattr(batch, "DEFAULT_POLL", FAST)
+
+
+def chat_requests(gw) -> list:
+    return [r for r in gw.all_requests if r.path.endswith(("/generation", "/chat/completions"))]
+
+
+def stored_rows(magics, job_key: str) -> dict:
+    return magics.session.store(magics.settings()).job_rows(job_key)
+
+
+def test_a_batch_cell_returns_at_once_and_fills_in_at_the_batch_price(shell, gw, capsys, quick_polls):
+    from IPython.lib.pretty import pretty
+
+    from qwen_magic.jobs.results import MapResult
+
+    gw.configure_batches(stage_seconds=0.3)
+    shell.user_ns["reviews"] = ["good kettle", "bad lamp", "fine cup"]
+    started = time.monotonic()
+    outcome = run_cell(shell, BATCH_CELL)
+    assert outcome.success and time.monotonic() - started < 1.0  # the job runs at DashScope, not in the cell
+    said = shown(capsys)
+    labels = shell.user_ns["labels"]
+    assert isinstance(labels, MapResult) and labels.pending == [0, 1, 2] and labels.job
+    assert f"Batch job {labels.job}: 3 rows on qwen-flash · validating" in said
+    assert "labels fills in when the job ends; labels.wait() waits for it" in said
+
+    assert labels.wait() is labels
+    assert labels.pending == [] and labels.done == 3 and labels.failed == []
+    flash = builtin_catalog().get("qwen-flash")
+    for position, review in enumerate(shell.user_ns["reviews"]):
+        row = labels[position]
+        assert f"You said: Classify: {review}" in row.text and row.key == position
+        assert row.cost == pytest.approx(call_cost(flash, row.usage) / 2) and row.cost > 0
+    assert chat_requests(gw) == [] and len(uploads(gw)) == 1
+    # Lines matched by custom_id: the row's digest, one line per row.
+    [uploaded] = uploads(gw)
+    summary = pretty(labels)
+    assert "3 rows on qwen-flash: 3 done" in summary and "at the batch price (50%)" in summary
+    assert TEST_KEY not in said + summary
+    # One line of the ledger and of %qwen usage, with the row count; one call in the history.
+    magics = _magics(shell)
+    [record] = magics.session.ledger.records
+    assert record.rows == 3 and record.cost == pytest.approx(labels.cost) and record.currency == "CNY"
+    assert "(map, 3 rows)" in pretty(run_cell(shell, "%qwen usage").result)
+    store = magics.session.store(magics.settings())
+    [(currency, cost)] = store._db.execute("SELECT currency, cost FROM calls").fetchall()
+    assert currency == "CNY" and cost == pytest.approx(labels.cost)
+    job = batch.load_job(store, labels.job)
+    assert job.status == "completed" and len(stored_rows(magics, job.cell_key)) == 3
+
+
+def test_running_the_cell_again_attaches_and_never_submits_twice(shell, gw, capsys, quick_polls):
+    gw.configure_batches(stage_seconds=0.5)
+    shell.user_ns["reviews"] = ["a", "b"]
+    assert run_cell(shell, BATCH_CELL).success
+    first = shell.user_ns["labels"]
+    assert run_cell(shell, BATCH_CELL).success  # while it runs
+    assert shell.user_ns["labels"] is first and len(uploads(gw)) == 1
+    first.wait()
+    capsys.readouterr()
+    assert run_cell(shell, BATCH_CELL).success  # once it has ended: the stored answers, nothing sent
+    again = shell.user_ns["labels"]
+    assert again.texts == first.texts and again.done == 2 and again.resumed == 2
+    assert "resumed: 2 done before, 0 sent in this run" in shown(capsys)
+    assert len(uploads(gw)) == 1 and chat_requests(gw) == []
+    assert len(_magics(shell).session.ledger.records) == 1  # counted once
+
+
+def test_a_later_map_resumes_from_the_batch_and_a_batch_from_a_map(shell, gw, capsys, quick_polls):
+    shell.user_ns["reviews"] = ["a", "b", "c"]
+    assert run_cell(shell, BATCH_CELL).success
+    shell.user_ns["labels"].wait()
+    assert run_cell(shell, "%%qwen --map reviews -o again -m qwen-flash\nClassify: {item}").success
+    assert chat_requests(gw) == [] and shell.user_ns["again"].texts == shell.user_ns["labels"].texts
+    assert "resumed: 3 done, 0 to go" in shown(capsys)
+    # The other way round: rows answered in real time are not sent in the batch.
+    shell.user_ns["reviews"] = ["a", "b", "c", "d"]
+    assert run_cell(shell, "%%qwen --map reviews -m qwen-flash -t 0.5\nSort: {item}").success
+    assert len(chat_requests(gw)) == 4
+    shell.user_ns["reviews"].append("e")
+    assert run_cell(shell, "%%qwen --map reviews --batch -o more -m qwen-flash -t 0.5\nSort: {item}").success
+    more = shell.user_ns["more"].wait()
+    assert more.done == 5 and more.resumed == 4 and len(chat_requests(gw)) == 4
+    client, _ = batch.batch_client(_magics(shell).session.connection(_magics(shell).settings()))
+    job = batch.load_job(_magics(shell).session.store(_magics(shell).settings()), more.job)
+    sent = client.content(job.parts[0].input_file_id).decode().splitlines()
+    assert len(sent) == 1 and "Sort: e" in sent[0]
+
+
+def test_cancel_from_qwen_jobs_keeps_the_rows_answered(shell, gw, capsys, quick_polls):
+    gw.configure_batches(stage_seconds=0.5)
+    shell.user_ns["reviews"] = [f"review {n}" for n in range(20)]
+    assert run_cell(shell, BATCH_CELL).success
+    labels = shell.user_ns["labels"]
+    deadline = time.monotonic() + 5
+    store = _magics(shell).session.store(_magics(shell).settings())
+    while batch.load_job(store, labels.job).completed == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    said = shell.run_line_magic("qwen", f"jobs cancel {labels.job}")
+    assert said.startswith(f"Cancelling job {labels.job}")
+    labels.wait()
+    assert 0 < labels.done < 20 and len(labels.not_run) == 20 - labels.done
+    assert f"Batch job {labels.job} ended cancelled" in pretty_of(labels)
+    assert _magics(shell).session.ledger.records[-1].status == "interrupted"
+
+
+def pretty_of(value) -> str:
+    from IPython.lib.pretty import pretty
+
+    return pretty(value)
+
+
+def test_qwen_jobs_wait_fills_the_cells_result_and_counts_it_once(shell, gw, capsys, quick_polls):
+    shell.user_ns["reviews"] = ["x", "y"]
+    assert run_cell(shell, BATCH_CELL).success
+    labels = shell.user_ns["labels"]
+    said = shell.run_line_magic("qwen", f"jobs wait {labels.job}")
+    assert said.startswith(f"Job {labels.job} completed: 2 row(s) answered, 0 failed, ¥0.")
+    assert labels.pending == [] and labels.done == 2
+    labels.wait()
+    assert len(_magics(shell).session.ledger.records) == 1
+
+
+@pytest.mark.parametrize(
+    ("cell", "said"),
+    [
+        ("%%qwen --map reviews --batch -m qwen-turbo-0206\nW {item}", "does not serve qwen-turbo-0206 in Beijing"),
+        ("%%qwen --map reviews --batch --batch-window 12h -m qwen-flash\nW {item}", "completion window"),
+        ("%%qwen --map reviews --batch --concurrency 4 -m qwen-flash\nW {item}", "--concurrency cannot be used with --batch"),
+        ("%%qwen --batch -m qwen-flash\nW", "--batch is for jobs over rows: add --map NAME."),
+        ("%%qwen --map reviews --batch-window 48h -m qwen-flash\nW {item}", "--batch-window is the completion window"),
+        ("%%qwen --map reviews --tools len\nW {item}", "--tools cannot be used with --map"),
+        ("%%qwen --map reviews --fix\nW {item}", "--fix cannot be used with --map"),
+        ("%%qwen --map reviews --cells 2\nW {item}", "--cells cannot be used with --map"),
+        ("%%qwen --map reviews --file notes.md\nW {item}", "--file cannot be used with --map"),
+    ],
+)
+def test_a_batch_job_that_cannot_be_sent_is_one_line_before_any_upload(shell, gw, capsys, cell, said):
+    from .conftest import refusal
+
+    shell.user_ns["reviews"] = ["a"]
+    assert said in refusal(shell, capsys, cell)
+    assert uploads(gw) == [] and chat_requests(gw) == []
+
+
+def test_a_batch_job_over_the_budget_is_refused_at_the_batch_price(shell, gw, capsys):
+    from .conftest import refusal
+
+    shell.user_ns["reviews"] = [f"review {n}" for n in range(40)]
+    run_cell(shell, "%qwen budget 0.0001")
+    line = refusal(shell, capsys, "%%qwen --map reviews --batch -m qwen-plus\nClassify {item}")
+    assert "Refused, nothing sent: these 40 rows could cost up to" in line and "the session budget" in line
+    assert uploads(gw) == []
+
+
+def test_the_dry_run_says_when_the_job_would_be_split(shell, gw, monkeypatch):
+    from IPython.lib.pretty import pretty
+
+    shell.user_ns["reviews"] = [f"review {n}" for n in range(5)]
+    text = pretty(run_cell(shell, "%%qwen --map reviews --batch --dry-run -m qwen-flash\nW {item}").result)
+    assert "5 requests" in text and "in one batch" in text
+    monkeypatch.setattr(batch, "MAX_LINES", 2)
+    text = pretty(run_cell(shell, "%%qwen --map reviews --batch --dry-run -m qwen-flash\nW {item}").result)
+    assert "split into 3 batches: a batch takes at most 50,000 requests and 500 MB" in text
+    assert uploads(gw) == []
+
+
+@pytest.mark.kernel
+def test_after_a_kernel_restart_the_cell_attaches_to_its_job(gw, tmp_path):
+    import json
+
+    from .kernel_harness import KernelSession, kernel_env
+
+    gw.configure_batches(stage_seconds=1.0)
+    env = kernel_env(tmp_path, DASHSCOPE_API_KEY=TEST_KEY, DASHSCOPE_BASE_URL=gw.base_url,
+                     JPY_SESSION_NAME="batch.ipynb")
+    setup = ("%load_ext qwen_magic\nfrom qwen_magic.jobs import batch\n"
+             "batch.DEFAULT_POLL = batch.PollPolicy(first=0.05, most=0.2)\nreviews = ['good', 'bad', 'meh']")
+    cell = "%%qwen --map reviews --batch -o labels -m qwen-flash\nClassify: {item}"
+    kernel = KernelSession(env, cwd=tmp_path)
+    try:
+        assert kernel.execute(setup).status == "ok"
+        submitted = kernel.execute(cell)
+        assert submitted.status == "ok"
+        [view] = [o for o in submitted.outputs if o["output_type"] == "display_data"]
+        assert "· validating" in view["data"]["text/plain"] and "qwen-batch-progress" in view["data"]["text/html"]
+        job = kernel.execute("print(labels.job)").stdout.strip()
+    finally:
+        kernel.shutdown()  # the kernel goes away; the job goes on at DashScope
+    kernel = KernelSession(env, cwd=tmp_path)
+    try:
+        assert kernel.execute(setup).status == "ok"
+        again = kernel.execute(cell)
+        assert again.status == "ok"
+        text = "".join(o["data"]["text/plain"] for o in again.outputs if o["output_type"] == "display_data")
+        assert f"attached to batch job {job}" in text
+        waited = kernel.execute("labels.wait(); print(json.dumps([labels.job, labels.done, labels.texts]))"
+                                .replace("json.", "__import__('json')."))
+        assert waited.status == "ok", waited.error
+        done_job, done, texts = json.loads(waited.stdout.strip().splitlines()[-1])
+        assert done_job == job and done == 3 and "You said: Classify: bad" in texts[1]
+        assert len(uploads(gw)) == 1  # attached: never submitted twice
+        # The summary replaced the status under the submitting cell of this kernel.
+        summaries = [m for m in waited.messages if m.msg_type == "update_display_data"]
+        assert any("3 rows on qwen-flash: 3 done" in m.content["data"]["text/plain"] for m in summaries)
+    finally:
+        kernel.shutdown()
+
+
+def test_a_daily_limit_holds_a_batch_jobs_worst_case_until_it_ends(shell, gw, capsys, quick_polls):
+    from .conftest import refusal
+
+    gw.configure_batches(stage_seconds=0.3)
+    magics = _magics(shell)
+    store = magics.session.store(magics.settings())
+    shell.user_ns["reviews"] = [f"review {n}" for n in range(30)]
+    run_cell(shell, "%qwen limit daily 0.0001")
+    line = refusal(shell, capsys, "%%qwen --map reviews --batch -m qwen-plus\nClassify {item}")
+    assert "more than is left of your daily limit" in line and uploads(gw) == []
+    run_cell(shell, "%qwen limit daily 5")
+    assert run_cell(shell, "%%qwen --map reviews --batch -o labels -m qwen-plus --max-tokens 300\n"
+                           "Classify {item}").success
+    [(amount, what)] = store._db.execute("SELECT amount, what FROM reservations").fetchall()
+    assert what == "--map reviews --batch (30 rows)" and amount > 0
+    labels = shell.user_ns["labels"].wait()
+    assert store._db.execute("SELECT COUNT(*) FROM reservations").fetchone()[0] == 0
+    assert labels.cost < amount and store.spent_since("CNY", 0) == pytest.approx(labels.cost)
+
+
+def test_an_interrupt_stops_waiting_for_a_batch_cell_with_one_line(shell, gw, capsys, quick_polls):
+    import os
+    import signal
+
+    from qwen_magic.jobs.batched import BatchWaitStopped
+
+    gw.configure_batches(stage_seconds=30)
+    shell.user_ns["reviews"] = ["a", "b"]
+    assert run_cell(shell, BATCH_CELL).success
+    labels = shell.user_ns["labels"]
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(BatchWaitStopped) as stopped:
+            labels.wait()
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    [line] = stopped.value._render_traceback_()
+    assert line.startswith(f"KeyboardInterrupt: Stopped waiting: batch job {labels.job} goes on at DashScope")
+    assert "labels.wait() waits again" in line and labels.pending == [0, 1]
+    assert not any(r.path.endswith("/cancel") for r in gw.all_requests)

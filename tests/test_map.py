@@ -358,3 +358,99 @@ def test_a_jobs_filler_fills_each_row_as_fill_does(template: str) -> None:
     fill_row = filler(template, namespace, ("item", "index"))
     for item, index in ((5, "key"), (7, "other")):
         assert fill_row({"item": item, "index": index}) == fill(template, {**namespace, "item": item, "index": index})
+
+
+# ---------------------------------------------------------------- limits, regions, schemas
+
+
+def open_reservations(shell) -> list:
+    magics = shell.magics_manager.registry["QwenMagic"]
+    return magics.session.store(magics.settings())._db.execute("SELECT amount, what FROM reservations").fetchall()
+
+
+def test_a_daily_limit_refuses_a_job_whole_and_holds_one_that_fits(shell, gateway: Gateway, capsys) -> None:
+    shell.user_ns["rows"] = [f"review {n}" for n in range(30)]
+    run_cell(shell, "%qwen limit daily 0.001")
+    line = refusal(shell, capsys, "%%qwen --map rows -m qwen-plus\nClassify {item}")
+    assert "more than is left of your daily limit of ¥0.001" in line and "%qwen limit daily" in line
+    assert gateway.requests == [] and open_reservations(shell) == []
+    # One that fits: held while it runs, settled to what it cost.
+    run_cell(shell, "%qwen limit daily 5")
+    gateway.load(delay=0.2)
+    seen: list = []
+    gateway.script_matching("review 0", Reply(text="ok"))
+    import threading
+
+    watcher = threading.Timer(0.1, lambda: seen.extend(open_reservations(shell)))
+    watcher.start()
+    assert run_cell(shell, "%%qwen --map rows -o out --max-tokens 20 -m qwen-plus\nClassify {item}").success
+    watcher.join()
+    assert len(seen) == 1 and seen[0][1] == "--map rows (30 rows)" and seen[0][0] > 0
+    assert open_reservations(shell) == []
+    magics = shell.magics_manager.registry["QwenMagic"]
+    spent = magics.session.store(magics.settings()).spent_since("CNY", 0)
+    assert spent == pytest.approx(shell.user_ns["out"].cost) and spent > 0
+
+
+def test_a_singapore_job_is_priced_and_shown_in_dollars(shell, gateway: Gateway, capsys) -> None:
+    shell.run_line_magic("config", "QwenMagic.region = 'singapore'")
+    shell.user_ns["rows"] = ["a", "b"]
+    assert run_cell(shell, "%%qwen --map rows -o out -m qwen-flash\nWord: {item}").success
+    printed = shown(capsys)
+    out = shell.user_ns["out"]
+    assert out.currency == "USD" and "$" in printed and "¥" not in printed
+    assert "$" in repr(out) and "$" in pretty(out)
+    session = session_of(shell)
+    assert session.ledger.records[-1].currency == "USD"
+    assert session.ledger.total_in("USD") == pytest.approx(out.cost) and session.ledger.total_in("CNY") == 0
+    magics = shell.magics_manager.registry["QwenMagic"]
+    [(currency, region)] = magics.session.store(magics.settings())._db.execute(
+        "SELECT currency, region FROM calls").fetchall()
+    assert (currency, region) == ("USD", "singapore")
+    dry = pretty(run_cell(shell, "%%qwen --map rows --dry-run -m qwen-flash\nOther: {item}").result)
+    assert "$" in dry and "¥" not in dry
+
+
+def test_schema_rows_are_validated_and_give_one_column_per_field(shell, gateway: Gateway, capsys) -> None:
+    from dataclasses import dataclass
+
+    @dataclass
+    class Review:
+        sentiment: str
+        stars: int
+
+    shell.user_ns["Review"] = Review
+    gateway.script_matching("love", Reply(text=json.dumps({"sentiment": "positive", "stars": 5})))
+    gateway.script_matching("hate", Reply(text=json.dumps({"sentiment": "negative", "stars": 1})))
+    gateway.script_matching("meh", Reply(text=json.dumps({"sentiment": "neutral", "stars": "three"})))
+    shell.user_ns["rows"] = pd.Series(["I love it", "I hate it", "meh"], index=["a", "b", "c"])
+    assert run_cell(shell, "%%qwen --map rows --schema Review -o out -m qwen-flash\nRate: {item}").success
+    printed = shown(capsys)
+    out = shell.user_ns["out"]
+    assert out.values[:2] == [Review("positive", 5), Review("negative", 1)] and out.values[2] is None
+    assert out.failed == [2] and out[2].error == "SchemaMismatch" and "field stars" in out[2].message
+    assert '"three"' in out[2].text  # the answer as it came is kept
+    assert "Failed rows (SchemaMismatch ×1): 'c'." in printed
+    frame = out.to_frame()
+    assert list(frame.columns) == ["sentiment", "stars"] and list(frame.index) == ["a", "b", "c"]
+    assert frame.loc["a", "stars"] == 5 and frame.loc["b", "sentiment"] == "negative"
+    assert frame.loc["c"].isna().all()
+    # qwen-flash has no strict json_schema: json_object, with the schema said in the system prompt.
+    request = gateway.requests[0]
+    assert request.parameters.get("response_format") == {"type": "json_object"}
+    assert '"stars"' in request.messages[0]["content"] and request.messages[0]["role"] == "system"
+    # Rows that validated are resumed as instances; the failed one is sent again.
+    gateway.reset()
+    assert run_cell(shell, "%%qwen --map rows --schema Review -o again -m qwen-flash\nRate: {item}").success
+    assert asked(gateway) == ["Rate: meh"] and shell.user_ns["again"].values[0] == Review("positive", 5)
+
+
+def test_a_schema_model_that_takes_json_schema_asks_strictly(shell, gateway: Gateway) -> None:
+    shell.user_ns["Fields"] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    gateway.script_matching("Hangzhou", Reply(text=json.dumps({"city": "Hangzhou"})))
+    shell.user_ns["rows"] = ["in Hangzhou"]
+    assert run_cell(shell, "%%qwen --map rows --schema Fields -o out -m qwen-plus\nWhere: {item}").success
+    [request] = gateway.requests
+    assert request.parameters["response_format"]["type"] == "json_schema"
+    assert request.parameters["response_format"]["json_schema"]["strict"] is True
+    assert shell.user_ns["out"].to_frame().to_dict("records") == [{"city": "Hangzhou"}]

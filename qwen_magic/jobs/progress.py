@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TextIO
 
+from ..i18n import _, ngettext
 from ..markdown import escape
-from ..pricing import format_yuan
+from ..pricing import format_money
 from ..result import COMPLETE, FAILED, FOOTER_STYLE, QUIET_STYLE
-from .results import NOT_RUN, RowResult
+from .results import NOT_RUN, PENDING, RowResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from .results import MapResult
@@ -41,6 +42,7 @@ class Progress:
     output_tokens: int = 0
     cost: float | None = 0.0
     started: float = field(default_factory=time.monotonic)
+    currency: str = "CNY"
 
     def add(self, row: RowResult) -> None:
         if row.status == COMPLETE:
@@ -64,24 +66,24 @@ class Progress:
     def line(self) -> str:
         rate = self.rate()
         left = self.total - self.finished
-        parts = [f"{self.finished:,}/{self.total:,} rows"]
+        parts = [_("{done}/{total} rows").format(done=f"{self.finished:,}", total=f"{self.total:,}")]
         if self.resumed:
-            parts.append(f"{self.resumed:,} resumed")
-        parts.append(f"{self.failed:,} failed")
-        parts.append(f"{rate:,.1f} rows/s")
-        parts.append(f"{self.input_tokens + self.output_tokens:,} tokens")
-        parts.append(format_yuan(self.cost) if self.cost is not None else "cost unknown")
+            parts.append(_("{count} resumed").format(count=f"{self.resumed:,}"))
+        parts.append(_("{count} failed").format(count=f"{self.failed:,}"))
+        parts.append(_("{rate} rows/s").format(rate=f"{rate:,.1f}"))
+        parts.append(_("{count} tokens").format(count=f"{self.input_tokens + self.output_tokens:,}"))
+        parts.append(format_money(self.cost, self.currency) if self.cost is not None else _("cost unknown"))
         if rate > 0 and left:
-            parts.append(f"{_duration(left / rate)} left")
+            parts.append(_("{duration} left").format(duration=_duration(left / rate)))
         return " · ".join(parts)
 
 
 def _duration(seconds: float) -> str:
     if seconds < 60:
-        return f"{seconds:.0f} s"
+        return _("{seconds} s").format(seconds=f"{seconds:.0f}")
     if seconds < 3600:
-        return f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
-    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:02.0f} min"
+        return _("{minutes} min {seconds} s").format(minutes=f"{seconds // 60:.0f}", seconds=f"{seconds % 60:02.0f}")
+    return _("{hours} h {minutes} min").format(hours=f"{seconds // 3600:.0f}", minutes=f"{seconds % 3600 // 60:02.0f}")
 
 
 class ProgressView:
@@ -166,46 +168,61 @@ class JobSummary:
     @classmethod
     def of(cls, result: "MapResult", notes: tuple[str, ...] = ()) -> "JobSummary":
         rows = result.rows
-        ran = [row for row in rows if not row.resumed and row.status != NOT_RUN]
+        ran = [row for row in rows if not row.resumed and row.status not in (NOT_RUN, PENDING)]
         input_tokens = sum(row.usage.input_tokens for row in ran)
         output_tokens = sum(row.usage.output_tokens for row in ran)
         costs = [row.cost for row in ran]
         cost = None if any(c is None for c in costs) else sum(c for c in costs if c is not None)
         failed = result.failed
         not_run = result.not_run
-        counts = [f"{result.done:,} done"]
+        money = lambda amount: format_money(amount, result.currency)  # noqa: E731
+        counts = [_("{count} done").format(count=f"{result.done:,}")]
         if failed:
-            counts.append(f"{len(failed):,} failed")
+            counts.append(_("{count} failed").format(count=f"{len(failed):,}"))
         if not_run:
-            counts.append(f"{len(not_run):,} not run")
-        headline = f"{len(rows):,} rows on {result.model}: {', '.join(counts)}"
-        footer_parts = [result.model, f"{len(rows):,} rows", f"{input_tokens:,} in / {output_tokens:,} out tokens",
-                        format_yuan(cost) if cost is not None else "cost unknown"]
+            counts.append(_("{count} not run").format(count=f"{len(not_run):,}"))
+        headline = _("{rows} rows on {model}: {counts}").format(rows=f"{len(rows):,}", model=result.model,
+                                                               counts=", ".join(counts))
+        footer_parts = [result.model, _("{count} rows").format(count=f"{len(rows):,}"),
+                        _("{input} in / {output} out tokens").format(input=f"{input_tokens:,}",
+                                                                     output=f"{output_tokens:,}"),
+                        money(cost) if cost is not None else _("cost unknown")]
         if result.session_cost is not None:
-            footer_parts.append(f"session {format_yuan(result.session_cost)}")
-        footer_parts.append(f"{result.elapsed:.1f} s")
-        if result.elapsed > 0 and ran:
-            footer_parts.append(f"{len(ran) / result.elapsed:,.1f} rows/s")
+            footer_parts.append(_("session {amount}").format(amount=money(result.session_cost)))
+        footer_parts.append(_("{seconds} s").format(seconds=f"{result.elapsed:.1f}"))
+        if result.job is not None:
+            footer_parts.append(_("batch job {job}, at the batch price (50%)").format(job=result.job))
+        elif result.elapsed > 0 and ran:
+            footer_parts.append(_("{rate} rows/s").format(rate=f"{len(ran) / result.elapsed:,.1f}"))
         lines = []
         if result.resumed:
-            lines.append(f"resumed: {result.resumed:,} done before, {len(rows) - result.resumed:,} sent in this run")
+            lines.append(_("resumed: {done} done before, {sent} sent in this run").format(
+                done=f"{result.resumed:,}", sent=f"{len(rows) - result.resumed:,}"))
         if failed:
             codes = ", ".join(f"{code} ×{count}" for code, count in sorted(result.errors().items()))
             shown = ", ".join(repr(rows[position].key) for position in failed[:FAILURES_LISTED])
-            more = f" and {len(failed) - FAILURES_LISTED:,} more" if len(failed) > FAILURES_LISTED else ""
-            lines.append(f"Failed rows ({codes}): {shown}{more}. Run the cell again to retry them.")
+            if len(failed) > FAILURES_LISTED:
+                lines.append(_("Failed rows ({codes}): {rows} and {more} more. Run the cell again to retry them.")
+                             .format(codes=codes, rows=shown, more=f"{len(failed) - FAILURES_LISTED:,}"))
+            else:
+                lines.append(_("Failed rows ({codes}): {rows}. Run the cell again to retry them.").format(
+                    codes=codes, rows=shown))
         bad_json = sum(1 for row in rows if row.format_error)
         if bad_json:
-            lines.append(f"{bad_json:,} answers are not valid JSON: their .value is None and .text holds them.")
+            lines.append(ngettext("{count} answer is not valid JSON: its .value is None and .text holds it.",
+                                  "{count} answers are not valid JSON: their .value is None and .text holds them.",
+                                  bad_json).format(count=f"{bad_json:,}"))
         if result.stopped:
             lines.append(result.stopped)
         failures = tuple((repr(rows[p].key), rows[p].error or "", rows[p].message or "") for p in failed[:FAILURES_LISTED])
         record = {
             "kind": "map", "model": result.model, "rows": len(rows), "done": result.done, "failed": len(failed),
             "not_run": len(not_run), "resumed": result.resumed, "requests": result.requests,
-            "input_tokens": input_tokens, "output_tokens": output_tokens, "cost": cost,
+            "input_tokens": input_tokens, "output_tokens": output_tokens, "cost": cost, "currency": result.currency,
             "elapsed": round(result.elapsed, 3), "errors": result.errors(),
         }
+        if result.job is not None:
+            record["batch"] = result.job
         return cls(headline, " · ".join(footer_parts), tuple(lines) + tuple(notes), failures, record)
 
     def lines(self) -> list[str]:
@@ -219,8 +236,9 @@ class JobSummary:
         if self.failures:
             rows = "".join(f"<tr><td>{escape(key)}</td><td>{escape(code)}</td><td>{escape(message)}</td></tr>"
                            for key, code, message in self.failures)
-            failures = (f"<details><summary>Failed rows</summary><table><tr><th>row</th><th>code</th>"
-                        f"<th>message</th></tr>{rows}</table></details>")
+            title, row, code, message = (escape(text) for text in (_("Failed rows"), _("row"), _("code"), _("message")))
+            failures = (f"<details><summary>{title}</summary><table><tr><th>{row}</th><th>{code}</th>"
+                        f"<th>{message}</th></tr>{rows}</table></details>")
         footer = "".join(f'<div class="qwen-footer" style="{FOOTER_STYLE}"><small><em>{escape(line)}</em></small></div>'
                          for line in (self.footer, *self.notes))
         return f'<div class="qwen-map-summary"><strong>{escape(self.headline)}</strong>{failures}{footer}</div>'

@@ -7,15 +7,23 @@ input's order, with the input's keys, and gives pandas objects when pandas is th
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
 from ..client import Usage
-from ..pricing import format_yuan
+from ..formats import parse_answer
+from ..i18n import _
+from ..pricing import format_money
 from ..result import COMPLETE, FAILED
 
 # A row not sent (the job stopped first: an interrupt, an account error).
 NOT_RUN = "not run"
+# A row sent in a DashScope Batch job that has not finished yet.
+PENDING = "pending"
+# The code of a row whose answer does not match --schema.
+SCHEMA_MISMATCH = "SchemaMismatch"
 
 
 @dataclass
@@ -46,6 +54,25 @@ class RowResult:
     def ok(self) -> bool:
         return self.status == COMPLETE
 
+    def judge(self, fmt: str, schema: Any = None) -> "RowResult":
+        """Parse a complete row's answer (-f json), and check it against ``schema`` (--schema):
+        a row that does not match is failed, with the first failing field; its text is kept."""
+        if fmt != "json" or self.status != COMPLETE:
+            return self
+        parsed = parse_answer("json", self.text)
+        self.value, self.format_error = parsed.value, parsed.error
+        if schema is None:
+            return self
+        problem = parsed.error
+        if problem is None:
+            self.value, problem = schema.validate(parsed.value)
+        if problem is not None:
+            self.value, self.format_error = None, None
+            self.status, self.error = FAILED, SCHEMA_MISMATCH
+            self.message = _("the answer does not match {schema}: {problem}").format(schema=schema.name,
+                                                                                      problem=problem)
+        return self
+
     def record(self) -> dict[str, Any]:
         """The row as the history keeps it (plain JSON; no key, no position: rows move)."""
         return {
@@ -74,7 +101,11 @@ class RowResult:
         if self.ok:
             printer.text(self.text)
         else:
-            printer.text(f"[row {self.key!r} {self.status}{': ' + self.error if self.error else ''}]")
+            if self.error:
+                printer.text(_("[row {key} {status}: {error}]").format(key=repr(self.key), status=self.status,
+                                                                       error=self.error))
+            else:
+                printer.text(_("[row {key} {status}]").format(key=repr(self.key), status=self.status))
 
 
 @dataclass
@@ -89,6 +120,23 @@ class MapResult(Sequence[RowResult]):
     stopped: str | None = None  # why the job stopped before every row was run
     input_index: Any = None  # the input's pandas index, kept for to_series / to_frame
     session_cost: float | None = None
+    currency: str = "CNY"  # the region's, which every cost is in
+    fields: tuple[str, ...] | None = None  # --schema: the answer's top-level fields, to_frame's columns
+    job: str | None = None  # --batch: the DashScope Batch job's id
+    notes: list[str] = field(default_factory=list)  # said under the summary (history, resume, the job's end)
+    _waiter: Any = field(default=None, repr=False, compare=False)  # --batch: what wait() waits for
+
+    def wait(self) -> "MapResult":
+        """--batch: block until the job has finished and every row is filled in (with a progress
+        line; ■ stops waiting, not the job). A result that is complete returns at once."""
+        if self._waiter is not None:
+            self._waiter.wait()
+        return self
+
+    @property
+    def pending(self) -> list[int]:
+        """--batch: positions of the rows whose job has not finished yet."""
+        return [row.position for row in self.rows if row.status == PENDING]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -136,7 +184,8 @@ class MapResult(Sequence[RowResult]):
     @property
     def cost(self) -> float | None:
         """Yuan for every row (None if the model's price is unknown)."""
-        costs = [row.cost for row in self.rows if row.status != NOT_RUN and (row.usage.input_tokens or row.cost)]
+        costs = [row.cost for row in self.rows
+                 if row.status not in (NOT_RUN, PENDING) and (row.usage.input_tokens or row.cost)]
         if any(cost is None for cost in costs):
             return None
         return sum(costs)  # type: ignore[arg-type]
@@ -158,10 +207,15 @@ class MapResult(Sequence[RowResult]):
         return pd.Series(data, index=index, name=name, dtype=object)
 
     def to_frame(self) -> Any:
-        """One row per input row: text, value, status, error, tokens and cost (pandas needed)."""
+        """One row per input row: text, value, status, error, tokens and cost (pandas needed).
+
+        With --schema, one column per field of the answer instead (None where a row failed)."""
         import pandas as pd
 
         index = self.input_index if self.input_index is not None else self.keys
+        if self.fields is not None:
+            flat = [_fields_of(row.value) for row in self.rows]
+            return pd.DataFrame({name: [values.get(name) for values in flat] for name in self.fields}, index=index)
         return pd.DataFrame(
             {
                 "text": self.texts,
@@ -178,7 +232,7 @@ class MapResult(Sequence[RowResult]):
     def summary(self) -> "JobSummary":
         from .progress import JobSummary
 
-        return JobSummary.of(self)
+        return JobSummary.of(self, tuple(dict.fromkeys(self.notes)))
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         if cycle:
@@ -190,5 +244,19 @@ class MapResult(Sequence[RowResult]):
         return self.summary().html()
 
     def __repr__(self) -> str:
-        return (f"<MapResult {len(self.rows):,} rows on {self.model}: {self.done:,} done, "
-                f"{len(self.failed):,} failed, {format_yuan(self.cost)}>")
+        return "<MapResult {said}>".format(said=_("{rows} rows on {model}: {done} done, {failed} failed, {cost}").format(
+            rows=f"{len(self.rows):,}", model=self.model, done=f"{self.done:,}", failed=f"{len(self.failed):,}",
+            cost=format_money(self.cost, self.currency)))
+
+
+def _fields_of(value: Any) -> dict[str, Any]:
+    """An answer's top-level fields: a Pydantic model's, a dataclass's or a dict's."""
+    if value is None:
+        return {}
+    if hasattr(value, "model_dump") and not isinstance(value, type):
+        return value.model_dump()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {item.name: getattr(value, item.name) for item in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return dict(value)
+    return {}

@@ -53,3 +53,20 @@ def done_rows(store: Store, job: str) -> set[str]:
 def stored_rows(store: Store, job: str) -> dict[str, dict[str, Any]]:
     """The job's rows that have a result: their records, by row digest."""
     return store.job_rows(job, COMPLETE)
+
+
+# A batch job's rows are written, and its cost counted, once: by the first kernel that collects it.
+# The mark is a row of the job's own (status "collected"), written in the same transaction.
+COLLECTED = "collected"
+
+
+def batch_mark(batch_job: str) -> str:
+    return f"batch:{batch_job}"
+
+
+def is_collected(store: Store, job: str, batch_job: str) -> bool:
+    return batch_mark(batch_job) in store.job_row_digests(job, COLLECTED)
+
+
+def mark_collected(store: Store, job: str, batch_job: str, record: dict[str, Any]) -> None:
+    store.save_job_rows(job, [(batch_mark(batch_job), COLLECTED, record)])

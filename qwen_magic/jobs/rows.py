@@ -20,6 +20,7 @@ from IPython.core.error import UsageError
 from ..client import mend
 from ..conversation import messages_for
 from ..formats import question, with_json_hint
+from ..i18n import _
 from ..prompt import filler
 
 # The names a row adds to the notebook's variables while its prompt is filled.
@@ -62,23 +63,25 @@ def collection_of(name: str, value: Any) -> Collection:
     if kind == "pandas" and hasattr(value, "items") and hasattr(value, "index"):  # a Series
         return Collection(name, list(value.items()), value.index)
     if isinstance(value, (str, bytes, bytearray)):
-        raise UsageError(f"--map {name}: {name} is one string, not a collection of rows; put it in a list.")
+        raise UsageError(_("--map {name}: {name} is one string, not a collection of rows; put it in a list.").format(
+            name=name))
     if isinstance(value, Mapping):
         return Collection(name, list(value.items()))
     if not isinstance(value, Iterable):
-        raise UsageError(f"--map {name}: a {type(value).__name__} is not a collection: give a list, tuple, dict, "
-                         "pandas Series or DataFrame.")
+        raise UsageError(_("--map {name}: a {kind} is not a collection: give a list, tuple, dict, pandas Series or "
+                           "DataFrame.").format(name=name, kind=type(value).__name__))
     if not isinstance(value, Sized):
-        raise UsageError(f"--map {name}: {name} has no length (a generator?): it would be used up by the first "
-                         f"run; make it a list first ({name} = list({name})).")
+        raise UsageError(_("--map {name}: {name} has no length (a generator?): it would be used up by the first "
+                           "run; make it a list first ({name} = list({name})).").format(name=name))
     return Collection(name, list(enumerate(value)))
 
 
 def check_template(template: str, images: tuple[str, ...]) -> None:
     """A template that names no row would ask every row the same question."""
     if not _MENTIONS_ROW.search(template) and not any(_MENTIONS_ROW.search(image) for image in images):
-        raise UsageError("--map: the prompt has no {item} (or {index}): every row would ask the same question. "
-                         "Write {item} where each row's value goes.")
+        # Translators: {item} and {index} are written as they are, not filled in.
+        raise UsageError(_("--map: the prompt has no {item} (or {index}): every row would ask the same question. "
+                           "Write {item} where each row's value goes."))
 
 
 def build_rows(
@@ -95,7 +98,7 @@ def build_rows(
         fill_prompt = filler(template, namespace, ROW_NAMES)
         fill_images = [filler(image, namespace, ROW_NAMES) for image in images]
     except UsageError as error:
-        raise UsageError(f"--map {collection.name}: {error}") from None
+        raise UsageError(_("--map {name}: {error}").format(name=collection.name, error=error)) from None
     rows = []
     for position, (key, item) in enumerate(collection.pairs):
         names = {"item": item, "index": key}
@@ -103,7 +106,8 @@ def build_rows(
             prompt = mend(fill_prompt(names))
             row_images = tuple(fill_image(names) for fill_image in fill_images)
         except UsageError as error:
-            raise UsageError(f"--map {collection.name}, row {_shown_key(key)}: {error}") from None
+            raise UsageError(_("--map {name}, row {key}: {error}").format(name=collection.name, key=_shown_key(key),
+                                                                          error=error)) from None
         request_system = with_json_hint(system, prompt) if fmt == "json" else system
         if request_system is None and not row_images:  # the usual row, built directly (50,000 of them)
             messages: tuple[Mapping[str, Any], ...] = ({"role": "user", "content": prompt},)

@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 from ..catalog import ModelInfo
 from ..client import CallState, ChatRequest, Connection, QwenAPIError, QwenClient
-from ..formats import parse_answer
 from ..limits import RateLimiter, RetryPolicy
 from ..pricing import call_cost
 from ..result import COMPLETE, FAILED
@@ -106,6 +105,7 @@ class RowCall:
     parameters: dict[str, Any]
     stream: bool
     fmt: str
+    schema: Any = None  # --schema: every answer is checked against it
 
 
 class Runner:
@@ -217,10 +217,7 @@ class Runner:
         result = RowResult(row.position, row.key, text=text, usage=usage, cost=call_cost(call.model, usage),
                            status=COMPLETE, request_id=state.request_id, elapsed=time.monotonic() - started,
                            attempts=attempts)
-        if call.fmt == "json":
-            parsed = parse_answer("json", text)
-            result.value, result.format_error = parsed.value, parsed.error
-        return result
+        return result.judge(call.fmt, call.schema)
 
     def _failed(self, row: Row, state: CallState, error: QwenAPIError, attempts: int, started: float) -> RowResult:
         usage = state.usage
