@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import kwds
@@ -283,7 +284,7 @@ class QwenMagic(Magics):
                 return Message(nothing)
         if options.map is not None:
             return self._map(cell, options)
-        try:
+        with self._keeping(options.out):
             result = self.session.ask(
                 cell,
                 options,
@@ -295,11 +296,6 @@ class QwenMagic(Magics):
                 namespace=self._namespace(),
                 context=context,
             )
-        except BaseException as error:
-            partial = getattr(error, "result", None)
-            if options.out and partial is not None:  # a failed or interrupted answer is kept too
-                self.shell.user_ns[options.out] = partial
-            raise
         if options.dry_run:
             return result
         if options.out:
@@ -317,20 +313,26 @@ class QwenMagic(Magics):
         """``--map NAME``: one request per row of the collection; the work is in jobs."""
         from .jobs.job import run_map
 
-        try:
+        with self._keeping(options.out):
             result = run_map(self.session, cell, options, self.settings(), namespace=self.shell.user_ns,
                              cell_label=f"In [{self._prompt_number()}]",
                              in_kernel=getattr(self.shell, "kernel", None) is not None, display=_display)
-        except BaseException as error:
-            partial = getattr(error, "result", None)
-            if options.out and partial is not None:  # an interrupted or stopped job keeps its rows
-                self.shell.user_ns[options.out] = partial
-            raise
         if options.dry_run:
             return result
         if options.out:
             self.shell.user_ns[options.out] = result
         return None
+
+    @contextmanager
+    def _keeping(self, out: str | None) -> Iterator[None]:
+        """``-o VAR`` gets what a failed or interrupted answer or job kept, before the error shows."""
+        try:
+            yield
+        except BaseException as error:
+            partial = getattr(error, "result", None)
+            if out and partial is not None:
+                self.shell.user_ns[out] = partial
+            raise
 
     def notebook_key(self) -> str:
         """The notebook's identity for the history: its path, as Jupyter names it."""
