@@ -16,10 +16,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from . import i18n
 from .i18n import N_, _
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .gateway import Gateway
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 OFFLINE_ENV = "QWEN_MAGIC_OFFLINE_GATEWAY"  # set for kernels that talk to the offline gateway
@@ -31,6 +34,13 @@ DESCRIPTION = N_(
     "    qwen-magic demo --headless   execute every tutorial offline; write notebooks and HTML\n"
     "    qwen-magic gateway           serve the offline DashScope gateway on 127.0.0.1"
 )
+
+
+def _gateway_banner(gateway: "Gateway") -> str:
+    return _(
+        "qwen_magic offline gateway at {url} - in a notebook: %env DASHSCOPE_BASE_URL={url} and any key, "
+        "e.g. %env DASHSCOPE_API_KEY=sk-offline (compatible mode: {compatible_url}; Ctrl-C stops)"
+    ).format(url=gateway.base_url, compatible_url=gateway.compatible_base_url)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "gateway":
         from .gateway import serve
 
-        serve(port=args.port)
+        serve(port=args.port, announce=_gateway_banner)
         return 0
     if args.headless:
         return run_headless(out=args.out, timeout=args.timeout)

@@ -27,6 +27,7 @@ class CallRecord:
     elapsed: float
     rows: int | None = None  # a job over rows (--map): one line for all its rows
     currency: str = "CNY"  # the region's, which the cost is in
+    batch: bool = False  # the job went through DashScope's Batch API (--batch)
 
 
 @dataclass
@@ -49,8 +50,10 @@ class Ledger:
         self._total_cost = sum(r.cost or 0.0 for r in self.records)
 
     def add(self, *, cell: str, chat: str | None, model: str, usage: Usage, cost: float | None,
-            status: str, elapsed: float, rows: int | None = None, currency: str = "CNY") -> CallRecord:
-        record = CallRecord(len(self.records) + 1, cell, chat, model, usage, cost, status, elapsed, rows, currency)
+            status: str, elapsed: float, rows: int | None = None, currency: str = "CNY",
+            batch: bool = False) -> CallRecord:
+        record = CallRecord(len(self.records) + 1, cell, chat, model, usage, cost, status, elapsed, rows, currency,
+                            batch)
         self.records.append(record)
         self._total_cost += cost or 0.0
         return record
@@ -88,6 +91,8 @@ class Ledger:
 
 
 def _chat_column(record: CallRecord) -> str:
+    if record.rows is not None and record.batch:
+        return ngettext("(batch, {rows:,} row)", "(batch, {rows:,} rows)", record.rows).format(rows=record.rows)
     if record.rows is not None:
         return ngettext("(map, {rows:,} row)", "(map, {rows:,} rows)", record.rows).format(rows=record.rows)
     return _(ONE_OFF) if record.chat is None else record.chat

@@ -461,7 +461,7 @@ def test_a_batch_cell_returns_at_once_and_fills_in_at_the_batch_price(shell, gw,
     magics = _magics(shell)
     [record] = magics.session.ledger.records
     assert record.rows == 3 and record.cost == pytest.approx(labels.cost) and record.currency == "CNY"
-    assert "(map, 3 rows)" in pretty(run_cell(shell, "%qwen usage").result)
+    assert "(batch, 3 rows)" in pretty(run_cell(shell, "%qwen usage").result) and record.batch
     store = magics.session.store(magics.settings())
     [(currency, cost)] = store._db.execute("SELECT currency, cost FROM calls").fetchall()
     assert currency == "CNY" and cost == pytest.approx(labels.cost)

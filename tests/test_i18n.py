@@ -567,3 +567,28 @@ def test_the_settings_descriptions_follow_the_language(shell, capsys) -> None:
     shell.run_line_magic("config", "QwenMagic.language = 'en'")
     shell.run_line_magic("config", "QwenMagic")
     assert "Model used when a cell gives no -m/--model." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("lang", "expected"), [
+    ("zh_CN.UTF-8", "qwen_magic 离线网关位于 http://127.0.0.1:{port}/api/v1。在笔记本中：%env DASHSCOPE_BASE_URL="),
+    ("C.UTF-8", "qwen_magic offline gateway at http://127.0.0.1:{port}/api/v1 - in a notebook: %env DASHSCOPE_BASE_URL="),
+])
+def test_the_gateway_command_says_where_it_is_in_the_terminals_language(lang: str, expected: str) -> None:
+    import os
+    import signal
+    import socket
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("LC_ALL", "LC_MESSAGES", "LANGUAGE")}
+    env.update(LANG=lang, PYTHONPATH=str(ROOT))
+    server = subprocess.Popen([sys.executable, "-m", "qwen_magic.cli", "gateway", "--port", str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = server.stdout.readline()
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=20)
+    assert first.startswith(expected.format(port=port)), first

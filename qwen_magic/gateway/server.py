@@ -817,23 +817,29 @@ class Gateway:
             self._log(f"{method} {path}{f' [{model}]' if model else ''} -> {status or 'dropped'}")
 
 
-def serve(host: str = "127.0.0.1", port: int = 8765, *, quiet: bool = False) -> None:
+def banner(gateway: Gateway) -> str:
+    """The line ``serve`` prints: where the gateway is, and how to point a notebook at it."""
+    return (
+        f"qwen_magic offline gateway at {gateway.base_url} - in a notebook: "
+        f"%env DASHSCOPE_BASE_URL={gateway.base_url} and any key, e.g. %env DASHSCOPE_API_KEY=sk-offline "
+        f"(compatible mode: {gateway.compatible_base_url}; Ctrl-C stops)"
+    )
+
+
+def serve(host: str = "127.0.0.1", port: int = 8765, *, quiet: bool = False,
+          announce: Callable[[Gateway], str] = banner) -> None:
     """Run a gateway in the foreground until Ctrl-C.
 
-    Prints one line saying how to point a notebook at it; unless ``quiet``,
-    also one line per request (method, path, model, status; never headers).
+    Prints one line saying how to point a notebook at it (``announce``: the command line
+    gives it in the user's language); unless ``quiet``, also one line per request (method,
+    path, model, status; never headers).
     """
 
     def log(line: str) -> None:
         print(line, flush=True)
 
     gateway = Gateway(host, port, log=None if quiet else log).start()
-    print(
-        f"qwen_magic offline gateway at {gateway.base_url} - in a notebook: "
-        f"%env DASHSCOPE_BASE_URL={gateway.base_url} and any key, e.g. %env DASHSCOPE_API_KEY=sk-offline "
-        f"(compatible mode: {gateway.compatible_base_url}; Ctrl-C stops)",
-        flush=True,
-    )
+    print(announce(gateway), flush=True)
     try:
         while True:
             # Short sleeps: Ctrl-C may reach a server thread, and then only a main thread that

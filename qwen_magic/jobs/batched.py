@@ -345,7 +345,7 @@ def settle_outcomes(session: "QwenSession", store: Store, job_key: str, job: bat
     if first and answered:
         session.ledger.add(cell=cell_label, chat=None, model=job.model, usage=usage, cost=job.cost, status=status,
                            elapsed=max((job.finished_at or time.time()) - job.submitted_at, 0.0), rows=count,
-                           currency=currency)
+                           currency=currency, batch=True)
     return first
 
 
