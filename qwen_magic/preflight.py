@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from IPython.core.error import UsageError
 
@@ -98,6 +98,25 @@ def check_input_limit(preflight: Preflight) -> None:
         ).format(tokens=preflight.input_tokens, model=preflight.model_name, limit=limit))
 
 
+def caps(money: Callable[[float], str], *, spent: float, budget: float | None, max_cost: float | None,
+         worst: float) -> list[tuple[float, str, str]]:
+    """What a call or a job may still spend: ``(amount, what it is, how to raise it)`` for the
+    cell's --max-cost and the session's budget, those that are set."""
+    found = []
+    if max_cost is not None:
+        found.append((max_cost, _("--max-cost {cost}").format(cost=money(max_cost)), _("raise --max-cost")))
+    if budget is not None:
+        left = max(budget - spent, 0.0)
+        if left:
+            what = _("the session budget ({left} left of {budget})").format(left=money(left), budget=money(budget))
+        else:
+            what = _("the session budget (used up: {spent} spent of {budget})").format(
+                spent=money(spent), budget=money(budget))
+        found.append((left, what, _("raise the budget (%qwen budget {amount})").format(
+            amount=_suggest(spent + worst))))
+    return found
+
+
 def check_cost(preflight: Preflight, *, spent: float, budget: float | None, max_cost: float | None) -> None:
     """Refuse a call whose worst case would pass --max-cost or the session's budget."""
     if budget is None and max_cost is None:
@@ -112,19 +131,7 @@ def check_cost(preflight: Preflight, *, spent: float, budget: float | None, max_
             "or turn the budget off (%qwen budget off)."
         ).format(model=preflight.model_name))
     money = preflight.money
-    limits = []
-    if max_cost is not None:
-        limits.append((max_cost, _("--max-cost {cost}").format(cost=money(max_cost)), _("raise --max-cost")))
-    if budget is not None:
-        left = max(budget - spent, 0.0)
-        if left:
-            what = _("the session budget ({left} left of {budget})").format(left=money(left), budget=money(budget))
-        else:
-            what = _("the session budget (used up: {spent} spent of {budget})").format(
-                spent=money(spent), budget=money(budget))
-        limits.append((left, what, _("raise the budget (%qwen budget {amount})").format(
-            amount=_suggest(spent + worst))))
-    for allowed, what, raise_it in limits:
+    for allowed, what, raise_it in caps(money, spent=spent, budget=budget, max_cost=max_cost, worst=worst):
         if worst > allowed:
             fits = output_tokens_affordable(model, preflight.input_tokens, allowed,
                                             thinking=preflight.thinking) - preflight.max_reasoning_tokens

@@ -14,7 +14,7 @@ from IPython.core.error import UsageError
 
 from ..catalog import ModelInfo
 from ..i18n import N_, _
-from ..preflight import content_preview, prepare
+from ..preflight import caps, content_preview, prepare
 from ..pricing import format_money
 from ..markdown import escape
 from ..tables import aligned, html_table
@@ -117,19 +117,7 @@ def check_job_cost(plan: JobPlan, *, spent: float, budget: float | None, max_cos
         raise UsageError(_(UNPRICED).format(model=plan.model_name))
     worst = plan.worst_cost * rate
     money = plan.money
-    limits = []
-    if max_cost is not None:
-        limits.append((max_cost, _("--max-cost {amount}").format(amount=money(max_cost)), _("raise --max-cost")))
-    if budget is not None:
-        left = max(budget - spent, 0.0)
-        if left:
-            what = _("the session budget ({left} left of {budget})").format(left=money(left), budget=money(budget))
-        else:
-            what = _("the session budget (used up: {spent} spent of {budget})").format(spent=money(spent),
-                                                                                       budget=money(budget))
-        limits.append((left, what, _("raise the budget (%qwen budget {amount})").format(
-            amount=_round_up(spent + worst))))
-    for allowed, what, raise_it in limits:
+    for allowed, what, raise_it in caps(money, spent=spent, budget=budget, max_cost=max_cost, worst=worst):
         if worst > allowed:
             raise UsageError(_(OVER_LIMIT).format(
                 rows=f"{len(plan.todo):,}", worst=money(worst), input=f"{plan.input_tokens:,}",
@@ -153,13 +141,6 @@ def _what_fits(plan: JobPlan, allowed: float) -> str:
     if fitting:
         return _("or map fewer rows (the first {count} fit)").format(count=f"{fitting:,}")
     return _("as not even one row fits")
-
-
-def _round_up(amount: float) -> str:
-    for step in (0.01, 0.1, 1, 10, 100, 1000):
-        if amount <= step * 10:
-            return f"{-(-amount // step) * step:g}"
-    return f"{amount:.0f}"
 
 
 @dataclass(frozen=True)
