@@ -70,6 +70,9 @@ def run(runs: int = 21, warmup: int = 2) -> dict[str, Any]:
         # A profile of its own: no user configuration or startup files, the same for both variants.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DASHSCOPE_", "JPY_"))}
         env.update(IPYTHONDIR=str(Path(tmp) / "ipython"), HOME=str(Path(tmp) / "home"))
+        # Bytecode caches, as an installed package has them (pip compiles on install): a machine
+        # that sets PYTHONDONTWRITEBYTECODE would otherwise time compiling the modules' source.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         Path(env["HOME"]).mkdir()
         for _ in range(warmup):  # creates the profile; warms the file cache
             _run_one(False, env)

@@ -1,6 +1,6 @@
 """The notebook as context: the last error, earlier cells and their outputs, files.
 
-``ErrorWatch`` is an IPython ``post_run_cell`` callback that remembers the last cell that
+``lasterror.ErrorWatch`` (a ``post_run_cell`` callback) remembers the last cell that
 raised; ``NotebookContext`` turns ``--fix``, ``--cells`` and ``--file`` into labelled blocks
 placed before the cell's question. Errors of ``%%qwen`` and ``%qwen`` cells themselves (a
 refusal, a DashScope error, an interrupted answer) are not what ``%qwen fix`` fixes: it looks
@@ -10,7 +10,6 @@ at the last error of any other cell.
 from __future__ import annotations
 
 import re
-import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Iterator
 from IPython.core.error import UsageError
 
 from .i18n import N_, _
+from .lasterror import CellError, ErrorWatch, cell_label, cell_source, strip_ansi
 
 NO_ERROR = N_("No error to fix: no cell has raised one since the kernel started.")
 ERROR_FIXED = N_("No error to fix: the cell that raised the last one (In [{number}]) has run without error since.")
@@ -31,134 +31,9 @@ FIX_SYSTEM = N_(
 )
 TRACEBACK_TOKENS = 1500
 CELL_OUTPUT_TOKENS = 500
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 _LIBRARY_DIRS = ("site-packages", "dist-packages")
-_KEPT_ERRORS = 100
 _SHELL_PACKAGES = ("IPython", "ipykernel")  # errors remembered per prompt number, for --cells
 
-
-def strip_ansi(text: str) -> str:
-    return _ANSI.sub("", text)
-
-
-# ---- the last error
-
-@dataclass(frozen=True)
-class CellError:
-    """A cell that raised: its prompt number, source and exception."""
-
-    number: int | None
-    source: str
-    error: BaseException
-    cell_id: str | None = None
-
-    @property
-    def line(self) -> str:
-        """``Type: message``, on one line."""
-        return one_line(self.error)
-
-
-def one_line(error: BaseException) -> str:
-    try:
-        lines = traceback.format_exception_only(type(error), error)
-        text = strip_ansi(lines[-1].strip()) if lines else type(error).__name__
-    except Exception:
-        text = type(error).__name__
-    return text if len(text) <= 300 else text[:299] + "…"
-
-
-def _own_error(source: str, error: BaseException) -> bool:
-    """An error of a %%qwen or %qwen cell (a refusal, a DashScope error, an interrupt)."""
-    if source.lstrip().startswith("%%qwen") or type(error).__module__.startswith("qwen_magic"):
-        return True
-    return type(error).__name__ == "UsageError" and re.search(r"^\s*%qwen\b", source, re.MULTILINE) is not None
-
-
-class ErrorWatch:
-    """``post_run_cell``: remembers the last cell that raised, and which cells raised what."""
-
-    def __init__(self) -> None:
-        self.last: CellError | None = None
-        self.fixed_by: int | None = None  # the prompt number of a later, clean run of that cell
-        self.by_number: dict[int, str] = {}
-
-    def __call__(self, result: Any) -> None:
-        try:
-            self._see(result)
-        except Exception:  # a callback must never break the user's cells
-            pass
-
-    def _see(self, result: Any) -> None:
-        if result is None:
-            return
-        info = getattr(result, "info", None)
-        source = getattr(info, "raw_cell", "") or ""
-        cell_id = getattr(info, "cell_id", None)
-        number = getattr(result, "execution_count", None)
-        error = result.error_before_exec if result.error_before_exec is not None else result.error_in_exec
-        if error is None:
-            if self.last is not None and cell_id and cell_id == self.last.cell_id and self.fixed_by is None:
-                self.fixed_by = number
-            return
-        if not isinstance(error, Exception) or _own_error(source, error):
-            return
-        self.last = CellError(number, source, error, cell_id)
-        self.fixed_by = None
-        if number is not None:
-            self.by_number[number] = one_line(error)
-            while len(self.by_number) > _KEPT_ERRORS:
-                del self.by_number[next(iter(self.by_number))]
-
-    def last_error(self, shell: Any) -> CellError | None:
-        """The watched error; else the one IPython keeps (raised before the extension was loaded)."""
-        if self.last is not None:
-            return self.last
-        error = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-        if not isinstance(error, Exception):
-            return None
-        number = _cell_number(shell, error)
-        source = _source(shell, number) if number is not None else ""
-        if _own_error(source, error):
-            return None
-        return CellError(number, source, error)
-
-
-def _cell_label(shell: Any, filename: str) -> str | None:
-    """``In [3]`` for code compiled from a cell, as IPython's tracebacks name it."""
-    compiler = getattr(shell, "compile", None)
-    try:
-        named = compiler.format_code_name(filename) if compiler is not None else None
-    except Exception:
-        named = None
-    if not named:
-        return None
-    number = named[1].removeprefix("In[").removesuffix("]")
-    return f"In [{number}]"
-
-
-def _cell_number(shell: Any, error: BaseException) -> int | None:
-    """The prompt number of the cell the traceback starts in (for a SyntaxError, its file)."""
-    filenames = [frame.filename for frame in traceback.extract_tb(error.__traceback__)]
-    if isinstance(error, SyntaxError) and error.filename:
-        filenames.insert(0, error.filename)
-    for filename in filenames:
-        label = _cell_label(shell, filename)
-        if label is not None:
-            try:
-                return int(label[4:-1])
-            except ValueError:
-                return None
-    return None
-
-
-def _source(shell: Any, number: int | None) -> str:
-    history = getattr(getattr(shell, "history_manager", None), "input_hist_raw", None) or []
-    if number is None or not 0 < number < len(history):
-        return ""
-    return str(history[number])
-
-
-# ---- the traceback as text
 
 def traceback_text(shell: Any, error: BaseException, limit: int = TRACEBACK_TOKENS) -> tuple[str, int]:
     """The error's traceback, oldest exception first, innermost frames last, without colours,
@@ -176,7 +51,7 @@ def traceback_text(shell: Any, error: BaseException, limit: int = TRACEBACK_TOKE
         pieces.append((cut(_exception_only(shell, exception), limit // 3).text, False))
     counts = [count_text(text) for text, _droppable in pieces]
     total, dropped = sum(counts), 0
-    for at, (_, droppable) in enumerate(pieces):  # outermost first
+    for at, (_text, droppable) in enumerate(pieces):  # outermost first
         if total <= limit:
             break
         if droppable:
@@ -232,7 +107,7 @@ def _frames(shell: Any, error: BaseException) -> Iterator[str]:
                 yield f"[Previous frame repeated {repeated} more time(s)]"
             yield _folded(folded)
             folded, previous, repeated = [], "", 0
-        label = _cell_label(shell, frame.filename)
+        label = cell_label(shell, frame.filename)
         where = f"Cell {label}" if label else f"File {frame.filename}"
         line = (frame.line or "").strip()
         text = f"{where}, line {frame.lineno}, in {frame.name}" + (f"\n    {line}" if line else "")
@@ -268,7 +143,7 @@ def _exception_only(shell: Any, error: BaseException) -> str:
     # A SyntaxError names the cell's file: as IPython does, name the cell instead.
     filename = getattr(error, "filename", None) if isinstance(error, SyntaxError) else None
     if filename:
-        label = _cell_label(shell, filename)
+        label = cell_label(shell, filename)
         if label:
             text = text.replace(f'File "{filename}"', f"Cell {label}")
     return text
@@ -359,7 +234,7 @@ class NotebookContext:
         outputs = getattr(getattr(self.shell, "history_manager", None), "output_hist", {}) or {}
         parts = ["Earlier cells of this notebook:"]
         for number in numbers:
-            parts.append(f"In [{number}]:\n\n{fenced(_source(self.shell, number), 'python')}")
+            parts.append(f"In [{number}]:\n\n{fenced(cell_source(self.shell, number), 'python')}")
             if number in outputs:
                 text = render(outputs[number], CELL_OUTPUT_TOKENS).text
                 parts.append(f"Out [{number}]:\n\n{fenced(text, 'text')}")

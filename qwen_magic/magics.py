@@ -221,7 +221,7 @@ class QwenMagic(Magics):
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
         self._session: QwenSession | None = None
-        from .context import ErrorWatch
+        from .lasterror import ErrorWatch
 
         # The last cell that raised, for %qwen fix (a few lines of plain Python per cell).
         self.errors = ErrorWatch()
