@@ -551,7 +551,7 @@ class QwenSession:
         preflight = prepare(plan.model_name, plan.model, request.messages, max_tokens=options.max_tokens,
                             thinking=options.thinking, thinking_budget=options.thinking_budget,
                             extra_tokens=tools_tokens(plan.tools) + calls_tokens(request.messages),
-                            currency=plan.region.currency.code)
+                            currency=plan.region.currency.code, cache_marked=plan.explicit_cache)
         spent = sum(call_cost(plan.model, usage, explicit_cache=plan.explicit_cache) or 0.0 for usage in exchange.usages)
         try:
             check_input_limit(preflight)
@@ -676,7 +676,7 @@ class QwenSession:
             messages = with_cache_markers(messages)
         preflight = prepare(model_name, model, messages, max_tokens=options.max_tokens, thinking=options.thinking,
                             thinking_budget=options.thinking_budget, extra_tokens=tool_tokens,
-                            currency=region.currency.code)
+                            currency=region.currency.code, cache_marked=explicit_cache)
         return _Plan(prompt, fmt, model_name, model, chat, system, window, messages, preflight, region, notes=notes,
                      tools=tools, schema=schema, strict=strict, explicit_cache=explicit_cache)
 

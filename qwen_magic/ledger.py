@@ -42,12 +42,15 @@ class ModelTotals:
 @dataclass
 class Ledger:
     records: list[CallRecord] = field(default_factory=list)
-    # Kept as calls are added (in the same order a sum would add them): every cell reads it
+    # Kept as calls are added (in the same order a sum would add them): every cell reads them
     # twice, and a long session has thousands of calls.
     _total_cost: float = field(default=0.0, init=False, repr=False)
+    _by_currency: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._total_cost = sum(r.cost or 0.0 for r in self.records)
+        for record in self.records:
+            self._by_currency[record.currency] = self._by_currency.get(record.currency, 0.0) + (record.cost or 0.0)
 
     def add(self, *, cell: str, chat: str | None, model: str, usage: Usage, cost: float | None,
             status: str, elapsed: float, rows: int | None = None, currency: str = "CNY",
@@ -56,19 +59,15 @@ class Ledger:
                             batch)
         self.records.append(record)
         self._total_cost += cost or 0.0
+        self._by_currency[currency] = self._by_currency.get(currency, 0.0) + (cost or 0.0)
         return record
 
     def total_in(self, currency: str) -> float:
         """Spent this session in one currency (yuan and dollars are never added together)."""
-        if all(record.currency == currency for record in self.records):
-            return self._total_cost
-        return sum(r.cost or 0.0 for r in self.records if r.currency == currency)
+        return self._by_currency.get(currency, 0.0)
 
     def totals_by_currency(self) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for record in self.records:
-            totals[record.currency] = totals.get(record.currency, 0.0) + (record.cost or 0.0)
-        return totals
+        return dict(self._by_currency)
 
     @property
     def total_cost(self) -> float:

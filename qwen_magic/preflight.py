@@ -65,12 +65,14 @@ def prepare(
     thinking_budget: int | None = None,
     extra_tokens: int = 0,
     currency: str = "CNY",
+    cache_marked: bool = False,
 ) -> Preflight:
     """Count the request's input tokens (chat template included) and estimate its cost.
 
     The worst case is the longest answer, plus, when the model thinks, the longest thinking:
     ``--max-tokens`` bounds the answer alone, and the thinking is billed as output too.
-    ``extra_tokens``: input beyond the messages (the tools' definitions).
+    ``extra_tokens``: input beyond the messages (the tools' definitions). ``cache_marked``: the
+    messages carry explicit-cache markers (--cache), whose prefix the dry run prices.
     """
     thinking = thinking or (model is not None and model.thinking == "only")
     extra = (model.extra_input_tokens(thinking) if model else 0) + extra_tokens
@@ -79,7 +81,7 @@ def prepare(
     max_answer = max_tokens or longest
     # The catalog gives no separate thinking limit: a budget bounds it, else the longest output.
     max_reasoning = (thinking_budget or longest) if thinking else 0
-    cached_end = prefix_end(messages)
+    cached_end = prefix_end(messages) if cache_marked else 0
     prefix_tokens = count_chat_input(messages[:cached_end]) if cached_end else 0
     return Preflight(
         model_name, model, tuple(messages), input_tokens,
