@@ -375,24 +375,27 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ---- chat
 
+    def _answer_for(self, record: RecordedRequest, options: Mapping[str, Any]) -> _Answer:
+        """The reply to a chat request (scripted, matched by content, or the default one), with the
+        context cache applied; ``options`` are where the protocol puts them (native parameters,
+        the compatible body)."""
+        registry = self.server.registry
+        return _Answer.compose(
+            registry.context_cache.applied(registry.reply_for(record), str(record.model), record.messages),
+            model=str(record.model),
+            messages=record.messages,
+            thinking=options.get("enable_thinking") is True,
+            json_mode=_json_mode(options),
+            parameters=record.parameters,
+            schema=_answer_schema(options),
+        )
+
     def _native_chat(self, record: RecordedRequest) -> None:
-        failure = self._gate(record, "native")
+        failure = self._gate(record, "native") or _tools_problem(record)
         if failure:
             return self._reject("native", failure)
         parameters = record.parameters
-        failure = _tools_problem(record)
-        if failure:
-            return self._reject("native", failure)
-        answer = _Answer.compose(
-            self.server.registry.context_cache.applied(self.server.registry.reply_for(record), str(record.model),
-                                                       record.messages),
-            model=str(record.model),
-            messages=record.messages,
-            thinking=parameters.get("enable_thinking") is True,
-            json_mode=_json_mode(parameters),
-            parameters=parameters,
-            schema=_answer_schema(parameters),
-        )
+        answer = self._answer_for(record, parameters)
         encoder = _NativeEncoder(
             answer,
             incremental=parameters.get("incremental_output") is True,
@@ -401,23 +404,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._respond(answer, encoder, protocol="native", streaming=record.stream)
 
     def _compatible_chat(self, record: RecordedRequest) -> None:
-        failure = self._gate(record, "openai")
+        failure = self._gate(record, "openai") or _tools_problem(record)
         if failure:
             return self._reject("openai", failure)
         body = record.body or {}
-        failure = _tools_problem(record)
-        if failure:
-            return self._reject("openai", failure)
-        answer = _Answer.compose(
-            self.server.registry.context_cache.applied(self.server.registry.reply_for(record), str(record.model),
-                                                       record.messages),
-            model=str(record.model),
-            messages=record.messages,
-            thinking=body.get("enable_thinking") is True,
-            json_mode=_json_mode(body),
-            parameters=record.parameters,
-            schema=_answer_schema(body),
-        )
+        answer = self._answer_for(record, body)
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         encoder = _CompatibleEncoder(answer, include_usage=include_usage)
