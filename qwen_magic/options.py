@@ -138,17 +138,17 @@ _CELL_ARGUMENTS = (
         "--map",
         metavar="NAME",
         dest="map",
-        help="Ask once per element of the notebook's collection NAME (list, dict, pandas Series or "
-        "DataFrame): {item} is the element, {index} its position or key.",
+        help=N_("Ask once per element of the notebook's collection NAME (list, dict, pandas Series or "
+                "DataFrame): {item} is the element, {index} its position or key."),
     ),
-    argument("--concurrency", type=int, metavar="N", help="--map: most requests in flight (default: QwenMagic.concurrency)."),
-    argument("--fresh", action="store_true", help="--map: ask every row again, not only those without a result."),
+    argument("--concurrency", type=int, metavar="N", help=N_("--map: most requests in flight (default: QwenMagic.concurrency).")),
+    argument("--fresh", action="store_true", help=N_("--map: ask every row again, not only those without a result.")),
     # ---- DashScope Batch (--map ... --batch)
     argument("--batch", action="store_true",
-             help="--map: send the rows as one DashScope Batch job (half price, answers within the window); "
-             "the cell returns at once and -o fills in when the job completes."),
+             help=N_("--map: send the rows as one DashScope Batch job (half price, answers within the window); "
+                     "the cell returns at once and -o fills in when the job completes.")),
     argument("--batch-window", dest="batch_window", metavar="WINDOW",
-             help="--batch: the completion window, 24h (default) to 336h, or 1d to 14d."),
+             help=N_("--batch: the completion window, 24h (default) to 336h, or 1d to 14d.")),
 )
 
 
@@ -340,34 +340,37 @@ class CellOptions:
     def validate_job(self) -> None:
         """--map's own options, and the cell options that mean nothing for independent rows."""
         if self.batch_window is not None and not self.batch:
-            raise UsageError("--batch-window is the completion window of a batch job: add --batch (with --map NAME).")
+            raise UsageError(_("--batch-window is the completion window of a batch job: add --batch (with --map NAME)."))
         if self.map is None:
             for given, name in ((self.concurrency is not None, "--concurrency"), (self.fresh, "--fresh"),
                                 (self.batch, "--batch")):
                 if given:
-                    raise UsageError(f"{name} is for jobs over rows: add --map NAME.")
+                    raise UsageError(_("{name} is for jobs over rows: add --map NAME.").format(name=name))
             return
         if not self.map.isidentifier() or keyword.iskeyword(self.map):
-            raise UsageError(f"--map needs the name of a notebook variable, not {_shown(self.map)}.")
+            raise UsageError(_("--map needs the name of a notebook variable, not {name}.").format(name=_shown(self.map)))
         if self.concurrency is not None and not 1 <= self.concurrency <= MAX_CONCURRENCY:
-            raise UsageError(f"--concurrency must be from 1 to {MAX_CONCURRENCY} requests, not {self.concurrency}.")
+            raise UsageError(_("--concurrency must be from 1 to {most} requests, not {given}.").format(
+                most=MAX_CONCURRENCY, given=self.concurrency))
         refused = (
-            (self.chat != "default", "-c/--chat", "each row is a one-off question, in no chat"),
-            (self.new, "-n/--new", "each row is a one-off question, in no chat"),
-            (self.max_history is not None, "--max-history", "each row is a one-off question, with no history"),
-            (self.format == "code", "-f code", "it puts one answer's code in a new cell; use -f text or -f json"),
-            (not self.interpolate, "--no-interp", "each row's {item} must be filled in"),
-            (self.fix, "--fix", "it asks about one error, not about rows"),
-            (self.cells is not None, "--cells", "each row is asked on its own, without the notebook's cells"),
-            (bool(self.files), "--file", "each row is asked on its own, without files"),
-            (bool(self.tools), "--tools", "each row is one request, with no calls to run in between"),
+            (self.chat != "default", "-c/--chat", N_("each row is a one-off question, in no chat")),
+            (self.new, "-n/--new", N_("each row is a one-off question, in no chat")),
+            (self.max_history is not None, "--max-history", N_("each row is a one-off question, with no history")),
+            (self.format == "code", "-f code", N_("it puts one answer's code in a new cell; use -f text or -f json")),
+            (not self.interpolate, "--no-interp", N_("each row's {{item}} must be filled in")),
+            (self.fix, "--fix", N_("it asks about one error, not about rows")),
+            (self.cells is not None, "--cells", N_("each row is asked on its own, without the notebook's cells")),
+            (bool(self.files), "--file", N_("each row is asked on its own, without files")),
+            (bool(self.tools), "--tools", N_("each row is one request, with no calls to run in between")),
         )
         for given, name, why in refused:
             if given:
-                raise UsageError(f"{name} cannot be used with --map: {why}.")
+                # Translators: {why} is one of the reasons above, already in the current language.
+                raise UsageError(_("{name} cannot be used with --map: {why}.").format(
+                    name=name, why=_(why).replace("{{", "{").replace("}}", "}")))
         if self.batch and self.concurrency is not None:
-            raise UsageError("--concurrency cannot be used with --batch: the service runs a batch's rows at its own "
-                             "pace.")
+            raise UsageError(_("--concurrency cannot be used with --batch: the service runs a batch's rows at its "
+                               "own pace."))
 
     def parameters(self) -> dict[str, Any]:
         """The request parameters that were given, as the SDK names them."""

@@ -381,10 +381,20 @@ def test_a_daily_limit_refuses_a_job_whole_and_holds_one_that_fits(shell, gatewa
     gateway.script_matching("review 0", Reply(text="ok"))
     import threading
 
-    watcher = threading.Timer(0.1, lambda: seen.extend(open_reservations(shell)))
+    ended = threading.Event()
+
+    def watch() -> None:  # the hold, seen while the job runs (however long its planning takes)
+        while not ended.is_set() and not seen:
+            seen.extend(open_reservations(shell))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    assert run_cell(shell, "%%qwen --map rows -o out --max-tokens 20 -m qwen-plus\nClassify {item}").success
-    watcher.join()
+    try:
+        assert run_cell(shell, "%%qwen --map rows -o out --max-tokens 20 -m qwen-plus\nClassify {item}").success
+    finally:
+        ended.set()
+        watcher.join()
     assert len(seen) == 1 and seen[0][1] == "--map rows (30 rows)" and seen[0][0] > 0
     assert open_reservations(shell) == []
     magics = shell.magics_manager.registry["QwenMagic"]
