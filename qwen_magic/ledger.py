@@ -44,11 +44,9 @@ class Ledger:
     records: list[CallRecord] = field(default_factory=list)
     # Kept as calls are added (in the same order a sum would add them): every cell reads them
     # twice, and a long session has thousands of calls.
-    _total_cost: float = field(default=0.0, init=False, repr=False)
     _by_currency: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._total_cost = sum(r.cost or 0.0 for r in self.records)
         for record in self.records:
             self._by_currency[record.currency] = self._by_currency.get(record.currency, 0.0) + (record.cost or 0.0)
 
@@ -58,7 +56,6 @@ class Ledger:
         record = CallRecord(len(self.records) + 1, cell, chat, model, usage, cost, status, elapsed, rows, currency,
                             batch)
         self.records.append(record)
-        self._total_cost += cost or 0.0
         self._by_currency[currency] = self._by_currency.get(currency, 0.0) + (cost or 0.0)
         return record
 
@@ -71,8 +68,9 @@ class Ledger:
 
     @property
     def total_cost(self) -> float:
-        """Yuan spent this session (calls of unknown price count as 0, and are flagged)."""
-        return self._total_cost
+        """Spent this session, all currencies added (calls of unknown price count as 0): for a
+        session in one region; ``total_in`` keeps yuan and dollars apart."""
+        return sum(self._by_currency.values())
 
     def per_model(self) -> dict[tuple[str, str], ModelTotals]:
         """Totals per (model, currency): a model used in two regions is billed in two currencies."""

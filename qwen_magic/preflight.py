@@ -23,6 +23,7 @@ from .pricing import (
     estimate,
     format_money,
     output_tokens_affordable,
+    round_figure,
 )
 from .tables import aligned, html_table
 from .tokens import count_chat_input
@@ -115,7 +116,7 @@ def caps(money: Callable[[float], str], *, spent: float, budget: float | None, m
             what = _("the session budget (used up: {spent} spent of {budget})").format(
                 spent=money(spent), budget=money(budget))
         found.append((left, what, _("raise the budget (%qwen budget {amount})").format(
-            amount=_suggest(spent + worst))))
+            amount=round_figure(spent + worst))))
     return found
 
 
@@ -190,15 +191,6 @@ def cache_saving(p: Preflight) -> str | None:
     return _("{tokens:,} prefix tokens marked: {saved} saved when read from the cache (at 10%), {extra} more "
              "the first time they are written (at 125%)").format(tokens=p.cache_prefix_tokens,
                                                                  saved=p.money(saved), extra=p.money(extra))
-
-
-def _suggest(amount: float) -> str:
-    """A round figure at least ``amount``, for the user to type."""
-    for step in (0.01, 0.1, 1, 10, 100, 1000):
-        if amount <= step * 10:
-            rounded = -(-amount // step) * step
-            return f"{rounded:g}"
-    return f"{amount:.0f}"
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,14 @@ def format_money(amount: float | None, currency: str = "CNY") -> str:
     return f"{sign}{text}" if sign else f"{text} {currency}"
 
 
+def round_figure(amount: float) -> str:
+    """A round figure at least ``amount``, for the user to type (a budget or a limit to set)."""
+    for step in (0.01, 0.1, 1, 10, 100, 1000):
+        if amount <= step * 10:
+            return f"{-(-amount // step) * step:g}"
+    return f"{amount:.0f}"
+
+
 def format_yuan(amount: float | None) -> str:
     """Yuan with enough digits to matter (``format_money`` in CNY)."""
     return format_money(amount, "CNY")

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Callable
 from IPython.core.error import UsageError
 
 from .i18n import N_, _
-from .pricing import format_money
+from .pricing import format_money, round_figure
 from .store import Owner, Store, StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -208,16 +208,8 @@ def refusal(standing: Standing, worst: float, now: float) -> str:
         worst=money(worst), period=standing.period, period_name=period_name(standing.period),
         limit=money(standing.limit), spent=money(standing.spent),
         since=_(_SINCE[standing.period]), reserved=money(standing.reserved),
-        left=money(standing.left), suggested=_round_up(needed), resets=_resets(standing.period, now),
+        left=money(standing.left), suggested=round_figure(needed), resets=_resets(standing.period, now),
     )
-
-
-def _round_up(amount: float) -> str:
-    """A round figure at least ``amount``, for the user to type."""
-    for step in (0.01, 0.1, 1, 10, 100, 1000):
-        if amount <= step * 10:
-            return f"{-(-amount // step) * step:g}"
-    return f"{amount:.0f}"
 
 
 # ---- one %%qwen call: the engine's two steps
