@@ -139,6 +139,7 @@ class _Ticker:
     def __init__(self) -> None:
         self._lock = threading.Lock()  # held while the view is ticked: release() waits for it
         self._active = threading.Event()
+        self._woken = threading.Event()  # a new view to watch: the sleep ends at once
         self._closed = False
         self._thread: threading.Thread | None = None
         self._view: View | None = None
@@ -155,6 +156,7 @@ class _Ticker:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="qwen-magic-ticker", daemon=True)
             self._thread.start()
+        self._woken.set()
         self._active.set()
 
     def release(self) -> None:
@@ -166,30 +168,38 @@ class _Ticker:
     def close(self) -> None:
         self._closed = True
         self.release()
+        self._woken.set()
         self._active.set()
 
     def _run(self) -> None:
+        delay = self.PERIOD
         while not self._closed:
             self._active.wait()
-            time.sleep(self.PERIOD)
+            if self._woken.wait(delay):
+                self._woken.clear()  # a new view (or close): ticked at once
+            delay = self.PERIOD
             with self._lock:
                 if self._view is not None and not self._closed:
                     try:
-                        self._tick(self._view)
+                        delay = self._tick(self._view)
                     except Exception:  # the live view is best effort; the answer's own
                         self._view = None  # output is written by the cell, which reports failures
 
-    def _tick(self, view: View) -> None:
+    def _tick(self, view: View) -> float:
+        """Tick ``view``; return the seconds to sleep before the next tick."""
         view.tick()
         if self.text_started:
-            return
+            # The views pace their updates: waking before one is due would only take the
+            # interpreter from the stream (a fast answer's frames leave it no idle time).
+            return max(self.PERIOD, view.next_update_in())
         waited = time.monotonic() - self._since
         if waited < self.WAIT_SHOWN_AFTER:
-            return
+            return self.PERIOD
         second = int(waited)
         if second != self._shown_second:
             self._shown_second = second
             view.waiting(_("Waiting for {model}… {seconds} s").format(model=self._model, seconds=second))
+        return self.PERIOD
 
 
 @contextmanager

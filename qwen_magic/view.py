@@ -55,6 +55,9 @@ class View(Protocol):
     def tick(self) -> None:
         """While streaming, called every few ms from a timer thread: send what is pending."""
 
+    def next_update_in(self) -> float:
+        """Seconds until an update may go out (0: now); the timer thread sleeps until then."""
+
     def notice(self, text: str) -> None:
         """Before any text: a wait or a retry the user should know about."""
 
@@ -135,6 +138,10 @@ class _Pacer:
 
     def spent(self, messages: int = 1) -> None:
         self._next = self._clock() + self._interval * max(messages, 1)
+
+    def wait(self) -> float:
+        """Seconds until the next update is due (0: it is)."""
+        return max(self._next - self._clock(), 0.0)
 
 
 # What a live view shows, in the browser. The model keeps the answer's HTML so far (its
@@ -568,6 +575,9 @@ class WidgetView:
         self._unread.answer = answer
         self.tick()
 
+    def next_update_in(self) -> float:
+        return self._pacer.wait()
+
     def tick(self) -> None:
         with self._lock:
             if not self._pacer.due():
@@ -702,6 +712,9 @@ class MarkdownView:
         self._unread.answer = answer
         self.tick()
 
+    def next_update_in(self) -> float:
+        return self._pacer.wait()
+
     def tick(self) -> None:
         with self._lock:
             if self._unread and self._pacer.due():
@@ -766,6 +779,9 @@ class TerminalView:
             self._thinking.append("\n" + _("[answer]") + "\n")
         self._unread.answer = answer
         self.tick()
+
+    def next_update_in(self) -> float:
+        return self._pacer.wait()
 
     def tick(self) -> None:
         with self._lock:
