@@ -712,7 +712,11 @@ class Gateway:
                 daemon=True,
             )
             self._thread.start()
-            # Load the tokenizer (~0.4 s) now, not during the first request's headers.
+            # Load the tokenizer (~0.4 s) now, not during the first request's headers. Its package
+            # is imported here first: imported by two threads at once (this one and a caller's),
+            # dashscope's circular imports can see each other half done.
+            import dashscope  # noqa: F401
+
             threading.Thread(target=count_text, args=("warm up",), daemon=True).start()
         return self
 
