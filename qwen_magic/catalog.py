@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, Mapping
 
 from .i18n import N_, _
@@ -230,15 +231,31 @@ def user_catalog_path() -> Path:
     named = os.environ.get("QWEN_MAGIC_MODELS")
     if named:
         return Path(named).expanduser()
+    return _default_user_catalog_path(os.environ.get("XDG_CONFIG_HOME"), os.environ.get("HOME"))
+
+
+@functools.lru_cache(maxsize=4)
+def _default_user_catalog_path(_config_home: str | None, _home: str | None) -> Path:
+    """Asked of platformdirs once per value of what it reads (the arguments, only a key)."""
     from platformdirs import user_config_dir
 
     return Path(user_config_dir("qwen-magic")) / "models.toml"
+
+
+@functools.lru_cache(maxsize=4)
+def _users_over(sheet: Path, path: Path, _stamp: tuple[int, int, int]) -> Catalog:
+    """The built-in ``sheet`` with the user's file over it, read again once the file changed."""
+    return builtin_catalog(sheet).with_overrides(_read(path), str(path))
 
 
 def load_catalog(overrides: Mapping[str, Mapping[str, Any]] | None = None, sheet: Path = BUILTIN_PATH) -> Catalog:
     """Built-in figures (the region's ``sheet``), then the user's file, then the trait's overrides."""
     catalog = builtin_catalog(sheet)
     path = user_catalog_path()
-    if path.is_file():
-        catalog = catalog.with_overrides(_read(path), str(path))
+    try:
+        stat = path.stat()
+    except (OSError, ValueError):
+        stat = None
+    if stat is not None and S_ISREG(stat.st_mode):
+        catalog = _users_over(sheet, path, (stat.st_mtime_ns, stat.st_size, stat.st_ino))
     return catalog.with_overrides(overrides or {}, "QwenMagic.models")

@@ -9,6 +9,7 @@ imported here, lazily, so that ``%load_ext`` stays fast.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import threading
@@ -421,13 +422,18 @@ def _read_last_frame(state: CallState, frame: Any, choice: Any) -> None:
 class QwenClient:
     """One dashscope ``Client`` per effective configuration, reused across cells.
 
-    The configuration is resolved again for every call (explicit settings, then
-    dashscope's environment variables and files), so a key exported in a cell after a
-    failed attempt is picked up, while the client and its connection pool are reused.
+    The configuration follows what dashscope reads at every call (explicit settings, then
+    its environment variables and files), so a key exported in a cell after a failed attempt
+    is picked up, while the client and its connection pool are reused. It is resolved again
+    only when one of those changed (``_config_inputs``).
     """
+
+    # Configurations kept: one per connection and set of inputs (a notebook uses a few).
+    CONFIGS_KEPT = 16
 
     def __init__(self) -> None:
         self._clients: dict[tuple[Any, ...], "dashscope.Client"] = {}
+        self._configs: dict[tuple[Any, ...], Any] = {}
         self._lock = threading.Lock()
 
     def sdk_client(self, connection: Connection) -> "dashscope.Client":
@@ -438,10 +444,19 @@ class QwenClient:
         """
         from IPython.core.error import UsageError
 
-        try:
-            config = _resolved_config(connection)
-        except ValueError as error:  # DASHSCOPE_REGION, DASHSCOPE_TIMEOUT, config.toml
-            raise UsageError(_("dashscope's configuration cannot be used: {error}").format(error=error)) from None
+        inputs = _config_inputs()
+        key = None if inputs is None else (connection, inputs)
+        config = None if key is None else self._configs.get(key)
+        if config is None:
+            try:
+                config = _resolved_config(connection)
+            except ValueError as error:  # DASHSCOPE_REGION, DASHSCOPE_TIMEOUT, config.toml
+                raise UsageError(_("dashscope's configuration cannot be used: {error}").format(error=error)) from None
+            if key is not None:
+                with self._lock:
+                    if len(self._configs) >= self.CONFIGS_KEPT:
+                        self._configs.clear()
+                    self._configs[key] = config
         identity = (
             config.api_key,
             config.protocol_base_url,
@@ -726,6 +741,55 @@ class _Mender:
         """What is held when the text ends: a lone half of a pair, replaced."""
         held, self.held = self.held, ""
         return mend(held)
+
+
+def _file_stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
+def _config_inputs() -> tuple[Any, ...] | None:
+    """What dashscope's ``resolve_config`` reads besides its arguments, as a key: its environment
+    variables, the values set on ``dashscope.settings``, and its two files (by change time).
+    ``None`` where they cannot all be told (another SDK version): resolved every time then."""
+    inputs = _dashscope_inputs()
+    if inputs is None:
+        return None
+    variables, setting_names, config_variable, default_config, key_file_variable, default_key_file = inputs
+    from dashscope.v2._config import settings
+
+    environ = os.environ
+    try:
+        explicit = tuple(settings.get_explicit(name) for name in setting_names)
+        hash(explicit)
+    except Exception:  # a value that is not a plain one: never wrong to resolve again
+        return None
+    config_file = os.path.expanduser(environ.get(config_variable) or default_config)
+    key_file = os.path.expanduser(environ.get(key_file_variable) or default_key_file)
+    return (tuple(environ.get(name) for name in variables), explicit,
+            _file_stamp(config_file), _file_stamp(key_file), config_file, key_file)
+
+
+@functools.lru_cache(maxsize=1)
+def _dashscope_inputs() -> tuple[tuple[str, ...], tuple[str, ...], str, str, str, str] | None:
+    """The names dashscope's configuration reads: its variables, settings and default files."""
+    try:
+        from dashscope.v2 import _config
+
+        variables = tuple(sorted(value for name, value in vars(_config).items()
+                                 if name.endswith("_ENV") and isinstance(value, str)))
+        setting_names = tuple(sorted(name for name, value in vars(type(_config.settings)).items()
+                                     if isinstance(value, property)))
+        found = (variables, setting_names, _config._CONFIG_PATH_ENV, _config._DEFAULT_CONFIG_PATH,
+                 _config._API_KEY_FILE_PATH_ENV, _config._DEFAULT_API_KEY_FILE_PATH)
+    except (ImportError, AttributeError):
+        return None
+    if "DASHSCOPE_API_KEY" not in variables or "api_key" not in setting_names:
+        return None
+    return found
 
 
 def _resolved_config(connection: Connection) -> Any:

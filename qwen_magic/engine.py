@@ -46,7 +46,7 @@ from .pricing import UNKNOWN_PRICE_HINT, call_cost
 from .regions import Region, resolve_region
 from .result import COMPLETE, FAILED, INTERRUPTED, QwenResult
 from .spending import DEFAULT_RESERVATION_TIMEOUT, Hold, reserve_call, reserve_job
-from .store import QUICK_LOCK_WAIT, Owner, Store, StoreError, default_store_path, describe
+from .store import QUICK_LOCK_WAIT, Owner, Store, StoreError, default_store_path, describe, expanded_path
 from .tokens import count_chat_input, count_text
 from .view import LiveWidgets, View, make_view
 
@@ -286,7 +286,7 @@ class QwenSession:
         return self.chats.setdefault(name, Chat(name))
 
     def store_path(self, settings: Settings) -> Path:
-        return Path(settings.store_path).expanduser() if settings.store_path else default_store_path()
+        return expanded_path(settings.store_path) if settings.store_path else default_store_path()
 
     def store(self, settings: Settings) -> Store:
         """The history file (opened once per path); ``StoreError`` says why it cannot be used.

@@ -14,7 +14,7 @@ from traitlets import Bool, Dict, Enum, Float, Int, TraitError, Unicode, observe
 from . import magic_help
 from .i18n import N_, _
 from .i18n import use as use_language
-from .options import CellOptions, cell_arguments, has_control_characters, parse_cell_line, url_problem
+from .options import CellOptions, cell_arguments, cell_options, has_control_characters, url_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import QwenSession, Settings
@@ -274,7 +274,7 @@ class QwenMagic(Magics):
             from .commands import run_command
 
             return run_command(self, line)
-        options = CellOptions.from_namespace(parse_cell_line(self.qwen, line))
+        options = cell_options(self.qwen, line)
         context = self._notebook_context()
         if options.fix:
             nothing = context.nothing_to_fix()

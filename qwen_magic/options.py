@@ -167,6 +167,23 @@ def parse_cell_line(magic: Callable[..., Any], line: str) -> argparse.Namespace:
                            "quotes).").format(error=error)) from None
 
 
+# The options of lines read before: a cell run again (or a benchmark's loop) does not parse its
+# line again. Options are a value of the line alone; refusals are never kept.
+_READ_LINES: dict[str, "CellOptions"] = {}
+_READ_LINES_KEPT = 64
+
+
+def cell_options(magic: Callable[..., Any], line: str) -> "CellOptions":
+    """The ``%%qwen`` line's options, checked; a ``UsageError`` says what is wrong with it."""
+    options = _READ_LINES.get(line)
+    if options is None:
+        options = CellOptions.from_namespace(parse_cell_line(magic, line))
+        if len(_READ_LINES) >= _READ_LINES_KEPT:
+            _READ_LINES.pop(next(iter(_READ_LINES)))  # the oldest
+        _READ_LINES[line] = options
+    return options
+
+
 def cell_arguments(func: F) -> F:
     """All ``%%qwen`` options in one decorator, so the magic's help lists them."""
     for decorator in reversed(_CELL_ARGUMENTS):

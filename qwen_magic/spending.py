@@ -23,6 +23,7 @@ Jobs (``--map``, ``--batch``) use the same two steps for their whole worst case:
 
 from __future__ import annotations
 
+import functools
 import getpass
 import time
 import weakref
@@ -64,8 +65,10 @@ _SINCE = {"daily": N_("today"), "monthly": N_("this month")}
 _RESETS = {"daily": N_("tomorrow"), "monthly": N_("next month")}
 
 
+@functools.lru_cache(maxsize=1)
 def current_user() -> str:
-    """The login name: the history file may be shared, the limits are the user's."""
+    """The login name: the history file may be shared, the limits are the user's (read once:
+    a process's user does not change)."""
     try:
         return getpass.getuser()
     except Exception:  # no login name (some containers)

@@ -146,7 +146,23 @@ UNUSABLE = N_("the history file {path} cannot be used: {error}.")
 def default_store_path() -> Path:
     named = os.environ.get("QWEN_MAGIC_STORE")
     if named:
-        return Path(named).expanduser()
+        return expanded_path(named)
+    return _platform_store_path(os.environ.get("XDG_DATA_HOME"), os.environ.get("HOME"))
+
+
+def expanded_path(path: str) -> Path:
+    """``Path(path).expanduser()``, worked out once per path and home (it is asked for every cell)."""
+    return _expanded(path, os.environ.get("HOME") if path.startswith("~") else None)
+
+
+@functools.lru_cache(maxsize=16)
+def _expanded(path: str, _home: str | None) -> Path:
+    return Path(path).expanduser()
+
+
+@functools.lru_cache(maxsize=4)
+def _platform_store_path(_data_home: str | None, _home: str | None) -> Path:
+    """Asked of platformdirs once per value of what it reads (the arguments, only a key)."""
     from platformdirs import user_data_dir
 
     return Path(user_data_dir("qwen-magic")) / "history.sqlite3"

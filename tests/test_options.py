@@ -67,3 +67,27 @@ def test_options_are_frozen() -> None:
 def test_bad_values_are_usage_errors(line: str, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         parse(line)
+
+
+def test_a_line_read_before_is_not_parsed_again_and_a_refused_one_is_refused_each_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Re-running a cell does not parse its line again; a refusal is never kept in place of it."""
+    from qwen_magic import options as module
+
+    parsed: list[str] = []
+    parse = module.parse_cell_line
+    monkeypatch.setattr(module, "parse_cell_line", lambda magic, line: parsed.append(line) or parse(magic, line))
+    monkeypatch.setattr(module, "_READ_LINES", {})
+    first = module.cell_options(QwenMagic.qwen, "-m qwen-max -t 0.5 -o answer")
+    again = module.cell_options(QwenMagic.qwen, "-m qwen-max -t 0.5 -o answer")
+    assert again is first and first.model == "qwen-max" and first.temperature == 0.5
+    assert parsed == ["-m qwen-max -t 0.5 -o answer"]
+    for _ in range(2):
+        with pytest.raises(UsageError, match="temperature"):
+            module.cell_options(QwenMagic.qwen, "-t 9")
+    assert parsed.count("-t 9") == 2
+    for number in range(module._READ_LINES_KEPT + 10):  # a bounded number of lines is kept
+        module.cell_options(QwenMagic.qwen, f"--seed {number}")
+    assert len(module._READ_LINES) == module._READ_LINES_KEPT
+    assert "-m qwen-max -t 0.5 -o answer" not in module._READ_LINES  # the oldest went first

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from pathlib import Path
+
 import pytest
 
 from qwen_magic.catalog import CatalogError, builtin_catalog, load_catalog
@@ -121,6 +123,30 @@ def test_user_file_and_trait_override_and_add_models(tmp_path, monkeypatch) -> N
     assert catalog.get("my-local-qwen").max_input == 32_000 and catalog.get("my-local-qwen").priced
     assert catalog.get("qwen-flash").tpm == 1234
     assert str(user_file) in catalog.sources
+
+
+def test_the_user_file_is_read_once_and_again_after_each_edit(tmp_path, monkeypatch) -> None:
+    """Every cell loads the catalog: the user's file is parsed once, then only when it changed
+    (or went), and the directory platformdirs names follows the home it reads."""
+    from qwen_magic import catalog as module
+
+    parsed: list[Path] = []
+    read = module._read
+    user_file = tmp_path / "models.toml"
+    monkeypatch.setattr(module, "_read", lambda path: (path == user_file and parsed.append(path)) or read(path))
+    user_file.write_text("[models.qwen-max]\nqpm = 5\n")
+    monkeypatch.setenv("QWEN_MAGIC_MODELS", str(user_file))
+    assert [load_catalog().get("qwen-max").qpm for _ in range(3)] == [5, 5, 5]
+    assert len(parsed) == 1
+    user_file.write_text("[models.qwen-max]\nqpm = 700\n")
+    assert load_catalog().get("qwen-max").qpm == 700 and len(parsed) == 2
+    user_file.unlink()
+    assert load_catalog().get("qwen-max").qpm == module.builtin_catalog().get("qwen-max").qpm
+    monkeypatch.delenv("QWEN_MAGIC_MODELS")
+    for home in ("first", "second"):
+        monkeypatch.setenv("HOME", str(tmp_path / home))
+        monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+        assert str(module.user_catalog_path()).startswith(str(tmp_path / home))
 
 
 @pytest.mark.parametrize(
