@@ -70,6 +70,9 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                          f"{m['wall_ratio_paired_median']:.2f}x ({m['wall_ratio']:.2f}x) / "
                          f"{m['cpu_ratio_paired_median']:.2f}x",
                          target))
+            rows.append(("streaming", f"{what}: per frame / added per cell ({r['short_frames']} frames)",
+                         f"{m['per_frame_ratio_paired_median']:.3f}x / {m['added_ms_per_cell_short_answer']:+.1f} ms",
+                         ""))
     r = results.get("instructions")
     if r:
         rows.append(("instructions", "raw loop cell under callgrind",
