@@ -243,7 +243,7 @@ def _default_user_catalog_path(_config_home: str | None, _home: str | None) -> P
 
 
 @functools.lru_cache(maxsize=4)
-def _users_over(sheet: Path, path: Path, _stamp: tuple[int, int, int]) -> Catalog:
+def _users_over(sheet: Path, path: Path, _stamp: tuple[int, ...]) -> Catalog:
     """The built-in ``sheet`` with the user's file over it, read again once the file changed."""
     return builtin_catalog(sheet).with_overrides(_read(path), str(path))
 
@@ -257,5 +257,5 @@ def load_catalog(overrides: Mapping[str, Mapping[str, Any]] | None = None, sheet
     except (OSError, ValueError):
         stat = None
     if stat is not None and S_ISREG(stat.st_mode):
-        catalog = _users_over(sheet, path, (stat.st_mtime_ns, stat.st_size, stat.st_ino))
+        catalog = _users_over(sheet, path, (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, stat.st_ino))
     return catalog.with_overrides(overrides or {}, "QwenMagic.models")

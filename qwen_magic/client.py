@@ -743,12 +743,13 @@ class _Mender:
         return mend(held)
 
 
-def _file_stamp(path: str) -> tuple[int, int, int] | None:
+def _file_stamp(path: str) -> tuple[int, int, int, int] | None:
+    """What changes when a file is written, replaced or made readable (``chmod``: its ctime)."""
     try:
         stat = os.stat(path)
     except (OSError, ValueError):
         return None
-    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+    return stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, stat.st_ino
 
 
 def _config_inputs() -> tuple[Any, ...] | None:

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -415,3 +416,17 @@ def test_dashscope_settings_are_read_again_when_they_change_and_only_then(
     assert run(shell, "%%qwen\nHi").success
     assert gateway.requests[-1].api_key == "sk-set-on-dashscope-settings-4444"
     assert len(resolved) == 5
+
+
+def test_a_dashscope_file_made_readable_is_read_again(tmp_path) -> None:
+    """A key file fixed with chmod changes only its ctime: that is part of what is compared."""
+    from qwen_magic.client import _file_stamp
+
+    key_file = tmp_path / "api_key"
+    key_file.write_text("sk-in-a-file-0000\n")
+    key_file.chmod(0o000)
+    unreadable = _file_stamp(str(key_file))
+    time.sleep(0.05)  # file times move in steps of a few ms
+    key_file.chmod(0o600)
+    assert _file_stamp(str(key_file)) != unreadable
+    assert _file_stamp(str(tmp_path / "missing")) is None
