@@ -171,6 +171,7 @@ def parse_cell_line(magic: Callable[..., Any], line: str) -> argparse.Namespace:
 # line again. Options are a value of the line alone; refusals are never kept.
 _READ_LINES: dict[str, "CellOptions"] = {}
 _READ_LINES_KEPT = 64
+_READ_LINE_LONGEST = 4096  # a longer line (a pasted system prompt) is parsed each time, not kept
 
 
 def cell_options(magic: Callable[..., Any], line: str) -> "CellOptions":
@@ -178,6 +179,8 @@ def cell_options(magic: Callable[..., Any], line: str) -> "CellOptions":
     options = _READ_LINES.get(line)
     if options is None:
         options = CellOptions.from_namespace(parse_cell_line(magic, line))
+        if len(line) > _READ_LINE_LONGEST:
+            return options
         if len(_READ_LINES) >= _READ_LINES_KEPT:
             _READ_LINES.pop(next(iter(_READ_LINES)))  # the oldest
         _READ_LINES[line] = options

@@ -91,3 +91,6 @@ def test_a_line_read_before_is_not_parsed_again_and_a_refused_one_is_refused_eac
         module.cell_options(QwenMagic.qwen, f"--seed {number}")
     assert len(module._READ_LINES) == module._READ_LINES_KEPT
     assert "-m qwen-max -t 0.5 -o answer" not in module._READ_LINES  # the oldest went first
+    long_system = f"-s '{'be brief ' * 1000}'"
+    assert module.cell_options(QwenMagic.qwen, long_system).system.startswith("be brief")
+    assert long_system not in module._READ_LINES  # long lines are not kept
