@@ -396,25 +396,22 @@ def test_dashscope_settings_are_read_again_when_they_change_and_only_then(
     resolved: list[int] = []
     resolve = sdk_config.resolve_config
     monkeypatch.setattr(sdk_config, "resolve_config", lambda **kw: resolved.append(1) or resolve(**kw))
-    for _ in range(3):
+
+    def key_sent() -> str:
         assert run(shell, "%%qwen\nHi").success
-    assert len(resolved) == 1 and gateway.requests[-1].api_key == TEST_KEY
+        return gateway.requests[-1].api_key
+
+    assert [key_sent() for _ in range(3)] == [TEST_KEY] * 3 and len(resolved) == 1
     monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-exported-between-cells-1")
-    assert run(shell, "%%qwen\nHi").success
-    assert gateway.requests[-1].api_key == "sk-exported-between-cells-1"
+    assert key_sent() == "sk-exported-between-cells-1"
     monkeypatch.delenv("DASHSCOPE_API_KEY")
-    config = isolated_env / ".dashscope" / "config.toml"
-    config.parent.mkdir()
-    config.write_text('api_key = "sk-from-the-file-22"\n')
-    assert run(shell, "%%qwen\nHi").success
-    assert gateway.requests[-1].api_key == "sk-from-the-file-22"
-    config.write_text('api_key = "sk-edited-in-the-file-333"\n')
-    assert run(shell, "%%qwen\nHi").success
-    assert gateway.requests[-1].api_key == "sk-edited-in-the-file-333"
+    (isolated_env / ".dashscope").mkdir()
+    for key in ("sk-from-the-file-22", "sk-edited-in-the-file-333"):
+        (isolated_env / ".dashscope" / "config.toml").write_text(f'api_key = "{key}"\n')
+        assert key_sent() == key
     monkeypatch.setattr(sdk_config.settings, "_explicit", {})  # restored after the test
     sdk_config.settings.api_key = "sk-set-on-dashscope-settings-4444"
-    assert run(shell, "%%qwen\nHi").success
-    assert gateway.requests[-1].api_key == "sk-set-on-dashscope-settings-4444"
+    assert key_sent() == "sk-set-on-dashscope-settings-4444"
     assert len(resolved) == 5
 
 
