@@ -126,7 +126,8 @@ def run(rounds: int = 5, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
 
             def once(variant: str) -> None:
                 gateway.script(reply)
-                cell = RAW_WITH_CONFIG.format(label=variant) if variant == "raw" else QWEN_CELL.format(mode=variant)
+                cell = (RAW_WITH_CONFIG.format(label=variant) if variant == "raw"
+                        else QWEN_CELL.format(mode=variant, label=variant))
                 cell_id = "bench-raw" if variant == "raw" else "bench-qwen"
                 check_ok(kernel.execute(cell, cell_id=cell_id, timeout=900, quiet=True), f"the {variant} cell")
 

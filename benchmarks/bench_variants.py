@@ -96,7 +96,8 @@ def run(variants: dict[str, str], rounds: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=100)
-    parser.add_argument("variants", nargs="+", metavar="NAME=SETUP", help="a name and the setup code of its cells")
+    parser.add_argument("variants", nargs="+", metavar="NAME=SETUP",
+                        help="a name and the setup code of its cells")
     args = parser.parse_args(argv)
     variants = {}
     for given in args.variants:
