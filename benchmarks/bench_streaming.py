@@ -98,13 +98,14 @@ _w1 = time.perf_counter(); _c1 = time.process_time()
 _bench_times.append([{label!r}, _w1 - _w0, _c1 - _c0, len(_bench_text)])
 """
 
-QWEN_CELL = """
-get_ipython().run_line_magic("config", "QwenMagic.display = {mode!r}")
+# One %%qwen run, timed, recorded under its label (the lines before it set it up, untimed).
+TIMED_QWEN_CELL = """
 _w0 = time.perf_counter(); _c0 = time.process_time()
 get_ipython().run_cell_magic("qwen", "-o _bench_answer", _bench_prompt)
 _w1 = time.perf_counter(); _c1 = time.process_time()
 _bench_times.append([{label!r}, _w1 - _w0, _c1 - _c0, len(_bench_answer.text)])
 """
+QWEN_CELL = '\nget_ipython().run_line_magic("config", "QwenMagic.display = {mode!r}")' + TIMED_QWEN_CELL
 SHORT = ":short"  # the label's suffix of a run with the short answer
 
 FETCH = "print('BENCH ' + json.dumps(_bench_times)); _bench_times.clear()"

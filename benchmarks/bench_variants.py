@@ -34,18 +34,20 @@ from benchmarks._common import (
     running_kernel,
     write_result,
 )
-from benchmarks.bench_streaming import FETCH, FRAMES, RAW_CELL, SETTLE_SECONDS, SETUP, answer_chunks
+from benchmarks.bench_streaming import (
+    FETCH,
+    FRAMES,
+    RAW_CELL,
+    SETTLE_SECONDS,
+    SETUP,
+    TIMED_QWEN_CELL,
+    answer_chunks,
+)
 from qwen_magic.gateway import Reply
 
 NAME = "variants"
 
-VARIANT_CELL = """
-{setup}
-_w0 = time.perf_counter(); _c0 = time.process_time()
-get_ipython().run_cell_magic("qwen", "-o _bench_answer", _bench_prompt)
-_w1 = time.perf_counter(); _c1 = time.process_time()
-_bench_times.append([{label!r}, _w1 - _w0, _c1 - _c0, len(_bench_answer.text)])
-"""
+VARIANT_CELL = "\n{setup}" + TIMED_QWEN_CELL
 
 
 def run(variants: dict[str, str], rounds: int) -> dict[str, Any]:
